@@ -1,0 +1,310 @@
+//! Local fan-out: the [`Broadcaster`] actor, one per worker arbiter.
+//!
+//! The registry sends each worker one [`Dispatch`] per store batch: the
+//! batch's replies and events, in the order the store decided them, with
+//! every frame already serialized. The broadcaster walks it once: a reply
+//! goes to its connection (if it lives on this worker) and applies that
+//! request's subscription change; an event goes to the room's members or the
+//! user's watchers on this worker, each getting a clone of the same bytes.
+//! Because replies and events travel in one ordered stream, a joiner sees its
+//! snapshot before any event that follows it, and a subscription starts
+//! exactly at the snapshot. It never talks to the store.
+
+use std::{
+    cell::RefCell,
+    collections::{HashMap, HashSet},
+    rc::Rc,
+    sync::Arc,
+};
+
+use actix::prelude::*;
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
+
+use crate::{
+    ids::{ConnId, RoomName, UserId},
+    outbox::Outbox,
+};
+
+/// How a reply changes its connection's subscriptions.
+#[derive(Debug, Clone)]
+pub enum SubChange {
+    /// Nothing.
+    None,
+    /// Start hearing this room's events.
+    Join(RoomName),
+    /// Stop hearing this room's events.
+    Leave(RoomName),
+    /// Start hearing these users' online/offline.
+    Watch(Vec<UserId>),
+    /// Stop hearing these users' online/offline.
+    Unwatch(Vec<UserId>),
+}
+
+/// Who an event is for.
+#[derive(Debug, Clone)]
+pub enum Audience {
+    /// Connections watching this user.
+    Watchers(UserId),
+    /// Connections that joined this room.
+    Room(RoomName),
+}
+
+/// One item of a dispatch, in store order.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// A reply (or error) to one connection, with its subscription change.
+    Reply {
+        /// The connection that asked.
+        conn: ConnId,
+        /// The serialized frame.
+        frame: Utf8Bytes,
+        /// Applied just before the frame is queued.
+        change: SubChange,
+    },
+    /// An event for an audience.
+    Event {
+        /// Who hears it.
+        audience: Audience,
+        /// The event, serialized once.
+        frame: Utf8Bytes,
+    },
+}
+
+/// A store batch's replies and events, for every worker.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Dispatch(pub Arc<[Delivery]>);
+
+/// One connection as the hub knows it.
+struct Subscriber {
+    outbox: Outbox,
+    rooms: HashSet<RoomName>,
+    watching: HashSet<UserId>,
+}
+
+/// A worker's subscriptions: which local connection hears what. Shared
+/// (`Rc`) by the worker's broadcaster and its `Conn`s, which register and
+/// unregister themselves directly; all on one thread.
+#[derive(Default)]
+pub struct Hub {
+    conns: HashMap<ConnId, Subscriber>,
+    rooms: HashMap<RoomName, HashSet<ConnId>>,
+    watchers: HashMap<UserId, HashSet<ConnId>>,
+}
+
+/// Shared handle to a worker's hub.
+pub type SharedHub = Rc<RefCell<Hub>>;
+
+fn unlink<K: std::hash::Hash + Eq>(map: &mut HashMap<K, HashSet<ConnId>>, key: &K, conn: &ConnId) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(conn);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+impl Hub {
+    /// Adds a connection with no subscriptions.
+    pub fn register(&mut self, conn: ConnId, outbox: Outbox) {
+        self.conns.insert(
+            conn,
+            Subscriber {
+                outbox,
+                rooms: HashSet::new(),
+                watching: HashSet::new(),
+            },
+        );
+    }
+
+    /// Removes a connection and all it heard.
+    pub fn unregister(&mut self, conn: &ConnId) {
+        let Some(sub) = self.conns.remove(conn) else {
+            return;
+        };
+        for room in &sub.rooms {
+            unlink(&mut self.rooms, room, conn);
+        }
+        for user in &sub.watching {
+            unlink(&mut self.watchers, user, conn);
+        }
+    }
+
+    /// Connections on this worker.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// True when no connection lives on this worker.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    fn change(&mut self, conn: ConnId, change: SubChange) {
+        let Some(sub) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        match change {
+            SubChange::None => {}
+            SubChange::Join(room) => {
+                if sub.rooms.insert(room.clone()) {
+                    self.rooms.entry(room).or_default().insert(conn);
+                }
+            }
+            SubChange::Leave(room) => {
+                if sub.rooms.remove(&room) {
+                    unlink(&mut self.rooms, &room, &conn);
+                }
+            }
+            SubChange::Watch(users) => {
+                for user in users {
+                    if sub.watching.insert(user.clone()) {
+                        self.watchers.entry(user).or_default().insert(conn);
+                    }
+                }
+            }
+            SubChange::Unwatch(users) => {
+                for user in users {
+                    if sub.watching.remove(&user) {
+                        unlink(&mut self.watchers, &user, &conn);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one dispatch in order. Returns how many frames were queued.
+    pub fn deliver(&mut self, items: &[Delivery]) -> usize {
+        let mut queued = 0;
+        for item in items {
+            match item {
+                Delivery::Reply {
+                    conn,
+                    frame,
+                    change,
+                } => {
+                    if !self.conns.contains_key(conn) {
+                        continue;
+                    }
+                    self.change(*conn, change.clone());
+                    if let Some(sub) = self.conns.get(conn) {
+                        // An overflow closes that connection; its Conn
+                        // unregisters when it stops.
+                        let _ = sub.outbox.push(WsMessage::Text(frame.clone()));
+                        queued += 1;
+                    }
+                }
+                Delivery::Event { audience, frame } => {
+                    let targets = match audience {
+                        Audience::Watchers(user) => self.watchers.get(user),
+                        Audience::Room(room) => self.rooms.get(room),
+                    };
+                    for conn in targets.into_iter().flatten() {
+                        if let Some(sub) = self.conns.get(conn) {
+                            let _ = sub.outbox.push(WsMessage::Text(frame.clone()));
+                            queued += 1;
+                        }
+                    }
+                }
+            }
+        }
+        queued
+    }
+}
+
+/// A worker's fan-out actor: receives dispatches from the registry.
+pub struct Broadcaster {
+    hub: SharedHub,
+}
+
+impl Broadcaster {
+    /// A broadcaster over `hub`; start it on the hub's worker.
+    pub fn new(hub: SharedHub) -> Self {
+        Self { hub }
+    }
+}
+
+impl Actor for Broadcaster {
+    type Context = Context<Self>;
+}
+
+impl Handler<Dispatch> for Broadcaster {
+    type Result = ();
+
+    fn handle(&mut self, msg: Dispatch, _: &mut Context<Self>) {
+        self.hub.borrow_mut().deliver(&msg.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+    fn room(s: &str) -> RoomName {
+        RoomName::parse(s).unwrap()
+    }
+    fn drain(out: &Outbox) -> usize {
+        out.len()
+    }
+
+    #[test]
+    fn room_events_reach_members_only_and_share_bytes() {
+        let mut hub = Hub::default();
+        let (a, b) = (ConnId::new(), ConnId::new());
+        let (oa, ob) = (Outbox::new(10, 1000), Outbox::new(10, 1000));
+        hub.register(a, oa.clone());
+        hub.register(b, ob.clone());
+        let joined: Utf8Bytes = "joined".into();
+        hub.deliver(&[
+            Delivery::Reply {
+                conn: a,
+                frame: "reply".into(),
+                change: SubChange::Join(room("r")),
+            },
+            Delivery::Event {
+                audience: Audience::Room(room("r")),
+                frame: joined.clone(),
+            },
+        ]);
+        assert_eq!((drain(&oa), drain(&ob)), (2, 0));
+        hub.unregister(&a);
+        assert!(hub.rooms.is_empty(), "unregister drops room links");
+    }
+
+    #[test]
+    fn replies_for_unknown_connections_subscribe_nothing() {
+        let mut hub = Hub::default();
+        let gone = ConnId::new();
+        hub.deliver(&[Delivery::Reply {
+            conn: gone,
+            frame: "r".into(),
+            change: SubChange::Watch(vec![user("u")]),
+        }]);
+        assert!(hub.watchers.is_empty());
+    }
+
+    #[test]
+    fn unwatch_stops_events() {
+        let mut hub = Hub::default();
+        let a = ConnId::new();
+        let oa = Outbox::new(10, 1000);
+        hub.register(a, oa.clone());
+        let ev = |u: &str| Delivery::Event {
+            audience: Audience::Watchers(user(u)),
+            frame: "e".into(),
+        };
+        let reply = |c| Delivery::Reply {
+            conn: a,
+            frame: "r".into(),
+            change: c,
+        };
+        hub.deliver(&[reply(SubChange::Watch(vec![user("u")])), ev("u"), ev("v")]);
+        assert_eq!(oa.len(), 2);
+        hub.deliver(&[reply(SubChange::Unwatch(vec![user("u")])), ev("u")]);
+        assert_eq!(oa.len(), 3);
+        assert!(hub.watchers.is_empty());
+    }
+}

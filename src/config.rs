@@ -1,0 +1,234 @@
+//! Configuration: one struct, parsed from flags and `PRESENCED_*` env vars,
+//! validated in one place, logged once at start.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+
+/// Default listen address: loopback, so a bare `cargo run` is private.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default Redis key prefix.
+pub const DEFAULT_PREFIX: &str = "presence";
+/// Default interval between server pings, in milliseconds.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 25_000;
+/// Default silence after which a connection is closed, in milliseconds.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default most ops in one store batch.
+pub const DEFAULT_BATCH_MAX: usize = 512;
+/// Default shortest time between two batch starts, in milliseconds.
+pub const DEFAULT_BATCH_LINGER_MS: u64 = 5;
+/// Default largest accepted client message, in bytes.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Default most frames queued for one connection.
+pub const DEFAULT_OUTBOX_MESSAGES: usize = 1024;
+/// Default most bytes queued for one connection.
+pub const DEFAULT_OUTBOX_BYTES: usize = 1024 * 1024;
+/// Default longest `users` list in one request.
+pub const DEFAULT_MAX_IDS: usize = 1000;
+/// Default node lease length, in milliseconds.
+pub const DEFAULT_NODE_LEASE_MS: u64 = 5_000;
+
+/// presenced: a WebSocket presence gateway.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "presenced", version, about)]
+pub struct Config {
+    /// Address to listen on (HTTP, WebSocket, metrics share it).
+    #[arg(long, env = "PRESENCED_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Redis URL (redis://host:port/db). Without it presence lives in this
+    /// process only (one node).
+    #[arg(long, env = "PRESENCED_REDIS")]
+    pub redis: Option<String>,
+
+    /// Prefix of every Redis key. Use a hash tag ("{presence}") on Redis Cluster.
+    #[arg(long, env = "PRESENCED_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// Development mode: the user id comes from `?user=` (loopback only).
+    #[arg(long, env = "PRESENCED_DEV")]
+    pub dev: bool,
+
+    /// Worker threads holding connections [default: number of cores].
+    #[arg(long, env = "PRESENCED_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// Interval between server pings, milliseconds.
+    #[arg(long, env = "PRESENCED_HEARTBEAT_MS", default_value_t = DEFAULT_HEARTBEAT_MS)]
+    pub heartbeat_ms: u64,
+
+    /// Close a connection that sent nothing (no frame, no pong) this long, milliseconds.
+    #[arg(long, env = "PRESENCED_IDLE_TIMEOUT_MS", default_value_t = DEFAULT_IDLE_TIMEOUT_MS)]
+    pub idle_timeout_ms: u64,
+
+    /// Most ops written to the store in one batch.
+    #[arg(long, env = "PRESENCED_BATCH_MAX", default_value_t = DEFAULT_BATCH_MAX)]
+    pub batch_max: usize,
+
+    /// Shortest time between the starts of two batches, milliseconds; an op
+    /// arriving after a quiet spell is written at once.
+    #[arg(long, env = "PRESENCED_BATCH_LINGER_MS", default_value_t = DEFAULT_BATCH_LINGER_MS)]
+    pub batch_linger_ms: u64,
+
+    /// Largest accepted client message or frame, bytes (bigger: close 1009).
+    #[arg(long, env = "PRESENCED_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// Most frames queued for one connection before it counts as a slow consumer.
+    #[arg(long, env = "PRESENCED_OUTBOX_MESSAGES", default_value_t = DEFAULT_OUTBOX_MESSAGES)]
+    pub outbox_messages: usize,
+
+    /// Most bytes queued for one connection before it counts as a slow consumer.
+    #[arg(long, env = "PRESENCED_OUTBOX_BYTES", default_value_t = DEFAULT_OUTBOX_BYTES)]
+    pub outbox_bytes: usize,
+
+    /// Longest `users` list accepted in one request.
+    #[arg(long, env = "PRESENCED_MAX_IDS", default_value_t = DEFAULT_MAX_IDS)]
+    pub max_ids: usize,
+
+    /// How long a node counts as alive after each lease refresh, milliseconds.
+    #[arg(long, env = "PRESENCED_NODE_LEASE_MS", default_value_t = DEFAULT_NODE_LEASE_MS)]
+    pub node_lease_ms: u64,
+}
+
+/// A configuration the gateway refuses to start with.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--dev` on an address other machines can reach.
+    #[error(
+        "--dev takes the user id from the URL, so anyone could be anyone: it only runs on a \
+         loopback address (127.0.0.1, ::1), not on {0}"
+    )]
+    DevNotLoopback(SocketAddr),
+    /// No way to tell who a connection is.
+    #[error(
+        "no identity source configured: pass --dev for local development (user id from \
+         ?user=, loopback only); token authentication is not available yet"
+    )]
+    NoIdentity,
+    /// A value out of its range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Checks everything that can be checked before starting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.dev && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::DevNotLoopback(self.listen));
+        }
+        if !self.dev {
+            return Err(ConfigError::NoIdentity);
+        }
+        if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
+            return invalid("--prefix must be non-empty and without spaces");
+        }
+        if self.workers == Some(0) {
+            return invalid("--workers must be at least 1");
+        }
+        if self.heartbeat_ms == 0 {
+            return invalid("--heartbeat-ms must be at least 1");
+        }
+        if self.idle_timeout_ms <= self.heartbeat_ms {
+            return invalid("--idle-timeout-ms must be longer than --heartbeat-ms");
+        }
+        if self.batch_max == 0 {
+            return invalid("--batch-max must be at least 1");
+        }
+        if self.max_message_bytes < 1024 {
+            return invalid("--max-message-bytes must be at least 1024");
+        }
+        if self.outbox_messages == 0 || self.outbox_bytes < self.max_message_bytes {
+            return invalid(
+                "--outbox-messages must be at least 1 and --outbox-bytes at least --max-message-bytes",
+            );
+        }
+        if self.max_ids == 0 {
+            return invalid("--max-ids must be at least 1");
+        }
+        if self.node_lease_ms < 1000 {
+            return invalid("--node-lease-ms must be at least 1000");
+        }
+        Ok(())
+    }
+
+    /// Worker count, resolving the default.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
+    /// Server ping interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// Idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// Node lease length.
+    pub fn node_lease(&self) -> Duration {
+        Duration::from_millis(self.node_lease_ms)
+    }
+
+    /// The Redis URL with any password replaced, for logs.
+    pub fn redis_for_log(&self) -> String {
+        match &self.redis {
+            None => "not set (in-memory store)".to_owned(),
+            Some(url) => match url.rsplit_once('@') {
+                Some((creds, host)) => {
+                    let scheme = creds.split_once("://").map_or("redis", |(s, _)| s);
+                    format!("{scheme}://***@{host}")
+                }
+                None => url.clone(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("presenced").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn dev_is_refused_off_loopback() {
+        let c = parse(&["--dev", "--listen", "0.0.0.0:8080"]);
+        assert!(matches!(c.validate(), Err(ConfigError::DevNotLoopback(_))));
+        assert_eq!(parse(&["--dev", "--listen", "[::1]:0"]).validate(), Ok(()));
+    }
+
+    #[test]
+    fn no_identity_source_is_refused() {
+        assert_eq!(parse(&[]).validate(), Err(ConfigError::NoIdentity));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        for args in [
+            &["--dev", "--workers", "0"][..],
+            &["--dev", "--heartbeat-ms", "1000", "--idle-timeout-ms", "1000"],
+            &["--dev", "--batch-max", "0"],
+            &["--dev", "--max-message-bytes", "10"],
+            &["--dev", "--prefix", "a b"],
+        ] {
+            assert!(
+                matches!(parse(args).validate(), Err(ConfigError::Invalid(_))),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn redis_password_is_not_logged() {
+        let c = parse(&["--dev", "--redis", "redis://user:secret@h:6379/0"]);
+        assert_eq!(c.redis_for_log(), "redis://***@h:6379/0");
+    }
+}

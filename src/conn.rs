@@ -1,0 +1,201 @@
+//! The [`Conn`] actor: one per WebSocket, living on one worker for its life.
+//!
+//! The socket's read half is the actor's stream; its write half belongs to
+//! a writer task draining the connection's bounded [`Outbox`]. A `Conn`
+//! parses client frames (bad ones get an error frame and change nothing),
+//! answers pings, keeps the heartbeat, and tells the registry what changed.
+//! Every way a connection ends (clean close, EOF, error, idle timeout,
+//! oversize frame, slow consumer) goes through [`Actor::stopped`], the one
+//! disconnect path. A `Conn` never talks to the store.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::{stream::SplitStream, Sink, Stream, StreamExt};
+use tokio_tungstenite::tungstenite::{
+    protocol::CloseFrame, Bytes, Error as WsError, Message as WsMessage, Utf8Bytes,
+};
+
+use crate::{
+    broadcast::SharedHub,
+    ids::{ConnId, NodeId, UserId},
+    outbox::{close_frame, Outbox},
+    protocol::{self, ErrorCode, Request},
+    registry::{ClientRequest, Connected, Disconnected, PresenceRegistry},
+};
+
+/// Close code when nothing arrived within the idle timeout.
+pub const IDLE_TIMEOUT: u16 = 1001;
+/// Close code for a frame or message over the size limit.
+pub const TOO_BIG: u16 = 1009;
+/// Close code for a WebSocket protocol violation.
+pub const PROTOCOL_ERROR: u16 = 1002;
+
+/// What a `Conn` needs from its worker, fixed for its life.
+#[derive(Clone)]
+pub struct ConnSettings {
+    /// This node.
+    pub node: NodeId,
+    /// Interval between server pings.
+    pub heartbeat: Duration,
+    /// Silence after which the connection is closed.
+    pub idle_timeout: Duration,
+    /// Longest `users` list in a request.
+    pub max_ids: usize,
+    /// Outbox bound in frames.
+    pub outbox_messages: usize,
+    /// Outbox bound in bytes.
+    pub outbox_bytes: usize,
+}
+
+/// One WebSocket connection.
+pub struct Conn {
+    id: ConnId,
+    user: UserId,
+    settings: ConnSettings,
+    registry: Addr<PresenceRegistry>,
+    hub: SharedHub,
+    outbox: Outbox,
+    last_heard: Instant,
+    /// The close frame to send when the actor stops, if the server closes.
+    close_with: Option<CloseFrame>,
+}
+
+/// The writer gave up on the socket (outbox overflow or write error).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct WriterGone;
+
+impl Conn {
+    /// Starts a `Conn` on the current worker for an upgraded socket.
+    pub fn start<S>(
+        socket: S,
+        user: UserId,
+        settings: ConnSettings,
+        registry: Addr<PresenceRegistry>,
+        hub: SharedHub,
+    ) -> Addr<Conn>
+    where
+        S: Stream<Item = Result<WsMessage, WsError>> + Sink<WsMessage, Error = WsError> + 'static,
+    {
+        let (sink, stream): (_, SplitStream<S>) = socket.split();
+        Conn::create(move |ctx| {
+            ctx.add_stream(stream);
+            let outbox = Outbox::new(settings.outbox_messages, settings.outbox_bytes);
+            let addr = ctx.address();
+            let gone = addr.clone();
+            let writer = outbox.clone();
+            actix_rt::spawn(async move {
+                writer.write_to(sink, move || gone.do_send(WriterGone)).await;
+                // A socket the writer could not write to is dead: stop
+                // reading it too (a no-op once the actor has stopped).
+                addr.do_send(WriterGone);
+            });
+            Conn {
+                id: ConnId::new(),
+                user,
+                settings,
+                registry,
+                hub,
+                outbox,
+                last_heard: Instant::now(),
+                close_with: None,
+            }
+        })
+    }
+
+    fn send(&self, frame: Utf8Bytes, ctx: &mut Context<Self>) {
+        if self.outbox.push(WsMessage::Text(frame)).is_err() {
+            ctx.stop();
+        }
+    }
+
+    fn close(&mut self, code: u16, reason: &'static str, ctx: &mut Context<Self>) {
+        self.close_with = Some(close_frame(code, reason));
+        ctx.stop();
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        match protocol::decode(text, self.settings.max_ids) {
+            Ok(frame) if frame.request == Request::Ping => {
+                self.send(protocol::pong_frame(frame.reference.as_ref()), ctx);
+            }
+            Ok(frame) => self.registry.do_send(ClientRequest {
+                conn: self.id,
+                reference: frame.reference,
+                request: frame.request,
+            }),
+            Err(e) => self.send(e.to_frame(), ctx),
+        }
+    }
+
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        if self.last_heard.elapsed() >= self.settings.idle_timeout {
+            self.close(IDLE_TIMEOUT, "idle timeout", ctx);
+        } else if self.outbox.push(WsMessage::Ping(Bytes::new())).is_err() {
+            ctx.stop();
+        }
+    }
+}
+
+impl Actor for Conn {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.hub.borrow_mut().register(self.id, self.outbox.clone());
+        self.registry.do_send(Connected {
+            conn: self.id,
+            user: self.user.clone(),
+        });
+        let welcome = protocol::welcome_frame(
+            self.id,
+            &self.user,
+            self.settings.node,
+            self.settings.heartbeat.as_millis() as u64,
+        );
+        self.send(welcome, ctx);
+        ctx.run_interval(self.settings.heartbeat, Self::heartbeat);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.hub.borrow_mut().unregister(&self.id);
+        self.registry.do_send(Disconnected { conn: self.id });
+        self.outbox.close(self.close_with.take());
+    }
+}
+
+impl StreamHandler<Result<WsMessage, WsError>> for Conn {
+    fn handle(&mut self, item: Result<WsMessage, WsError>, ctx: &mut Context<Self>) {
+        match item {
+            Ok(msg) => {
+                self.last_heard = Instant::now();
+                match msg {
+                    WsMessage::Text(text) => self.on_text(&text, ctx),
+                    WsMessage::Binary(_) => self.send(
+                        protocol::error_frame(
+                            None,
+                            ErrorCode::BadRequest,
+                            "binary frames are not accepted: send JSON text frames",
+                        ),
+                        ctx,
+                    ),
+                    // tungstenite answers pings itself and replies to a
+                    // close; the stream ends after a close.
+                    WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
+                    WsMessage::Close(_) => ctx.stop(),
+                }
+            }
+            Err(WsError::Capacity(_)) => self.close(TOO_BIG, "message too big", ctx),
+            Err(WsError::Protocol(_)) => self.close(PROTOCOL_ERROR, "protocol error", ctx),
+            Err(_) => ctx.stop(),
+        }
+    }
+}
+
+impl Handler<WriterGone> for Conn {
+    type Result = ();
+
+    fn handle(&mut self, _: WriterGone, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

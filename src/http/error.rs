@@ -1,0 +1,82 @@
+//! Errors answered over plain HTTP, each with one status and one code.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    header::{self, HeaderValue},
+    Response, StatusCode,
+};
+use serde::Serialize;
+
+/// A refused HTTP request. [`HttpError::into_response`] is the one place
+/// that maps a variant to its status and wire code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    /// No route for this path.
+    #[error("no such path")]
+    NotFound,
+    /// A known path with another method.
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    /// `/ws` without a WebSocket upgrade.
+    #[error("this endpoint speaks WebSocket: send an Upgrade: websocket handshake")]
+    UpgradeRequired,
+    /// A WebSocket version other than 13.
+    #[error("only WebSocket version 13 is supported")]
+    UnsupportedVersion,
+    /// No `Sec-WebSocket-Key`.
+    #[error("missing Sec-WebSocket-Key header")]
+    MissingKey,
+    /// `--dev` and no `?user=`.
+    #[error("--dev mode takes the user id from the query: /ws?user=ID")]
+    MissingUser,
+    /// A user id outside the naming rules.
+    #[error("user id must be 1-128 bytes of A-Z a-z 0-9 _ - . : @")]
+    InvalidUser,
+}
+
+impl HttpError {
+    fn status_and_code(self) -> (StatusCode, &'static str) {
+        match self {
+            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::UpgradeRequired => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
+            Self::UnsupportedVersion => (StatusCode::UPGRADE_REQUIRED, "unsupported_version"),
+            Self::MissingKey => (StatusCode::BAD_REQUEST, "bad_handshake"),
+            Self::MissingUser => (StatusCode::BAD_REQUEST, "missing_user"),
+            Self::InvalidUser => (StatusCode::BAD_REQUEST, "invalid_user"),
+        }
+    }
+
+    /// The JSON response: `{"error":{"code":...,"message":...}}`.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        let (status, code) = self.status_and_code();
+        let message = self.to_string();
+        // unwrap: two strings always serialize.
+        let body = serde_json::to_vec(&Body {
+            error: Inner {
+                code,
+                message: &message,
+            },
+        })
+        .unwrap();
+        let mut res = Response::new(Full::new(Bytes::from(body)));
+        *res.status_mut() = status;
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if matches!(self, Self::UpgradeRequired | Self::UnsupportedVersion) {
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert("sec-websocket-version", HeaderValue::from_static("13"));
+        }
+        res
+    }
+}

@@ -1,0 +1,175 @@
+//! The HTTP side of the one port: routing, the `/ws` upgrade, JSON errors.
+//!
+//! hyper 1.x serves each accepted socket on the worker it was handed to.
+//! `GET /ws` is checked (upgrade headers, identity) before anything is
+//! upgraded; a refused handshake gets a JSON error with its status and no
+//! WebSocket. An accepted one is answered `101`, then the upgraded stream
+//! is wrapped by tokio-tungstenite and a [`Conn`] is started on the same
+//! worker. No extension is ever negotiated (permessage-deflate stays off).
+
+mod error;
+
+use std::{convert::Infallible, rc::Rc, sync::Arc, time::Duration};
+
+use actix::Addr;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming,
+    header::{self, HeaderMap, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    tungstenite::{handshake::derive_accept_key, protocol::Role, protocol::WebSocketConfig},
+    WebSocketStream,
+};
+use tracing::debug;
+
+pub use self::error::HttpError;
+use crate::{
+    broadcast::SharedHub,
+    config::Config,
+    conn::{Conn, ConnSettings},
+    ids::UserId,
+    registry::PresenceRegistry,
+};
+
+/// How long a client may take to send its request head.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A worker's shared state for serving connections.
+pub struct WorkerState {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Settings every `Conn` of this worker gets.
+    pub conn: ConnSettings,
+    /// The node's registry.
+    pub registry: Addr<PresenceRegistry>,
+    /// This worker's subscriptions.
+    pub hub: SharedHub,
+}
+
+/// The tungstenite settings: small buffers so an idle socket costs little.
+pub fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_message_bytes.saturating_mul(4))
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes))
+}
+
+type Body = Full<Bytes>;
+
+/// Serves one accepted TCP connection until it closes or upgrades.
+pub async fn serve(stream: TcpStream, state: Rc<WorkerState>) {
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(req, &state)) }
+    });
+    let result = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await;
+    if let Err(error) = result {
+        debug!(%error, "http connection ended with an error");
+    }
+}
+
+fn route(req: Request<Incoming>, state: &Rc<WorkerState>) -> Response<Body> {
+    let result = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
+        (&Method::GET, "/ws") => upgrade(req, state),
+        (_, "/healthz" | "/ws") => Err(HttpError::MethodNotAllowed),
+        _ => Err(HttpError::NotFound),
+    };
+    result.unwrap_or_else(HttpError::into_response)
+}
+
+fn json(status: StatusCode, body: String) -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+/// True when the comma-separated header `name` holds `token`.
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The user id of a `--dev` connection, from `?user=`.
+fn dev_user(req: &Request<Incoming>) -> Result<UserId, HttpError> {
+    let query = req.uri().query().unwrap_or("");
+    let user = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v)
+        .ok_or(HttpError::MissingUser)?;
+    UserId::parse(&user).map_err(|_| HttpError::InvalidUser)
+}
+
+fn upgrade(mut req: Request<Incoming>, state: &Rc<WorkerState>) -> Result<Response<Body>, HttpError> {
+    let headers = req.headers();
+    if !header_has_token(headers, header::UPGRADE, "websocket")
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
+    {
+        return Err(HttpError::UpgradeRequired);
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v != "13")
+    {
+        return Err(HttpError::UnsupportedVersion);
+    }
+    let accept = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+        .ok_or(HttpError::MissingKey)?;
+    let user = dev_user(&req)?;
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let settings = state.conn.clone();
+    let registry = state.registry.clone();
+    let hub = state.hub.clone();
+    let ws_config = websocket_config(state.config.max_message_bytes);
+    actix_rt::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                Conn::start(socket, user, settings, registry, hub);
+            }
+            Err(error) => debug!(%error, "websocket upgrade failed"),
+        }
+    });
+
+    let mut res = Response::new(Full::new(Bytes::new()));
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    // unwrap: derive_accept_key yields base64, always a valid header value.
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).unwrap(),
+    );
+    Ok(res)
+}

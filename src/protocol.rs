@@ -1,0 +1,487 @@
+//! Wire protocol v1: the JSON text frames of `docs/protocol.md`.
+//!
+//! Decoding turns one client text frame into a [`ClientFrame`] or a
+//! [`DecodeError`] carrying the wire error code; nothing past this module
+//! sees raw JSON from a client. Encoding produces [`Utf8Bytes`], so an event
+//! is serialized once and every recipient gets a cheap clone of the same
+//! bytes.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::ids::{ConnId, IdError, NodeId, RoomName, UserId};
+
+/// Longest `ref` string a client may send, in characters.
+pub const MAX_REF_LEN: usize = 64;
+
+/// The `code` of an error frame; one variant per documented code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, not an object, a missing or ill-typed field, a binary frame.
+    BadRequest,
+    /// `type` names no request.
+    UnknownType,
+    /// A room name outside the naming rules.
+    InvalidRoom,
+    /// A user id outside the naming rules.
+    InvalidUser,
+    /// `leave` of a room the connection is not in.
+    NotJoined,
+    /// A list longer than the configured bound.
+    LimitExceeded,
+}
+
+impl From<IdError> for ErrorCode {
+    fn from(e: IdError) -> Self {
+        match e {
+            IdError::User => ErrorCode::InvalidUser,
+            IdError::Room => ErrorCode::InvalidRoom,
+        }
+    }
+}
+
+/// What a client asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// Join a room.
+    Join(RoomName),
+    /// Leave a room.
+    Leave(RoomName),
+    /// Subscribe to these users' online/offline events.
+    Watch(Vec<UserId>),
+    /// Undo `Watch` for these users.
+    Unwatch(Vec<UserId>),
+    /// One-off presence of these users.
+    Query(Vec<UserId>),
+    /// Application-level ping.
+    Ping,
+}
+
+/// A decoded client frame: the request and the `ref` to echo.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientFrame {
+    /// The client's `ref`, echoed verbatim in the answer.
+    pub reference: Option<Value>,
+    /// The request.
+    pub request: Request,
+}
+
+/// A frame that could not be decoded, with what the error frame says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    /// The frame's `ref`, when it had a readable one.
+    pub reference: Option<Value>,
+    /// Wire error code.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub message: String,
+}
+
+impl DecodeError {
+    fn new(reference: Option<Value>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            reference,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The error frame to send back.
+    pub fn to_frame(&self) -> Utf8Bytes {
+        error_frame(self.reference.as_ref(), self.code, &self.message)
+    }
+}
+
+/// Decodes one client text frame. `max_ids` bounds `users` lists.
+pub fn decode(text: &str, max_ids: usize) -> Result<ClientFrame, DecodeError> {
+    let bad = |r: &Option<Value>, m: &str| DecodeError::new(r.clone(), ErrorCode::BadRequest, m);
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| DecodeError::new(None, ErrorCode::BadRequest, format!("invalid JSON: {e}")))?;
+    let Value::Object(mut obj) = value else {
+        return Err(bad(&None, "a frame must be a JSON object"));
+    };
+    let reference = match obj.remove("ref") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::Number(_)) => Some(v),
+        Some(Value::String(s)) if s.chars().count() <= MAX_REF_LEN => Some(Value::String(s)),
+        Some(_) => {
+            return Err(bad(
+                &None,
+                "\"ref\" must be a number or a string of at most 64 characters",
+            ))
+        }
+    };
+    let kind = match obj.get("type") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(bad(&reference, "\"type\" must be a string")),
+        None => return Err(bad(&reference, "missing \"type\"")),
+    };
+    let request = match kind {
+        "join" => Request::Join(room_field(&obj, &reference)?),
+        "leave" => Request::Leave(room_field(&obj, &reference)?),
+        "watch" => Request::Watch(users_field(&obj, &reference, max_ids)?),
+        "unwatch" => Request::Unwatch(users_field(&obj, &reference, max_ids)?),
+        "query" => Request::Query(users_field(&obj, &reference, max_ids)?),
+        "ping" => Request::Ping,
+        other => {
+            return Err(DecodeError::new(
+                reference,
+                ErrorCode::UnknownType,
+                format!("unknown type {:?}", truncate(other, 40)),
+            ))
+        }
+    };
+    Ok(ClientFrame { reference, request })
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn room_field(obj: &Map<String, Value>, reference: &Option<Value>) -> Result<RoomName, DecodeError> {
+    match obj.get("room") {
+        Some(Value::String(s)) => RoomName::parse(s)
+            .map_err(|e| DecodeError::new(reference.clone(), e.into(), e.to_string())),
+        Some(_) => Err(DecodeError::new(
+            reference.clone(),
+            ErrorCode::BadRequest,
+            "\"room\" must be a string",
+        )),
+        None => Err(DecodeError::new(
+            reference.clone(),
+            ErrorCode::BadRequest,
+            "missing \"room\"",
+        )),
+    }
+}
+
+/// Reads `users`: validated, duplicates dropped, request order kept.
+fn users_field(
+    obj: &Map<String, Value>,
+    reference: &Option<Value>,
+    max_ids: usize,
+) -> Result<Vec<UserId>, DecodeError> {
+    let err = |code, msg: String| DecodeError::new(reference.clone(), code, msg);
+    let list = match obj.get("users") {
+        Some(Value::Array(list)) => list,
+        Some(_) => {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "\"users\" must be an array of strings".into(),
+            ))
+        }
+        None => return Err(err(ErrorCode::BadRequest, "missing \"users\"".into())),
+    };
+    if list.len() > max_ids {
+        return Err(err(
+            ErrorCode::LimitExceeded,
+            format!("at most {max_ids} users per request, got {}", list.len()),
+        ));
+    }
+    let mut users: Vec<UserId> = Vec::with_capacity(list.len());
+    let mut seen = std::collections::HashSet::with_capacity(list.len());
+    for item in list {
+        let Value::String(s) = item else {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "\"users\" must be an array of strings".into(),
+            ));
+        };
+        let user = UserId::parse(s).map_err(|e| err(e.into(), e.to_string()))?;
+        if seen.insert(user.clone()) {
+            users.push(user);
+        }
+    }
+    Ok(users)
+}
+
+fn encode<T: Serialize>(frame: &T) -> Utf8Bytes {
+    // unwrap: these frames hold only strings, numbers and bools, which
+    // serde_json always serializes.
+    serde_json::to_string(frame).unwrap().into()
+}
+
+/// The first frame of every connection.
+pub fn welcome_frame(conn: ConnId, user: &UserId, node: NodeId, heartbeat_ms: u64) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Welcome<'a> {
+        r#type: &'static str,
+        conn: String,
+        user: &'a str,
+        node: String,
+        heartbeat_ms: u64,
+    }
+    encode(&Welcome {
+        r#type: "welcome",
+        conn: conn.to_string(),
+        user: user.as_str(),
+        node: node.to_string(),
+        heartbeat_ms,
+    })
+}
+
+/// An error frame.
+pub fn error_frame(reference: Option<&Value>, code: ErrorCode, message: &str) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Error<'a> {
+        r#type: &'static str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+        code: ErrorCode,
+        message: &'a str,
+    }
+    encode(&Error {
+        r#type: "error",
+        reference,
+        code,
+        message,
+    })
+}
+
+/// The answer to an application-level ping.
+pub fn pong_frame(reference: Option<&Value>) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Pong<'a> {
+        r#type: &'static str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+    }
+    encode(&Pong {
+        r#type: "pong",
+        reference,
+    })
+}
+
+/// One user's state in a `watch` or `query` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserState {
+    /// The user.
+    pub user: String,
+    /// Whether any connection of theirs is live.
+    pub online: bool,
+    /// Their current presence sequence (0: never seen).
+    pub seq: u64,
+}
+
+/// One member in a room snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    /// The member's user id.
+    pub user: String,
+}
+
+/// The body of a successful reply, beside `type`, `ref` and `ok`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ReplyBody {
+    /// `join`: the room and its members.
+    Joined {
+        /// The room joined.
+        room: String,
+        /// Members right after the join, sorted by user id.
+        members: Vec<Member>,
+    },
+    /// `leave`: the room left.
+    Left {
+        /// The room left.
+        room: String,
+    },
+    /// `watch` / `query`: each user's state.
+    Users {
+        /// One entry per distinct requested user, in request order.
+        users: Vec<UserState>,
+    },
+    /// `unwatch`: nothing more to say.
+    Empty {},
+}
+
+/// A successful reply frame.
+pub fn reply_frame(reference: Option<&Value>, body: &ReplyBody) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        r#type: &'static str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+        ok: bool,
+        #[serde(flatten)]
+        body: &'a ReplyBody,
+    }
+    encode(&Reply {
+        r#type: "reply",
+        reference,
+        ok: true,
+        body,
+    })
+}
+
+/// A presence transition, as decided by the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The user's first connection came up.
+    Online {
+        /// Who.
+        user: UserId,
+        /// Their presence sequence after this transition.
+        seq: u64,
+    },
+    /// The user's last connection went away.
+    Offline {
+        /// Who.
+        user: UserId,
+        /// Their presence sequence after this transition.
+        seq: u64,
+        /// Store clock at the transition, Unix milliseconds.
+        last_seen: u64,
+    },
+    /// The user's first connection joined the room.
+    Joined {
+        /// Which room.
+        room: RoomName,
+        /// Who.
+        user: UserId,
+    },
+    /// The user's last connection left the room.
+    Left {
+        /// Which room.
+        room: RoomName,
+        /// Who.
+        user: UserId,
+    },
+}
+
+impl Event {
+    /// Serializes the event frame once; recipients share the bytes.
+    pub fn encode(&self) -> Utf8Bytes {
+        #[derive(Serialize)]
+        #[serde(tag = "type", rename_all = "lowercase")]
+        enum Wire<'a> {
+            Online {
+                user: &'a str,
+                seq: u64,
+            },
+            Offline {
+                user: &'a str,
+                seq: u64,
+                last_seen: u64,
+            },
+            Joined {
+                room: &'a str,
+                user: &'a str,
+            },
+            Left {
+                room: &'a str,
+                user: &'a str,
+            },
+        }
+        encode(&match self {
+            Event::Online { user, seq } => Wire::Online {
+                user: user.as_str(),
+                seq: *seq,
+            },
+            Event::Offline {
+                user,
+                seq,
+                last_seen,
+            } => Wire::Offline {
+                user: user.as_str(),
+                seq: *seq,
+                last_seen: *last_seen,
+            },
+            Event::Joined { room, user } => Wire::Joined {
+                room: room.as_str(),
+                user: user.as_str(),
+            },
+            Event::Left { room, user } => Wire::Left {
+                room: room.as_str(),
+                user: user.as_str(),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn code(text: &str) -> ErrorCode {
+        decode(text, 3).unwrap_err().code
+    }
+
+    #[test]
+    fn decodes_every_request() {
+        let f = decode(r#"{"type":"join","room":"doc:1","ref":1}"#, 3).unwrap();
+        assert_eq!(f.reference, Some(json!(1)));
+        assert_eq!(f.request, Request::Join(RoomName::parse("doc:1").unwrap()));
+        let f = decode(r#"{"type":"watch","users":["b","a","b"],"ref":"x"}"#, 3).unwrap();
+        let ids = |v: &[&str]| v.iter().map(|s| UserId::parse(s).unwrap()).collect::<Vec<_>>();
+        assert_eq!(f.request, Request::Watch(ids(&["b", "a"])));
+        assert_eq!(f.reference, Some(json!("x")));
+        assert_eq!(
+            decode(r#"{"type":"ping"}"#, 3).unwrap().request,
+            Request::Ping
+        );
+    }
+
+    #[test]
+    fn bad_frames_get_their_codes_and_keep_the_ref() {
+        assert_eq!(code("nope"), ErrorCode::BadRequest);
+        assert_eq!(code("[1,2]"), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"ref":1}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"type":"join","room":5}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"type":"join","room":"a b"}"#), ErrorCode::InvalidRoom);
+        assert_eq!(code(r#"{"type":"watch","users":["a b"]}"#), ErrorCode::InvalidUser);
+        assert_eq!(code(r#"{"type":"watch","users":"a"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"type":"watch","users":[1]}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"type":"query","users":["a","b","c","d"]}"#),
+            ErrorCode::LimitExceeded
+        );
+        let e = decode(r#"{"type":"join","room":"a b","ref":"r1"}"#, 3).unwrap_err();
+        assert_eq!(e.reference, Some(json!("r1")));
+        let e = decode(r#"{"type":"join","ref":{"x":1}}"#, 3).unwrap_err();
+        assert_eq!((e.code, e.reference), (ErrorCode::BadRequest, None));
+    }
+
+    #[test]
+    fn frames_encode_as_documented() {
+        let user = UserId::parse("bob").unwrap();
+        let room = RoomName::parse("doc:1").unwrap();
+        let v = |b: Utf8Bytes| serde_json::from_str::<Value>(b.as_str()).unwrap();
+        assert_eq!(
+            v(Event::Online { user: user.clone(), seq: 7 }.encode()),
+            json!({"type":"online","user":"bob","seq":7})
+        );
+        assert_eq!(
+            v(Event::Offline { user: user.clone(), seq: 8, last_seen: 5 }.encode()),
+            json!({"type":"offline","user":"bob","seq":8,"last_seen":5})
+        );
+        assert_eq!(
+            v(Event::Left { room: room.clone(), user }.encode()),
+            json!({"type":"left","room":"doc:1","user":"bob"})
+        );
+        let body = ReplyBody::Joined {
+            room: "doc:1".into(),
+            members: vec![Member { user: "bob".into() }],
+        };
+        assert_eq!(
+            v(reply_frame(Some(&json!(1)), &body)),
+            json!({"type":"reply","ref":1,"ok":true,"room":"doc:1","members":[{"user":"bob"}]})
+        );
+        assert_eq!(
+            v(reply_frame(None, &ReplyBody::Empty {})),
+            json!({"type":"reply","ok":true})
+        );
+        assert_eq!(
+            v(error_frame(None, ErrorCode::NotJoined, "m")),
+            json!({"type":"error","code":"not_joined","message":"m"})
+        );
+    }
+}

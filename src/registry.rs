@@ -1,0 +1,428 @@
+//! The [`PresenceRegistry`] actor: one per node, the only writer to the store.
+//!
+//! Every `Conn` tells it what changed (connected, disconnected, a request);
+//! it queues these as ops and writes them in batches: one
+//! [`Store::apply`] call (for Redis, one pipelined `MULTI`/`EXEC`) per
+//! batch. A batch starts when the previous one has returned and either the
+//! queue holds `--batch-max` ops or `--batch-linger-ms` has passed since the
+//! previous batch started; an op after a quiet spell goes at once. A storm
+//! of thousands of connects therefore costs a handful of round trips.
+//!
+//! It also keeps this node's view of its own connections (user, rooms), so a
+//! disconnect becomes the right leaves, and it refreshes the node lease.
+//! Outcomes become replies and events, serialized once and sent to every
+//! worker's [`Broadcaster`] as one ordered [`Dispatch`]. When the store
+//! fails, the batch is kept and retried with backoff: connections stay open
+//! and answers wait. The registry never touches a socket.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix::prelude::*;
+use serde_json::Value;
+use tracing::{debug, warn};
+
+use crate::{
+    broadcast::{Audience, Broadcaster, Delivery, Dispatch, SubChange},
+    ids::{ConnId, RoomName, UserId},
+    protocol::{self, ErrorCode, Event, Member, ReplyBody, Request, UserState},
+    store::{Outcome, Store, StoreError, StoreOp, UserPresence},
+};
+
+/// First wait before retrying a failed batch.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+/// Longest wait between retries of a failed batch.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Batching knobs, from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Most ops in one batch.
+    pub max: usize,
+    /// Shortest time between two batch starts.
+    pub linger: Duration,
+    /// Interval between node lease refreshes.
+    pub lease_refresh: Duration,
+}
+
+/// A connection came up on this node.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Connected {
+    /// The connection.
+    pub conn: ConnId,
+    /// Its verified user.
+    pub user: UserId,
+}
+
+/// A connection on this node went away (any reason).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnected {
+    /// The connection.
+    pub conn: ConnId,
+}
+
+/// A client request that needs the store or changes subscriptions.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ClientRequest {
+    /// The asking connection.
+    pub conn: ConnId,
+    /// Its `ref`, echoed in the answer.
+    pub reference: Option<Value>,
+    /// What it asked (never `Ping`: the Conn answers that itself).
+    pub request: Request,
+}
+
+/// What to do with an op's outcome besides emitting its events.
+enum Then {
+    Nothing,
+    Join(ConnId, Option<Value>, RoomName),
+    Leave(ConnId, Option<Value>, RoomName),
+    Watch(ConnId, Option<Value>, Vec<UserId>),
+    Query(ConnId, Option<Value>, Vec<UserId>),
+    /// Answer without the store, in order with the rest.
+    Reply(ConnId, tokio_tungstenite::tungstenite::Utf8Bytes, SubChange),
+}
+
+struct Pending {
+    op: Option<StoreOp>,
+    then: Then,
+}
+
+struct LocalConn {
+    user: UserId,
+    rooms: HashSet<RoomName>,
+}
+
+/// The node's presence registry.
+pub struct PresenceRegistry {
+    store: Arc<dyn Store>,
+    broadcasters: Vec<Addr<Broadcaster>>,
+    batching: Batching,
+    conns: HashMap<ConnId, LocalConn>,
+    pending: VecDeque<Pending>,
+    in_flight: bool,
+    timer_armed: bool,
+    last_start: Option<Instant>,
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+}
+
+impl PresenceRegistry {
+    /// A registry writing to `store` and fanning out to `broadcasters`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        broadcasters: Vec<Addr<Broadcaster>>,
+        batching: Batching,
+    ) -> Self {
+        Self {
+            store,
+            broadcasters,
+            batching,
+            conns: HashMap::new(),
+            pending: VecDeque::new(),
+            in_flight: false,
+            timer_armed: false,
+            last_start: None,
+            retry_at: None,
+            retry_delay: RETRY_MIN,
+        }
+    }
+
+    fn push(&mut self, op: Option<StoreOp>, then: Then, ctx: &mut Context<Self>) {
+        self.pending.push_back(Pending { op, then });
+        self.maybe_flush(ctx);
+    }
+
+    /// Starts a batch if one may start now, or arms a timer for when it may.
+    fn maybe_flush(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight || self.pending.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let full = self.pending.len() >= self.batching.max;
+        let mut earliest = match self.last_start {
+            Some(t) if !full => t + self.batching.linger,
+            _ => now,
+        };
+        if let Some(retry) = self.retry_at {
+            earliest = earliest.max(retry);
+        }
+        if earliest <= now {
+            self.flush(ctx);
+        } else if !self.timer_armed {
+            self.timer_armed = true;
+            ctx.run_later(earliest - now, |this, ctx| {
+                this.timer_armed = false;
+                this.maybe_flush(ctx);
+            });
+        }
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        let n = self.pending.len().min(self.batching.max);
+        let batch: Vec<Pending> = self.pending.drain(..n).collect();
+        let ops: Vec<StoreOp> = batch.iter().filter_map(|p| p.op.clone()).collect();
+        self.in_flight = true;
+        self.last_start = Some(Instant::now());
+        let started = Instant::now();
+        let apply = self.store.apply(ops);
+        ctx.spawn(apply.into_actor(self).map(move |result, this, ctx| {
+            this.in_flight = false;
+            match result {
+                Ok(outcomes) => {
+                    debug!(ops = batch.len(), elapsed = ?started.elapsed(), "batch written");
+                    this.retry_at = None;
+                    this.retry_delay = RETRY_MIN;
+                    this.dispatch(batch, outcomes);
+                }
+                Err(e) => this.retry_later(batch, e),
+            }
+            this.maybe_flush(ctx);
+        }));
+    }
+
+    fn retry_later(&mut self, batch: Vec<Pending>, error: StoreError) {
+        warn!(%error, ops = batch.len(), retry_in = ?self.retry_delay, "store write failed; will retry");
+        for p in batch.into_iter().rev() {
+            self.pending.push_front(p);
+        }
+        self.retry_at = Some(Instant::now() + self.retry_delay);
+        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+    }
+
+    fn dispatch(&mut self, batch: Vec<Pending>, outcomes: Vec<Outcome>) {
+        let mut outcomes = outcomes.into_iter();
+        let mut items = Vec::with_capacity(batch.len() * 2);
+        for Pending { op, then } in batch {
+            let outcome = match &op {
+                Some(_) => outcomes.next(),
+                None => None,
+            };
+            if let Some(reply) = reply_for(then, outcome.as_ref()) {
+                items.push(reply);
+            }
+            if let (Some(op), Some(outcome)) = (op, outcome) {
+                if let Some(event) = event_for(op, outcome) {
+                    let audience = match &event {
+                        Event::Online { user, .. } | Event::Offline { user, .. } => {
+                            Audience::Watchers(user.clone())
+                        }
+                        Event::Joined { room, .. } | Event::Left { room, .. } => {
+                            Audience::Room(room.clone())
+                        }
+                    };
+                    items.push(Delivery::Event {
+                        audience,
+                        frame: event.encode(),
+                    });
+                }
+            }
+        }
+        if items.is_empty() {
+            return;
+        }
+        let items: Arc<[Delivery]> = items.into();
+        for b in &self.broadcasters {
+            b.do_send(Dispatch(items.clone()));
+        }
+    }
+}
+
+/// The transition an op's outcome represents, if any.
+fn event_for(op: StoreOp, outcome: Outcome) -> Option<Event> {
+    match (op, outcome) {
+        (StoreOp::Connect(user), Outcome::Connected(Some(seq))) => Some(Event::Online { user, seq }),
+        (StoreOp::Disconnect(user), Outcome::Disconnected(Some((seq, last_seen)))) => {
+            Some(Event::Offline {
+                user,
+                seq,
+                last_seen,
+            })
+        }
+        (StoreOp::Join(room, user), Outcome::Joined(true, _)) => Some(Event::Joined { room, user }),
+        (StoreOp::Leave(room, user), Outcome::Left(true)) => Some(Event::Left { room, user }),
+        _ => None,
+    }
+}
+
+fn states(users: &[UserId], presence: &[UserPresence]) -> Vec<UserState> {
+    users
+        .iter()
+        .zip(presence)
+        .map(|(u, p)| UserState {
+            user: u.to_string(),
+            online: p.online,
+            seq: p.seq,
+        })
+        .collect()
+}
+
+/// The reply an op's outcome answers, if the op came from a request.
+fn reply_for(then: Then, outcome: Option<&Outcome>) -> Option<Delivery> {
+    let reply = |conn, reference: Option<Value>, body: ReplyBody, change| Delivery::Reply {
+        conn,
+        frame: protocol::reply_frame(reference.as_ref(), &body),
+        change,
+    };
+    Some(match (then, outcome) {
+        (Then::Nothing, _) => return None,
+        (Then::Reply(conn, frame, change), _) => Delivery::Reply {
+            conn,
+            frame,
+            change,
+        },
+        (
+            Then::Join(conn, reference, room),
+            Some(Outcome::Joined(_, members) | Outcome::Members(members)),
+        ) => {
+            let members = members
+                .iter()
+                .map(|u| Member { user: u.to_string() })
+                .collect();
+            let body = ReplyBody::Joined {
+                room: room.to_string(),
+                members,
+            };
+            reply(conn, reference, body, SubChange::Join(room))
+        }
+        (Then::Leave(conn, reference, room), Some(Outcome::Left(_))) => {
+            let body = ReplyBody::Left {
+                room: room.to_string(),
+            };
+            reply(conn, reference, body, SubChange::Leave(room))
+        }
+        (Then::Watch(conn, reference, users), Some(Outcome::Presence(p))) => {
+            let body = ReplyBody::Users {
+                users: states(&users, p),
+            };
+            reply(conn, reference, body, SubChange::Watch(users))
+        }
+        (Then::Query(conn, reference, users), Some(Outcome::Presence(p))) => {
+            let body = ReplyBody::Users {
+                users: states(&users, p),
+            };
+            reply(conn, reference, body, SubChange::None)
+        }
+        (_, outcome) => {
+            warn!(?outcome, "store outcome does not match its op");
+            return None;
+        }
+    })
+}
+
+impl Actor for PresenceRegistry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.refresh_lease(ctx);
+        ctx.run_interval(self.batching.lease_refresh, |this, ctx| {
+            this.refresh_lease(ctx);
+        });
+    }
+}
+
+impl PresenceRegistry {
+    fn refresh_lease(&mut self, ctx: &mut Context<Self>) {
+        ctx.spawn(
+            self.store
+                .refresh_lease()
+                .into_actor(self)
+                .map(|result, _, _| {
+                    if let Err(error) = result {
+                        warn!(%error, "node lease refresh failed");
+                    }
+                }),
+        );
+    }
+}
+
+impl Handler<Connected> for PresenceRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Connected, ctx: &mut Context<Self>) {
+        self.conns.insert(
+            msg.conn,
+            LocalConn {
+                user: msg.user.clone(),
+                rooms: HashSet::new(),
+            },
+        );
+        self.push(Some(StoreOp::Connect(msg.user)), Then::Nothing, ctx);
+    }
+}
+
+impl Handler<Disconnected> for PresenceRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Disconnected, ctx: &mut Context<Self>) {
+        let Some(local) = self.conns.remove(&msg.conn) else {
+            return;
+        };
+        for room in local.rooms {
+            let op = StoreOp::Leave(room, local.user.clone());
+            self.pending.push_back(Pending {
+                op: Some(op),
+                then: Then::Nothing,
+            });
+        }
+        self.push(Some(StoreOp::Disconnect(local.user)), Then::Nothing, ctx);
+    }
+}
+
+impl Handler<ClientRequest> for PresenceRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ClientRequest, ctx: &mut Context<Self>) {
+        let ClientRequest {
+            conn,
+            reference,
+            request,
+        } = msg;
+        // A request racing its connection's close: nobody to answer.
+        let Some(local) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let user = local.user.clone();
+        let (op, then) = match request {
+            Request::Join(room) => {
+                let op = if local.rooms.insert(room.clone()) {
+                    StoreOp::Join(room.clone(), user)
+                } else {
+                    StoreOp::Members(room.clone())
+                };
+                (Some(op), Then::Join(conn, reference, room))
+            }
+            Request::Leave(room) => {
+                if local.rooms.remove(&room) {
+                    let op = StoreOp::Leave(room.clone(), user);
+                    (Some(op), Then::Leave(conn, reference, room))
+                } else {
+                    let message = format!("not in room {room}");
+                    let frame =
+                        protocol::error_frame(reference.as_ref(), ErrorCode::NotJoined, &message);
+                    (None, Then::Reply(conn, frame, SubChange::None))
+                }
+            }
+            Request::Watch(users) => (
+                Some(StoreOp::Presence(users.clone())),
+                Then::Watch(conn, reference, users),
+            ),
+            Request::Query(users) => (
+                Some(StoreOp::Presence(users.clone())),
+                Then::Query(conn, reference, users),
+            ),
+            Request::Unwatch(users) => {
+                let frame = protocol::reply_frame(reference.as_ref(), &ReplyBody::Empty {});
+                (None, Then::Reply(conn, frame, SubChange::Unwatch(users)))
+            }
+            Request::Ping => return,
+        };
+        self.push(op, then, ctx);
+    }
+}

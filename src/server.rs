@@ -1,0 +1,204 @@
+//! Start-up and shutdown: the acceptor, the worker arbiters, the registry.
+//!
+//! The system arbiter (the main thread) owns the listener and the
+//! [`PresenceRegistry`]. Each of `--workers` worker arbiters owns a
+//! [`Broadcaster`] and the connections handed to it: the acceptor passes
+//! each accepted socket, round robin, to one worker, which serves HTTP,
+//! upgrades and runs the `Conn` there; a socket never changes thread.
+
+use std::{cell::RefCell, io::Write, net::SocketAddr, rc::Rc, sync::Arc, time::Duration};
+
+use actix::prelude::*;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    broadcast::{Broadcaster, Hub},
+    config::Config,
+    conn::ConnSettings,
+    http::{self, WorkerState},
+    ids::NodeId,
+    registry::{Batching, PresenceRegistry},
+    store::{MemoryStore, RedisStore, Store, StoreError},
+};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    /// Redis could not be reached or refused the scripts.
+    #[error("cannot use Redis at {0}: {1}")]
+    Store(String, StoreError),
+    /// A worker thread failed to come up.
+    #[error("worker {0} failed to start")]
+    Worker(usize),
+}
+
+/// Runs the gateway until SIGINT or SIGTERM.
+pub fn run(config: Config) -> Result<(), StartError> {
+    actix_rt::System::new().block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    let node = NodeId::new();
+    let store: Arc<dyn Store> = match &config.redis {
+        Some(url) => Arc::new(
+            RedisStore::connect(url, &config.prefix, node, config.node_lease())
+                .await
+                .map_err(|e| StartError::Store(config.redis_for_log(), e))?,
+        ),
+        None => Arc::new(MemoryStore::new()),
+    };
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| StartError::Bind(config.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(config.listen, e))?;
+
+    // The registry's address exists before it starts, so the workers can be
+    // given it and the registry can be given their broadcasters.
+    let registry_ctx = Context::<PresenceRegistry>::new();
+    let registry = registry_ctx.address();
+    let settings = ConnSettings {
+        node,
+        heartbeat: config.heartbeat(),
+        idle_timeout: config.idle_timeout(),
+        max_ids: config.max_ids,
+        outbox_messages: config.outbox_messages,
+        outbox_bytes: config.outbox_bytes,
+    };
+    let mut workers = Vec::new();
+    let mut broadcasters = Vec::new();
+    for index in 0..config.worker_count() {
+        let (sockets, broadcaster) =
+            start_worker(index, config.clone(), settings.clone(), registry.clone())
+                .await
+                .ok_or(StartError::Worker(index))?;
+        workers.push(sockets);
+        broadcasters.push(broadcaster);
+    }
+    let batching = Batching {
+        max: config.batch_max,
+        linger: Duration::from_millis(config.batch_linger_ms),
+        lease_refresh: config.node_lease() / 3,
+    };
+    registry_ctx.run(PresenceRegistry::new(store, broadcasters, batching));
+
+    info!(
+        %node,
+        listen = %addr,
+        redis = %config.redis_for_log(),
+        prefix = %config.prefix,
+        dev = config.dev,
+        workers = workers.len(),
+        heartbeat_ms = config.heartbeat_ms,
+        idle_timeout_ms = config.idle_timeout_ms,
+        batch_max = config.batch_max,
+        batch_linger_ms = config.batch_linger_ms,
+        max_message_bytes = config.max_message_bytes,
+        outbox_messages = config.outbox_messages,
+        outbox_bytes = config.outbox_bytes,
+        max_ids = config.max_ids,
+        node_lease_ms = config.node_lease_ms,
+        "presenced started"
+    );
+    // The one line on stdout: tests and scripts read the bound port here.
+    println!("presenced listening on {addr}");
+    let _ = std::io::stdout().flush();
+
+    tokio::select! {
+        () = accept(listener, workers) => {}
+        () = shutdown_signal() => info!("shutting down"),
+    }
+    Ok(())
+}
+
+/// Starts worker `index` on a new arbiter; returns where to send it sockets
+/// and its broadcaster.
+async fn start_worker(
+    index: usize,
+    config: Arc<Config>,
+    settings: ConnSettings,
+    registry: Addr<PresenceRegistry>,
+) -> Option<(mpsc::UnboundedSender<std::net::TcpStream>, Addr<Broadcaster>)> {
+    let arbiter = Arbiter::new();
+    let (sockets_tx, mut sockets_rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    arbiter.spawn_fn(move || {
+        let hub = Rc::new(RefCell::new(Hub::default()));
+        let broadcaster = Broadcaster::new(hub.clone()).start();
+        let _ = ready_tx.send(broadcaster);
+        let state = Rc::new(WorkerState {
+            config,
+            conn: settings,
+            registry,
+            hub,
+        });
+        actix_rt::spawn(async move {
+            while let Some(socket) = sockets_rx.recv().await {
+                match TcpStream::from_std(socket) {
+                    Ok(socket) => {
+                        actix_rt::spawn(http::serve(socket, state.clone()));
+                    }
+                    Err(error) => warn!(worker = index, %error, "cannot adopt socket"),
+                }
+            }
+        });
+    });
+    // The arbiter thread runs until the process exits.
+    std::mem::forget(arbiter);
+    let broadcaster = ready_rx.await.ok()?;
+    Some((sockets_tx, broadcaster))
+}
+
+/// Accepts sockets and hands them to the workers, round robin.
+async fn accept(listener: TcpListener, workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>) {
+    let mut next = 0;
+    loop {
+        let socket = match listener.accept().await {
+            Ok((socket, _)) => socket,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of
+                // spinning; existing connections keep working.
+                error!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let socket = match socket.into_std() {
+            Ok(s) => s,
+            Err(error) => {
+                warn!(%error, "cannot hand socket to a worker");
+                continue;
+            }
+        };
+        if workers[next].send(socket).is_err() {
+            error!(worker = next, "worker is gone");
+        }
+        next = (next + 1) % workers.len();
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        Ok(s) => s,
+        Err(error) => {
+            warn!(%error, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

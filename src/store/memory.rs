@@ -1,0 +1,132 @@
+//! The embedded store: one node, all state in this process.
+//!
+//! It is the default (no `--redis`), so `cargo run` needs nothing else. Its
+//! semantics are the Redis store's, checked by the same conformance suite;
+//! there are no other nodes, so it keeps no per-node bookkeeping.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::{future::BoxFuture, FutureExt};
+
+use super::{Outcome, Store, StoreError, StoreOp, UserPresence};
+use crate::ids::{RoomName, UserId};
+
+/// In-process presence state.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// user → live connections
+    connections: HashMap<UserId, u64>,
+    /// user → presence sequence
+    seq: HashMap<UserId, u64>,
+    /// room → user → that user's connections in the room
+    rooms: HashMap<RoomName, HashMap<UserId, u64>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn sorted(users: impl Iterator<Item = UserId>) -> Vec<UserId> {
+    let mut v: Vec<UserId> = users.collect();
+    v.sort();
+    v
+}
+
+/// Decrements `map[key]`, removing it at zero; true when it reached zero.
+/// A missing key stays missing (a disconnect the store never saw).
+fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u64>, key: &K) -> bool {
+    match map.get_mut(key) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        Some(_) => {
+            map.remove(key);
+            true
+        }
+        None => false,
+    }
+}
+
+impl State {
+    fn apply(&mut self, op: StoreOp, now: u64) -> Outcome {
+        match op {
+            StoreOp::Connect(user) => {
+                let n = self.connections.entry(user.clone()).or_default();
+                *n += 1;
+                Outcome::Connected((*n == 1).then(|| self.bump(&user)))
+            }
+            StoreOp::Disconnect(user) => Outcome::Disconnected(
+                decrement(&mut self.connections, &user).then(|| (self.bump(&user), now)),
+            ),
+            StoreOp::Join(room, user) => {
+                let members = self.rooms.entry(room).or_default();
+                let n = members.entry(user).or_default();
+                *n += 1;
+                let first = *n == 1;
+                Outcome::Joined(first, sorted(members.keys().cloned()))
+            }
+            StoreOp::Leave(room, user) => {
+                let Some(members) = self.rooms.get_mut(&room) else {
+                    return Outcome::Left(false);
+                };
+                let last = decrement(members, &user);
+                if members.is_empty() {
+                    self.rooms.remove(&room);
+                }
+                Outcome::Left(last)
+            }
+            StoreOp::Members(room) => Outcome::Members(sorted(
+                self.rooms.get(&room).into_iter().flat_map(|m| m.keys().cloned()),
+            )),
+            StoreOp::Presence(users) => Outcome::Presence(
+                users
+                    .iter()
+                    .map(|u| UserPresence {
+                        online: self.connections.contains_key(u),
+                        seq: self.seq.get(u).copied().unwrap_or(0),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn bump(&mut self, user: &UserId) -> u64 {
+        let s = self.seq.entry(user.clone()).or_default();
+        *s += 1;
+        *s
+    }
+}
+
+impl Store for MemoryStore {
+    fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Vec<Outcome>, StoreError>> {
+        let now = now_ms();
+        // unwrap: the lock is only held inside this synchronous loop, which
+        // does not panic, so it is never poisoned.
+        let mut state = self.state.lock().unwrap();
+        let out = ops.into_iter().map(|op| state.apply(op, now)).collect();
+        futures_util::future::ready(Ok(out)).boxed()
+    }
+
+    fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        futures_util::future::ready(Ok(())).boxed()
+    }
+}

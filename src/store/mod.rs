@@ -1,0 +1,84 @@
+//! The presence store: where connection counts live and transitions are
+//! decided.
+//!
+//! One trait, two implementations: [`MemoryStore`] (one node, no Redis, the
+//! default) and [`RedisStore`] (many nodes share one Redis). The
+//! [`PresenceRegistry`](crate::registry::PresenceRegistry) hands a store a
+//! whole batch of [`StoreOp`]s at once; the store applies it atomically and
+//! answers one [`Outcome`] per op, in order. A transition (a user's 0 → 1
+//! connections, 1 → 0, a user's first tab in a room, last tab out) is
+//! decided inside that atomic step, so of two racing connections exactly one
+//! sees each transition. The store never talks to clients.
+
+mod memory;
+mod redis;
+
+use futures_util::future::BoxFuture;
+
+pub use self::{memory::MemoryStore, redis::RedisStore};
+use crate::ids::{RoomName, UserId};
+
+/// One write or read in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    /// A connection of `user` came up.
+    Connect(UserId),
+    /// A connection of `user` went away.
+    Disconnect(UserId),
+    /// A connection of `user` joined `room`.
+    Join(RoomName, UserId),
+    /// A connection of `user` left `room`.
+    Leave(RoomName, UserId),
+    /// Read `room`'s members.
+    Members(RoomName),
+    /// Read these users' presence.
+    Presence(Vec<UserId>),
+}
+
+/// What the store decided for one op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `Connect`: `Some(seq)` when the user went online.
+    Connected(Option<u64>),
+    /// `Disconnect`: `Some((seq, last_seen_ms))` when the user went offline.
+    Disconnected(Option<(u64, u64)>),
+    /// `Join`: whether this was the user's first connection in the room,
+    /// and the members right after it, sorted.
+    Joined(bool, Vec<UserId>),
+    /// `Leave`: whether the user's last connection left the room.
+    Left(bool),
+    /// `Members`: the room's members, sorted.
+    Members(Vec<UserId>),
+    /// `Presence`: one entry per requested user, in order.
+    Presence(Vec<UserPresence>),
+}
+
+/// A user's presence as the store sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UserPresence {
+    /// At least one live connection somewhere.
+    pub online: bool,
+    /// Presence sequence: +1 on every online/offline transition.
+    pub seq: u64,
+}
+
+/// Why a store call failed. The batch was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis refused, dropped the connection or timed out.
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// Redis answered something this version does not understand.
+    #[error("unexpected store reply: {0}")]
+    Protocol(String),
+}
+
+/// A presence store. Implementations are shared by the registry and must
+/// apply each batch atomically.
+pub trait Store: Send + Sync + 'static {
+    /// Applies `ops` in order as one atomic step; one outcome per op.
+    fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Vec<Outcome>, StoreError>>;
+
+    /// Extends this node's lease so other nodes know it is alive.
+    fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>>;
+}

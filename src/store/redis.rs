@@ -1,0 +1,229 @@
+//! The shared store: many nodes, one truth in Redis.
+//!
+//! A registry batch becomes one pipelined `MULTI`, one `EVALSHA` of
+//! `scripts/batch.lua`, `EXEC`: a single round trip and a single atomic
+//! step, however many ops the batch holds. The script, not this file,
+//! decides transitions, so nodes racing on one user each see exactly the
+//! transitions their own ops caused. Key layout: see the script's header
+//! and docs/operations.md.
+
+use std::time::Duration;
+
+use futures_util::{future::BoxFuture, FutureExt};
+use redis::{aio::ConnectionManager, ErrorKind, RedisError, ServerErrorKind, Value};
+
+use super::{Outcome, Store, StoreError, StoreOp, UserPresence};
+use crate::ids::{NodeId, UserId};
+
+const BATCH_LUA: &str = include_str!("scripts/batch.lua");
+const LEASE_LUA: &str = include_str!("scripts/lease.lua");
+
+/// How long one Redis call may take before it counts as failed.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Presence in Redis, shared by every node using the same prefix.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    batch: redis::Script,
+    lease: redis::Script,
+    prefix: String,
+    node: String,
+    lease_ms: u64,
+}
+
+impl RedisStore {
+    /// Connects to `url` and loads the scripts. `lease` is how long this
+    /// node counts as alive after each [`Store::refresh_lease`].
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        node: NodeId,
+        lease: Duration,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(DEFAULT_RESPONSE_TIMEOUT))
+            .set_response_timeout(Some(DEFAULT_RESPONSE_TIMEOUT));
+        let conn = client.get_connection_manager_with_config(config).await?;
+        let store = Self {
+            conn,
+            batch: redis::Script::new(BATCH_LUA),
+            lease: redis::Script::new(LEASE_LUA),
+            prefix: prefix.to_owned(),
+            node: node.to_string(),
+            lease_ms: lease.as_millis() as u64,
+        };
+        store.load_batch_script().await?;
+        Ok(store)
+    }
+
+    async fn load_batch_script(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(BATCH_LUA)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    fn batch_pipeline(&self, ops: &[StoreOp]) -> redis::Pipeline {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.batch.get_hash())
+            .arg(0)
+            .arg(&self.prefix)
+            .arg(&self.node);
+        for op in ops {
+            match op {
+                StoreOp::Connect(u) => cmd.arg("C").arg(u.as_str()),
+                StoreOp::Disconnect(u) => cmd.arg("D").arg(u.as_str()),
+                StoreOp::Join(r, u) => cmd.arg("J").arg(r.as_str()).arg(u.as_str()),
+                StoreOp::Leave(r, u) => cmd.arg("L").arg(r.as_str()).arg(u.as_str()),
+                StoreOp::Members(r) => cmd.arg("M").arg(r.as_str()),
+                StoreOp::Presence(users) => {
+                    cmd.arg("P").arg(users.len());
+                    for u in users {
+                        cmd.arg(u.as_str());
+                    }
+                    &mut cmd
+                }
+            };
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().add_command(cmd);
+        pipe
+    }
+}
+
+fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+impl Store for RedisStore {
+    fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Vec<Outcome>, StoreError>> {
+        let this = self.clone();
+        async move {
+            if ops.is_empty() {
+                return Ok(Vec::new());
+            }
+            let pipe = this.batch_pipeline(&ops);
+            let mut conn = this.conn.clone();
+            let result: Result<(Value,), RedisError> = pipe.query_async(&mut conn).await;
+            let (reply,) = match result {
+                // A Redis restarted since we connected has forgotten the
+                // script; inside MULTI nothing was applied, so load and redo.
+                Err(e) if is_noscript(&e) => {
+                    this.load_batch_script().await?;
+                    pipe.query_async(&mut conn).await?
+                }
+                other => other?,
+            };
+            parse_outcomes(&ops, reply)
+        }
+        .boxed()
+    }
+
+    fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        let this = self.clone();
+        async move {
+            let mut conn = this.conn.clone();
+            let _: i64 = this
+                .lease
+                .key(format!("{}:nodes", this.prefix))
+                .arg(&this.node)
+                .arg(this.lease_ms)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+fn unexpected(what: &str, v: &Value) -> StoreError {
+    StoreError::Protocol(format!("{what}: {v:?}"))
+}
+
+fn int(v: &Value) -> Result<i64, StoreError> {
+    match v {
+        Value::Int(n) => Ok(*n),
+        other => Err(unexpected("expected an integer", other)),
+    }
+}
+
+fn array(v: Value) -> Result<Vec<Value>, StoreError> {
+    match v {
+        Value::Array(items) => Ok(items),
+        other => Err(unexpected("expected an array", &other)),
+    }
+}
+
+fn users(items: impl Iterator<Item = Value>) -> Result<Vec<UserId>, StoreError> {
+    let mut out = items
+        .map(|v| match &v {
+            Value::BulkString(b) => std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| UserId::parse(s).ok())
+                .ok_or_else(|| unexpected("not a user id", &v)),
+            _ => Err(unexpected("expected a user id", &v)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort();
+    Ok(out)
+}
+
+fn parse_outcomes(ops: &[StoreOp], reply: Value) -> Result<Vec<Outcome>, StoreError> {
+    let items = array(reply)?;
+    if items.len() != ops.len() {
+        return Err(StoreError::Protocol(format!(
+            "{} outcomes for {} ops",
+            items.len(),
+            ops.len()
+        )));
+    }
+    ops.iter()
+        .zip(items)
+        .map(|(op, v)| {
+            Ok(match op {
+                StoreOp::Connect(_) => {
+                    let seq = int(&v)?;
+                    Outcome::Connected((seq > 0).then_some(seq as u64))
+                }
+                StoreOp::Disconnect(_) => {
+                    let pair = array(v)?;
+                    let (seq, at) = match pair.as_slice() {
+                        [s, t] => (int(s)?, int(t)?),
+                        _ => return Err(StoreError::Protocol("disconnect outcome".into())),
+                    };
+                    Outcome::Disconnected((seq > 0).then_some((seq as u64, at as u64)))
+                }
+                StoreOp::Join(..) => {
+                    let mut items = array(v)?.into_iter();
+                    let first = items
+                        .next()
+                        .ok_or_else(|| StoreError::Protocol("empty join outcome".into()))?;
+                    Outcome::Joined(int(&first)? == 1, users(items)?)
+                }
+                StoreOp::Leave(..) => Outcome::Left(int(&v)? == 1),
+                StoreOp::Members(_) => Outcome::Members(users(array(v)?.into_iter())?),
+                StoreOp::Presence(requested) => {
+                    let flat = array(v)?;
+                    if flat.len() != requested.len() * 2 {
+                        return Err(StoreError::Protocol("presence outcome".into()));
+                    }
+                    Outcome::Presence(
+                        flat.chunks(2)
+                            .map(|c| {
+                                Ok(UserPresence {
+                                    online: int(&c[0])? == 1,
+                                    seq: int(&c[1])?.max(0) as u64,
+                                })
+                            })
+                            .collect::<Result<_, StoreError>>()?,
+                    )
+                }
+            })
+        })
+        .collect()
+}
