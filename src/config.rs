@@ -214,7 +214,13 @@ mod tests {
     fn out_of_range_values_are_refused() {
         for args in [
             &["--dev", "--workers", "0"][..],
-            &["--dev", "--heartbeat-ms", "1000", "--idle-timeout-ms", "1000"],
+            &[
+                "--dev",
+                "--heartbeat-ms",
+                "1000",
+                "--idle-timeout-ms",
+                "1000",
+            ],
             &["--dev", "--batch-max", "0"],
             &["--dev", "--max-message-bytes", "10"],
             &["--dev", "--prefix", "a b"],

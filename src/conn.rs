@@ -11,15 +11,15 @@
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use futures_util::{stream::SplitStream, Sink, Stream, StreamExt};
+use futures_util::{Sink, Stream, StreamExt, stream::SplitStream};
 use tokio_tungstenite::tungstenite::{
-    protocol::CloseFrame, Bytes, Error as WsError, Message as WsMessage, Utf8Bytes,
+    Bytes, Error as WsError, Message as WsMessage, Utf8Bytes, protocol::CloseFrame,
 };
 
 use crate::{
     broadcast::SharedHub,
     ids::{ConnId, NodeId, UserId},
-    outbox::{close_frame, Outbox},
+    outbox::{Outbox, close_frame},
     protocol::{self, ErrorCode, Request},
     registry::{ClientRequest, Connected, Disconnected, PresenceRegistry},
 };
@@ -86,7 +86,9 @@ impl Conn {
             let gone = addr.clone();
             let writer = outbox.clone();
             actix_rt::spawn(async move {
-                writer.write_to(sink, move || gone.do_send(WriterGone)).await;
+                writer
+                    .write_to(sink, move || gone.do_send(WriterGone))
+                    .await;
                 // A socket the writer could not write to is dead: stop
                 // reading it too (a no-op once the actor has stopped).
                 addr.do_send(WriterGone);

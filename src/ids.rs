@@ -150,7 +150,10 @@ mod tests {
         assert_eq!(UserId::parse("a b"), Err(IdError::User));
         assert_eq!(UserId::parse("a/b"), Err(IdError::User));
         assert_eq!(UserId::parse("é"), Err(IdError::User));
-        assert_eq!(UserId::parse(&"x".repeat(MAX_USER_LEN + 1)), Err(IdError::User));
+        assert_eq!(
+            UserId::parse(&"x".repeat(MAX_USER_LEN + 1)),
+            Err(IdError::User)
+        );
     }
 
     #[test]
@@ -159,6 +162,9 @@ mod tests {
         assert!(RoomName::parse(&"r".repeat(MAX_ROOM_LEN)).is_ok());
         assert_eq!(RoomName::parse("a b"), Err(IdError::Room));
         assert_eq!(RoomName::parse(""), Err(IdError::Room));
-        assert_eq!(RoomName::parse(&"r".repeat(MAX_ROOM_LEN + 1)), Err(IdError::Room));
+        assert_eq!(
+            RoomName::parse(&"r".repeat(MAX_ROOM_LEN + 1)),
+            Err(IdError::Room)
+        );
     }
 }

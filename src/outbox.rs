@@ -19,8 +19,8 @@ use std::{
 use futures_util::{Sink, SinkExt};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::{
-    protocol::{frame::coding::CloseCode, CloseFrame},
     Error as WsError, Message,
+    protocol::{CloseFrame, frame::coding::CloseCode},
 };
 
 /// How long a closing socket may take to take its last frames.

@@ -110,7 +110,7 @@ pub fn decode(text: &str, max_ids: usize) -> Result<ClientFrame, DecodeError> {
             return Err(bad(
                 &None,
                 "\"ref\" must be a number or a string of at most 64 characters",
-            ))
+            ));
         }
     };
     let kind = match obj.get("type") {
@@ -130,7 +130,7 @@ pub fn decode(text: &str, max_ids: usize) -> Result<ClientFrame, DecodeError> {
                 reference,
                 ErrorCode::UnknownType,
                 format!("unknown type {:?}", truncate(other, 40)),
-            ))
+            ));
         }
     };
     Ok(ClientFrame { reference, request })
@@ -143,7 +143,10 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-fn room_field(obj: &Map<String, Value>, reference: &Option<Value>) -> Result<RoomName, DecodeError> {
+fn room_field(
+    obj: &Map<String, Value>,
+    reference: &Option<Value>,
+) -> Result<RoomName, DecodeError> {
     match obj.get("room") {
         Some(Value::String(s)) => RoomName::parse(s)
             .map_err(|e| DecodeError::new(reference.clone(), e.into(), e.to_string())),
@@ -173,7 +176,7 @@ fn users_field(
             return Err(err(
                 ErrorCode::BadRequest,
                 "\"users\" must be an array of strings".into(),
-            ))
+            ));
         }
         None => return Err(err(ErrorCode::BadRequest, "missing \"users\"".into())),
     };
@@ -419,7 +422,11 @@ mod tests {
         assert_eq!(f.reference, Some(json!(1)));
         assert_eq!(f.request, Request::Join(RoomName::parse("doc:1").unwrap()));
         let f = decode(r#"{"type":"watch","users":["b","a","b"],"ref":"x"}"#, 3).unwrap();
-        let ids = |v: &[&str]| v.iter().map(|s| UserId::parse(s).unwrap()).collect::<Vec<_>>();
+        let ids = |v: &[&str]| {
+            v.iter()
+                .map(|s| UserId::parse(s).unwrap())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(f.request, Request::Watch(ids(&["b", "a"])));
         assert_eq!(f.reference, Some(json!("x")));
         assert_eq!(
@@ -436,10 +443,22 @@ mod tests {
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"type":"join","room":5}"#), ErrorCode::BadRequest);
-        assert_eq!(code(r#"{"type":"join","room":"a b"}"#), ErrorCode::InvalidRoom);
-        assert_eq!(code(r#"{"type":"watch","users":["a b"]}"#), ErrorCode::InvalidUser);
-        assert_eq!(code(r#"{"type":"watch","users":"a"}"#), ErrorCode::BadRequest);
-        assert_eq!(code(r#"{"type":"watch","users":[1]}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"type":"join","room":"a b"}"#),
+            ErrorCode::InvalidRoom
+        );
+        assert_eq!(
+            code(r#"{"type":"watch","users":["a b"]}"#),
+            ErrorCode::InvalidUser
+        );
+        assert_eq!(
+            code(r#"{"type":"watch","users":"a"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"type":"watch","users":[1]}"#),
+            ErrorCode::BadRequest
+        );
         assert_eq!(
             code(r#"{"type":"query","users":["a","b","c","d"]}"#),
             ErrorCode::LimitExceeded
@@ -456,15 +475,28 @@ mod tests {
         let room = RoomName::parse("doc:1").unwrap();
         let v = |b: Utf8Bytes| serde_json::from_str::<Value>(b.as_str()).unwrap();
         assert_eq!(
-            v(Event::Online { user: user.clone(), seq: 7 }.encode()),
+            v(Event::Online {
+                user: user.clone(),
+                seq: 7
+            }
+            .encode()),
             json!({"type":"online","user":"bob","seq":7})
         );
         assert_eq!(
-            v(Event::Offline { user: user.clone(), seq: 8, last_seen: 5 }.encode()),
+            v(Event::Offline {
+                user: user.clone(),
+                seq: 8,
+                last_seen: 5
+            }
+            .encode()),
             json!({"type":"offline","user":"bob","seq":8,"last_seen":5})
         );
         assert_eq!(
-            v(Event::Left { room: room.clone(), user }.encode()),
+            v(Event::Left {
+                room: room.clone(),
+                user
+            }
+            .encode()),
             json!({"type":"left","room":"doc:1","user":"bob"})
         );
         let body = ReplyBody::Joined {

@@ -237,7 +237,9 @@ impl PresenceRegistry {
 /// The transition an op's outcome represents, if any.
 fn event_for(op: StoreOp, outcome: Outcome) -> Option<Event> {
     match (op, outcome) {
-        (StoreOp::Connect(user), Outcome::Connected(Some(seq))) => Some(Event::Online { user, seq }),
+        (StoreOp::Connect(user), Outcome::Connected(Some(seq))) => {
+            Some(Event::Online { user, seq })
+        }
         (StoreOp::Disconnect(user), Outcome::Disconnected(Some((seq, last_seen)))) => {
             Some(Event::Offline {
                 user,
@@ -283,7 +285,9 @@ fn reply_for(then: Then, outcome: Option<&Outcome>) -> Option<Delivery> {
         ) => {
             let members = members
                 .iter()
-                .map(|u| Member { user: u.to_string() })
+                .map(|u| Member {
+                    user: u.to_string(),
+                })
                 .collect();
             let body = ReplyBody::Joined {
                 room: room.to_string(),

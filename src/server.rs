@@ -127,7 +127,10 @@ async fn start_worker(
     config: Arc<Config>,
     settings: ConnSettings,
     registry: Addr<PresenceRegistry>,
-) -> Option<(mpsc::UnboundedSender<std::net::TcpStream>, Addr<Broadcaster>)> {
+) -> Option<(
+    mpsc::UnboundedSender<std::net::TcpStream>,
+    Addr<Broadcaster>,
+)> {
     let arbiter = Arbiter::new();
     let (sockets_tx, mut sockets_rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -188,8 +191,7 @@ async fn accept(listener: TcpListener, workers: Vec<mpsc::UnboundedSender<std::n
 }
 
 async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(error) => {
             warn!(%error, "cannot watch SIGTERM");

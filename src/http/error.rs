@@ -3,8 +3,8 @@
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
-    header::{self, HeaderValue},
     Response, StatusCode,
+    header::{self, HeaderValue},
 };
 use serde::Serialize;
 
@@ -72,7 +72,10 @@ impl HttpError {
         let mut res = Response::new(Full::new(Bytes::from(body)));
         *res.status_mut() = status;
         let h = res.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if matches!(self, Self::UpgradeRequired | Self::UnsupportedVersion) {
             h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             h.insert("sec-websocket-version", HeaderValue::from_static("13"));

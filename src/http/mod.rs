@@ -15,17 +15,17 @@ use actix::Addr;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
+    Method, Request, Response, StatusCode,
     body::Incoming,
     header::{self, HeaderMap, HeaderValue},
     server::conn::http1,
     service::service_fn,
-    Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
-    tungstenite::{handshake::derive_accept_key, protocol::Role, protocol::WebSocketConfig},
     WebSocketStream,
+    tungstenite::{handshake::derive_accept_key, protocol::Role, protocol::WebSocketConfig},
 };
 use tracing::debug;
 
@@ -122,7 +122,10 @@ fn dev_user(req: &Request<Incoming>) -> Result<UserId, HttpError> {
     UserId::parse(&user).map_err(|_| HttpError::InvalidUser)
 }
 
-fn upgrade(mut req: Request<Incoming>, state: &Rc<WorkerState>) -> Result<Response<Body>, HttpError> {
+fn upgrade(
+    mut req: Request<Incoming>,
+    state: &Rc<WorkerState>,
+) -> Result<Response<Body>, HttpError> {
     let headers = req.headers();
     if !header_has_token(headers, header::UPGRADE, "websocket")
         || !header_has_token(headers, header::CONNECTION, "upgrade")

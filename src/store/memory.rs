@@ -10,7 +10,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use futures_util::{future::BoxFuture, FutureExt};
+use futures_util::{FutureExt, future::BoxFuture};
 
 use super::{Outcome, Store, StoreError, StoreOp, UserPresence};
 use crate::ids::{RoomName, UserId};
@@ -95,7 +95,10 @@ impl State {
                 Outcome::Left(last)
             }
             StoreOp::Members(room) => Outcome::Members(sorted(
-                self.rooms.get(&room).into_iter().flat_map(|m| m.keys().cloned()),
+                self.rooms
+                    .get(&room)
+                    .into_iter()
+                    .flat_map(|m| m.keys().cloned()),
             )),
             StoreOp::Presence(users) => Outcome::Presence(
                 users

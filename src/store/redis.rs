@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use futures_util::{future::BoxFuture, FutureExt};
-use redis::{aio::ConnectionManager, ErrorKind, RedisError, ServerErrorKind, Value};
+use futures_util::{FutureExt, future::BoxFuture};
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value, aio::ConnectionManager};
 
 use super::{Outcome, Store, StoreError, StoreOp, UserPresence};
 use crate::ids::{NodeId, UserId};
