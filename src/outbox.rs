@@ -194,10 +194,10 @@ impl Outbox {
                     }
                 }
                 Step::Close(frame) => {
-                    if self.0.aborted.get() {
-                        if let Some(f) = on_abort.take() {
-                            f();
-                        }
+                    if self.0.aborted.get()
+                        && let Some(f) = on_abort.take()
+                    {
+                        f();
                     }
                     let _ = tokio::time::timeout(CLOSE_GRACE, async {
                         if let Some(frame) = frame {

@@ -207,21 +207,21 @@ impl PresenceRegistry {
             if let Some(reply) = reply_for(then, outcome.as_ref()) {
                 items.push(reply);
             }
-            if let (Some(op), Some(outcome)) = (op, outcome) {
-                if let Some(event) = event_for(op, outcome) {
-                    let audience = match &event {
-                        Event::Online { user, .. } | Event::Offline { user, .. } => {
-                            Audience::Watchers(user.clone())
-                        }
-                        Event::Joined { room, .. } | Event::Left { room, .. } => {
-                            Audience::Room(room.clone())
-                        }
-                    };
-                    items.push(Delivery::Event {
-                        audience,
-                        frame: event.encode(),
-                    });
-                }
+            if let (Some(op), Some(outcome)) = (op, outcome)
+                && let Some(event) = event_for(op, outcome)
+            {
+                let audience = match &event {
+                    Event::Online { user, .. } | Event::Offline { user, .. } => {
+                        Audience::Watchers(user.clone())
+                    }
+                    Event::Joined { room, .. } | Event::Left { room, .. } => {
+                        Audience::Room(room.clone())
+                    }
+                };
+                items.push(Delivery::Event {
+                    audience,
+                    frame: event.encode(),
+                });
             }
         }
         if items.is_empty() {
