@@ -15,7 +15,7 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 25_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Default most ops in one store batch.
 pub const DEFAULT_BATCH_MAX: usize = 512;
-/// Default shortest time between two batch starts, in milliseconds.
+/// Default shortest time from a batch's return to the next batch's start, in milliseconds.
 pub const DEFAULT_BATCH_LINGER_MS: u64 = 5;
 /// Default largest accepted client message, in bytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -65,8 +65,8 @@ pub struct Config {
     #[arg(long, env = "PRESENCED_BATCH_MAX", default_value_t = DEFAULT_BATCH_MAX)]
     pub batch_max: usize,
 
-    /// Shortest time between the starts of two batches, milliseconds; an op
-    /// arriving after a quiet spell is written at once.
+    /// Shortest time from a batch's return to the next batch's start,
+    /// milliseconds; an op arriving after a quiet spell is written at once.
     #[arg(long, env = "PRESENCED_BATCH_LINGER_MS", default_value_t = DEFAULT_BATCH_LINGER_MS)]
     pub batch_linger_ms: u64,
 

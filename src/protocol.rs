@@ -180,14 +180,8 @@ fn users_field(
         }
         None => return Err(err(ErrorCode::BadRequest, "missing \"users\"".into())),
     };
-    if list.len() > max_ids {
-        return Err(err(
-            ErrorCode::LimitExceeded,
-            format!("at most {max_ids} users per request, got {}", list.len()),
-        ));
-    }
-    let mut users: Vec<UserId> = Vec::with_capacity(list.len());
-    let mut seen = std::collections::HashSet::with_capacity(list.len());
+    let mut users: Vec<UserId> = Vec::with_capacity(list.len().min(max_ids));
+    let mut seen = std::collections::HashSet::with_capacity(list.len().min(max_ids));
     for item in list {
         let Value::String(s) = item else {
             return Err(err(
@@ -199,6 +193,16 @@ fn users_field(
         if seen.insert(user.clone()) {
             users.push(user);
         }
+    }
+    // Distinct ids count; the frame size bounds the raw list length.
+    if users.len() > max_ids {
+        return Err(err(
+            ErrorCode::LimitExceeded,
+            format!(
+                "at most {max_ids} distinct users per request, got {}",
+                users.len()
+            ),
+        ));
     }
     Ok(users)
 }
@@ -463,6 +467,8 @@ mod tests {
             code(r#"{"type":"query","users":["a","b","c","d"]}"#),
             ErrorCode::LimitExceeded
         );
+        // Duplicates count once against the limit.
+        assert!(decode(r#"{"type":"query","users":["a","b","c","a"]}"#, 3).is_ok());
         let e = decode(r#"{"type":"join","room":"a b","ref":"r1"}"#, 3).unwrap_err();
         assert_eq!(e.reference, Some(json!("r1")));
         let e = decode(r#"{"type":"join","ref":{"x":1}}"#, 3).unwrap_err();

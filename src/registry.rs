@@ -5,7 +5,7 @@
 //! [`Store::apply`] call (for Redis, one pipelined `MULTI`/`EXEC`) per
 //! batch. A batch starts when the previous one has returned and either the
 //! queue holds `--batch-max` ops or `--batch-linger-ms` has passed since the
-//! previous batch started; an op after a quiet spell goes at once. A storm
+//! previous batch returned; an op after a quiet spell goes at once. A storm
 //! of thousands of connects therefore costs a handful of round trips.
 //!
 //! It also keeps this node's view of its own connections (user, rooms), so a
@@ -42,7 +42,7 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 pub struct Batching {
     /// Most ops in one batch.
     pub max: usize,
-    /// Shortest time between two batch starts.
+    /// Shortest time between a batch's return and the next batch's start.
     pub linger: Duration,
     /// Interval between node lease refreshes.
     pub lease_refresh: Duration,
@@ -108,7 +108,7 @@ pub struct PresenceRegistry {
     pending: VecDeque<Pending>,
     in_flight: bool,
     timer_armed: bool,
-    last_start: Option<Instant>,
+    last_end: Option<Instant>,
     retry_at: Option<Instant>,
     retry_delay: Duration,
 }
@@ -128,7 +128,7 @@ impl PresenceRegistry {
             pending: VecDeque::new(),
             in_flight: false,
             timer_armed: false,
-            last_start: None,
+            last_end: None,
             retry_at: None,
             retry_delay: RETRY_MIN,
         }
@@ -146,7 +146,7 @@ impl PresenceRegistry {
         }
         let now = Instant::now();
         let full = self.pending.len() >= self.batching.max;
-        let mut earliest = match self.last_start {
+        let mut earliest = match self.last_end {
             Some(t) if !full => t + self.batching.linger,
             _ => now,
         };
@@ -169,11 +169,11 @@ impl PresenceRegistry {
         let batch: Vec<Pending> = self.pending.drain(..n).collect();
         let ops: Vec<StoreOp> = batch.iter().filter_map(|p| p.op.clone()).collect();
         self.in_flight = true;
-        self.last_start = Some(Instant::now());
         let started = Instant::now();
         let apply = self.store.apply(ops);
         ctx.spawn(apply.into_actor(self).map(move |result, this, ctx| {
             this.in_flight = false;
+            this.last_end = Some(Instant::now());
             match result {
                 Ok(outcomes) => {
                     debug!(ops = batch.len(), elapsed = ?started.elapsed(), "batch written");

@@ -10,7 +10,7 @@ use std::{cell::RefCell, io::Write, net::SocketAddr, rc::Rc, sync::Arc, time::Du
 
 use actix::prelude::*;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::{mpsc, oneshot},
 };
 use tracing::{error, info, warn};
@@ -55,9 +55,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
         ),
         None => Arc::new(MemoryStore::new()),
     };
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| StartError::Bind(config.listen, e))?;
+    let listener = listen(config.listen).map_err(|e| StartError::Bind(config.listen, e))?;
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Bind(config.listen, e))?;
@@ -118,6 +116,21 @@ async fn serve(config: Config) -> Result<(), StartError> {
         () = shutdown_signal() => info!("shutting down"),
     }
     Ok(())
+}
+
+/// Accept queue length asked of the kernel (capped by `net.core.somaxconn`):
+/// a connect storm must queue, not see its SYNs dropped and retried a
+/// second later.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Starts worker `index` on a new arbiter; returns where to send it sockets

@@ -1,0 +1,252 @@
+//! A tiny HTTP/1.1 client over a plain `TcpStream`, for what happens before
+//! the WebSocket upgrade: status codes, headers and JSON error bodies exactly
+//! as they are on the wire, with no client library normalising them.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::{Instant, timeout_at},
+};
+
+/// Bound for one request/response exchange.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The key from RFC 6455 section 1.3 and the accept value it must produce.
+pub const SAMPLE_WEBSOCKET_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+pub const SAMPLE_WEBSOCKET_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first header with this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body parsed as JSON; panics if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
+            panic!(
+                "HTTP {} body is not JSON ({error}): {:?}",
+                self.status,
+                self.body_text()
+            )
+        })
+    }
+
+    /// Asserts the body is `{"error":{"code":..,"message":..}}` and returns
+    /// the code.
+    pub fn error_code(&self) -> String {
+        let body = self.json();
+        let code = body["error"]["code"].as_str();
+        let message = body["error"]["message"].as_str();
+        match (code, message) {
+            (Some(code), Some(_)) => code.to_owned(),
+            _ => panic!(
+                "HTTP {} body is not {{\"error\":{{\"code\":..,\"message\":..}}}}: {body}",
+                self.status
+            ),
+        }
+    }
+}
+
+/// `GET path` with `Connection: close`.
+pub async fn get(addr: SocketAddr, path: &str) -> HttpResponse {
+    request(addr, "GET", path, &[]).await
+}
+
+/// Any method and path, with `Connection: close` and the given headers.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method != "GET" {
+        head.push_str("Content-Length: 0\r\n");
+    }
+    head.push_str("\r\n");
+    exchange(addr, &head).await.0
+}
+
+/// A WebSocket upgrade request for `path` (RFC 6455 sample key) plus
+/// `extra_headers`. A `101` is returned as soon as its head is read.
+pub async fn websocket_upgrade(
+    addr: SocketAddr,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+) -> HttpResponse {
+    let (response, _stream, _rest) = open_websocket(addr, path, extra_headers).await;
+    response
+}
+
+/// Like [`websocket_upgrade`], but also hands back the socket and any bytes
+/// read past the response head, for a hand-driven WebSocket.
+pub async fn open_websocket(
+    addr: SocketAddr,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+) -> (HttpResponse, TcpStream, Vec<u8>) {
+    let mut head = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {SAMPLE_WEBSOCKET_KEY}\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for (name, value) in extra_headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let (response, stream, rest) = exchange(addr, &head).await;
+    (response, stream, rest)
+}
+
+/// Sends `head`, reads one response. Returns the response, the socket, and
+/// for a `101` the bytes already read past the head.
+async fn exchange(addr: SocketAddr, head: &str) -> (HttpResponse, TcpStream, Vec<u8>) {
+    let deadline = Instant::now() + HTTP_TIMEOUT;
+    let mut stream = timeout_at(deadline, TcpStream::connect(addr))
+        .await
+        .unwrap_or_else(|_| panic!("HTTP connect to {addr} timed out"))
+        .unwrap_or_else(|error| panic!("HTTP connect to {addr} failed: {error}"));
+    timeout_at(deadline, stream.write_all(head.as_bytes()))
+        .await
+        .expect("HTTP request write timed out")
+        .expect("HTTP request write failed");
+
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(index) = find(&buf, b"\r\n\r\n") {
+            break index + 4;
+        }
+        if read_more(&mut stream, &mut buf, deadline).await == 0 {
+            panic!(
+                "connection closed before a complete HTTP response head; got {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+        }
+    };
+    let (status, headers) = parse_head(&buf[..head_end]);
+    let mut rest = buf.split_off(head_end);
+    let mut response = HttpResponse {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if status == 101 {
+        return (response, stream, rest);
+    }
+
+    let content_length = response.header("content-length").map(|value| {
+        value
+            .trim()
+            .parse::<usize>()
+            .expect("numeric Content-Length")
+    });
+    let chunked = response
+        .header("transfer-encoding")
+        .is_some_and(|value| value.to_ascii_lowercase().contains("chunked"));
+    response.body = if let Some(length) = content_length {
+        while rest.len() < length {
+            if read_more(&mut stream, &mut rest, deadline).await == 0 {
+                panic!("connection closed inside a {length}-byte body");
+            }
+        }
+        rest.truncate(length);
+        rest
+    } else if chunked {
+        loop {
+            if let Some(body) = decode_chunked(&rest) {
+                break body;
+            }
+            if read_more(&mut stream, &mut rest, deadline).await == 0 {
+                panic!("connection closed inside a chunked body");
+            }
+        }
+    } else {
+        while read_more(&mut stream, &mut rest, deadline).await > 0 {}
+        rest
+    };
+    (response, stream, Vec::new())
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> usize {
+    let mut chunk = [0u8; 8192];
+    let read = timeout_at(deadline, stream.read(&mut chunk))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "HTTP response incomplete after {HTTP_TIMEOUT:?}; got {:?}",
+                String::from_utf8_lossy(buf)
+            )
+        })
+        .unwrap_or_else(|error| panic!("HTTP read failed: {error}"));
+    buf.extend_from_slice(&chunk[..read]);
+    read
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+fn parse_head(head: &[u8]) -> (u16, Vec<(String, String)>) {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("malformed HTTP status line: {status_line:?}"));
+    let headers = lines
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let (name, value) = line
+                .split_once(':')
+                .unwrap_or_else(|| panic!("malformed HTTP header line: {line:?}"));
+            (name.trim().to_owned(), value.trim().to_owned())
+        })
+        .collect();
+    (status, headers)
+}
+
+/// The decoded body if `data` holds a complete chunked body.
+fn decode_chunked(data: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let line_end = at + find(&data[at..], b"\r\n")?;
+        let size_text = String::from_utf8_lossy(&data[at..line_end]);
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .unwrap_or_else(|_| panic!("malformed chunk size {size_text:?}"));
+        at = line_end + 2;
+        if size == 0 {
+            return Some(body);
+        }
+        if data.len() < at + size + 2 {
+            return None;
+        }
+        body.extend_from_slice(&data[at..at + size]);
+        at += size + 2;
+    }
+}
