@@ -21,7 +21,7 @@ use crate::{
     ids::{ConnId, NodeId, UserId},
     outbox::{Outbox, close_frame},
     protocol::{self, ErrorCode, Request},
-    registry::{ClientRequest, Connected, Disconnected, PresenceRegistry},
+    registry::{ConnEvent, RegistryLink},
 };
 
 /// Close code when nothing arrived within the idle timeout.
@@ -53,7 +53,7 @@ pub struct Conn {
     id: ConnId,
     user: UserId,
     settings: ConnSettings,
-    registry: Addr<PresenceRegistry>,
+    registry: RegistryLink,
     hub: SharedHub,
     outbox: Outbox,
     last_heard: Instant,
@@ -72,7 +72,7 @@ impl Conn {
         socket: S,
         user: UserId,
         settings: ConnSettings,
-        registry: Addr<PresenceRegistry>,
+        registry: RegistryLink,
         hub: SharedHub,
     ) -> Addr<Conn>
     where
@@ -122,11 +122,10 @@ impl Conn {
             Ok(frame) if frame.request == Request::Ping => {
                 self.send(protocol::pong_frame(frame.reference.as_ref()), ctx);
             }
-            Ok(frame) => self.registry.do_send(ClientRequest {
-                conn: self.id,
-                reference: frame.reference,
-                request: frame.request,
-            }),
+            Ok(frame) => {
+                self.registry
+                    .send(ConnEvent::Request(self.id, frame.reference, frame.request));
+            }
             Err(e) => self.send(e.to_frame(), ctx),
         }
     }
@@ -145,10 +144,8 @@ impl Actor for Conn {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.hub.borrow_mut().register(self.id, self.outbox.clone());
-        self.registry.do_send(Connected {
-            conn: self.id,
-            user: self.user.clone(),
-        });
+        self.registry
+            .send(ConnEvent::Connected(self.id, self.user.clone()));
         let welcome = protocol::welcome_frame(
             self.id,
             &self.user,
@@ -161,7 +158,7 @@ impl Actor for Conn {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.hub.borrow_mut().unregister(&self.id);
-        self.registry.do_send(Disconnected { conn: self.id });
+        self.registry.send(ConnEvent::Disconnected(self.id));
         self.outbox.close(self.close_with.take());
     }
 }

@@ -1,7 +1,7 @@
 //! The [`PresenceRegistry`] actor: one per node, the only writer to the store.
 //!
-//! Every `Conn` tells it what changed (connected, disconnected, a request);
-//! it queues these as ops and writes them in batches: one
+//! Every `Conn` tells it what changed (connected, disconnected, a request)
+//! through its worker's [`RegistryLink`]; it queues these as ops and writes them in batches: one
 //! [`Store::apply`] call (for Redis, one pipelined `MULTI`/`EXEC`) per
 //! batch. A batch starts when the previous one has returned and either the
 //! queue holds `--batch-max` ops or `--batch-linger-ms` has passed since the
@@ -16,7 +16,9 @@
 //! and answers wait. The registry never touches a socket.
 
 use std::{
+    cell::RefCell,
     collections::{HashMap, HashSet, VecDeque},
+    rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -48,34 +50,57 @@ pub struct Batching {
     pub lease_refresh: Duration,
 }
 
-/// A connection came up on this node.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Connected {
-    /// The connection.
-    pub conn: ConnId,
-    /// Its verified user.
-    pub user: UserId,
+/// What a `Conn` tells the registry.
+#[derive(Debug)]
+pub enum ConnEvent {
+    /// A connection came up on this node with its verified user.
+    Connected(ConnId, UserId),
+    /// A connection on this node went away (any reason).
+    Disconnected(ConnId),
+    /// A client request that needs the store or changes subscriptions
+    /// (never `Ping`: the Conn answers that itself), with its `ref`.
+    Request(ConnId, Option<Value>, Request),
 }
 
-/// A connection on this node went away (any reason).
+/// Several `ConnEvent`s from one worker, in the order they happened.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Disconnected {
-    /// The connection.
-    pub conn: ConnId,
+pub struct ConnEvents(pub Vec<ConnEvent>);
+
+/// A worker's line to the registry. `Conn`s on one worker tell it what
+/// happened; whatever they tell it during one turn of the worker's event
+/// loop crosses to the registry's thread as one message, not one each.
+#[derive(Clone)]
+pub struct RegistryLink(Rc<LinkInner>);
+
+struct LinkInner {
+    registry: Addr<PresenceRegistry>,
+    queue: RefCell<Vec<ConnEvent>>,
 }
 
-/// A client request that needs the store or changes subscriptions.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ClientRequest {
-    /// The asking connection.
-    pub conn: ConnId,
-    /// Its `ref`, echoed in the answer.
-    pub reference: Option<Value>,
-    /// What it asked (never `Ping`: the Conn answers that itself).
-    pub request: Request,
+impl RegistryLink {
+    /// A link for the current worker.
+    pub fn new(registry: Addr<PresenceRegistry>) -> Self {
+        Self(Rc::new(LinkInner {
+            registry,
+            queue: RefCell::new(Vec::new()),
+        }))
+    }
+
+    /// Queues `event`; the worker's queue is sent once the current tasks
+    /// have run.
+    pub fn send(&self, event: ConnEvent) {
+        let mut queue = self.0.queue.borrow_mut();
+        queue.push(event);
+        if queue.len() == 1 {
+            let link = self.0.clone();
+            actix_rt::spawn(async move {
+                tokio::task::yield_now().await;
+                let events = std::mem::take(&mut *link.queue.borrow_mut());
+                link.registry.do_send(ConnEvents(events));
+            });
+        }
+    }
 }
 
 /// What to do with an op's outcome besides emitting its events.
@@ -134,9 +159,8 @@ impl PresenceRegistry {
         }
     }
 
-    fn push(&mut self, op: Option<StoreOp>, then: Then, ctx: &mut Context<Self>) {
+    fn queue(&mut self, op: Option<StoreOp>, then: Then) {
         self.pending.push_back(Pending { op, then });
-        self.maybe_flush(ctx);
     }
 
     /// Starts a batch if one may start now, or arms a timer for when it may.
@@ -346,48 +370,49 @@ impl PresenceRegistry {
     }
 }
 
-impl Handler<Connected> for PresenceRegistry {
+impl Handler<ConnEvents> for PresenceRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: Connected, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: ConnEvents, ctx: &mut Context<Self>) {
+        for event in msg.0 {
+            match event {
+                ConnEvent::Connected(conn, user) => self.connected(conn, user),
+                ConnEvent::Disconnected(conn) => self.disconnected(conn),
+                ConnEvent::Request(conn, reference, request) => {
+                    self.request(conn, reference, request);
+                }
+            }
+        }
+        self.maybe_flush(ctx);
+    }
+}
+
+impl PresenceRegistry {
+    fn connected(&mut self, conn: ConnId, user: UserId) {
         self.conns.insert(
-            msg.conn,
+            conn,
             LocalConn {
-                user: msg.user.clone(),
+                user: user.clone(),
                 rooms: HashSet::new(),
             },
         );
-        self.push(Some(StoreOp::Connect(msg.user)), Then::Nothing, ctx);
+        self.queue(Some(StoreOp::Connect(user)), Then::Nothing);
     }
-}
 
-impl Handler<Disconnected> for PresenceRegistry {
-    type Result = ();
-
-    fn handle(&mut self, msg: Disconnected, ctx: &mut Context<Self>) {
-        let Some(local) = self.conns.remove(&msg.conn) else {
+    fn disconnected(&mut self, conn: ConnId) {
+        let Some(local) = self.conns.remove(&conn) else {
             return;
         };
         for room in local.rooms {
-            let op = StoreOp::Leave(room, local.user.clone());
-            self.pending.push_back(Pending {
-                op: Some(op),
-                then: Then::Nothing,
-            });
+            self.queue(
+                Some(StoreOp::Leave(room, local.user.clone())),
+                Then::Nothing,
+            );
         }
-        self.push(Some(StoreOp::Disconnect(local.user)), Then::Nothing, ctx);
+        self.queue(Some(StoreOp::Disconnect(local.user)), Then::Nothing);
     }
-}
 
-impl Handler<ClientRequest> for PresenceRegistry {
-    type Result = ();
-
-    fn handle(&mut self, msg: ClientRequest, ctx: &mut Context<Self>) {
-        let ClientRequest {
-            conn,
-            reference,
-            request,
-        } = msg;
+    fn request(&mut self, conn: ConnId, reference: Option<Value>, request: Request) {
         // A request racing its connection's close: nobody to answer.
         let Some(local) = self.conns.get_mut(&conn) else {
             return;
@@ -427,6 +452,6 @@ impl Handler<ClientRequest> for PresenceRegistry {
             }
             Request::Ping => return,
         };
-        self.push(op, then, ctx);
+        self.queue(op, then);
     }
 }

@@ -21,7 +21,7 @@ use crate::{
     conn::ConnSettings,
     http::{self, WorkerState},
     ids::NodeId,
-    registry::{Batching, PresenceRegistry},
+    registry::{Batching, PresenceRegistry, RegistryLink},
     store::{MemoryStore, RedisStore, Store, StoreError},
 };
 
@@ -154,7 +154,7 @@ async fn start_worker(
         let state = Rc::new(WorkerState {
             config,
             conn: settings,
-            registry,
+            registry: RegistryLink::new(registry),
             hub,
         });
         actix_rt::spawn(async move {

@@ -11,7 +11,6 @@ mod error;
 
 use std::{convert::Infallible, rc::Rc, sync::Arc, time::Duration};
 
-use actix::Addr;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
@@ -35,7 +34,7 @@ use crate::{
     config::Config,
     conn::{Conn, ConnSettings},
     ids::UserId,
-    registry::PresenceRegistry,
+    registry::RegistryLink,
 };
 
 /// How long a client may take to send its request head.
@@ -47,8 +46,8 @@ pub struct WorkerState {
     pub config: Arc<Config>,
     /// Settings every `Conn` of this worker gets.
     pub conn: ConnSettings,
-    /// The node's registry.
-    pub registry: Addr<PresenceRegistry>,
+    /// This worker's line to the node's registry.
+    pub registry: RegistryLink,
     /// This worker's subscriptions.
     pub hub: SharedHub,
 }
