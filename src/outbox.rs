@@ -1,9 +1,14 @@
 //! A connection's bounded write queue and the task that drains it.
 //!
 //! `actix::io::SinkWrite` queues without bound; here every frame for one
-//! socket goes through an [`Outbox`] that counts frames and bytes and
-//! refuses past its bound, so a client that stops reading costs at most the
-//! bound and is then closed with 4008 instead of slowing anyone else. The
+//! socket goes through an [`Outbox`] that counts frames and bytes. A slow
+//! consumer is one that cannot keep up, not one that got a burst: a
+//! broadcaster queues a whole store batch before the writer task gets to
+//! run, so the bound may be passed for a moment. A connection whose queue
+//! stays over the bound for [`SLOW_CONSUMER_GRACE`], or grows past
+//! [`HARD_LIMIT_FACTOR`] times it, is closed with 4008 and its queue
+//! dropped; a client that stops reading costs at most that much and slows
+//! nobody else. A lone frame on an empty queue is always accepted. The
 //! [`Conn`](crate::conn::Conn) and the worker's
 //! [`Hub`](crate::broadcast::Hub) share one outbox per socket; both live on
 //! the same worker thread, hence `Rc`. An idle outbox holds no buffer.
@@ -15,6 +20,8 @@ use std::{
     rc::Rc,
     time::Duration,
 };
+
+use tokio::time::Instant;
 
 use futures_util::{Sink, SinkExt};
 use tokio::sync::Notify;
@@ -29,6 +36,13 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Close code for a connection whose outbox overflowed.
 pub const SLOW_CONSUMER: u16 = 4008;
 
+/// How long a queue may stay over its bound before the connection counts
+/// as a slow consumer.
+pub const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(1);
+
+/// A queue this many times over its bound is cut off at once.
+pub const HARD_LIMIT_FACTOR: usize = 4;
+
 /// The outbox passed its bound; the connection is being closed with 4008.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overflow;
@@ -42,6 +56,8 @@ struct Inner {
     bytes: Cell<usize>,
     max_messages: usize,
     max_bytes: usize,
+    /// Since when the queue has been over its bound, if it is.
+    over_since: Cell<Option<Instant>>,
     /// Set once: no more frames are accepted; the writer sends what is
     /// queued, then this close frame (if any), then closes.
     closing: Cell<bool>,
@@ -75,6 +91,7 @@ impl Outbox {
             bytes: Cell::new(0),
             max_messages,
             max_bytes,
+            over_since: Cell::new(None),
             closing: Cell::new(false),
             close_frame: RefCell::new(None),
             aborted: Cell::new(false),
@@ -83,23 +100,32 @@ impl Outbox {
         }))
     }
 
-    /// Queues a frame. Past the bound the queue is dropped, the socket is
-    /// closed with 4008 and `Overflow` is returned. Frames pushed after a
-    /// close are dropped silently: the socket is going away.
+    /// Queues a frame. A queue over its bound for longer than the grace, or
+    /// far over it, is dropped, the socket is closed with 4008 and
+    /// `Overflow` is returned. Frames pushed after a close are dropped
+    /// silently: the socket is going away.
     pub fn push(&self, msg: Message) -> Result<(), Overflow> {
         let inner = &self.0;
         if inner.closing.get() {
             return Ok(());
         }
-        let len = msg.len();
         let mut queue = inner.queue.borrow_mut();
-        if queue.len() >= inner.max_messages || inner.bytes.get() + len > inner.max_bytes {
-            drop(queue);
-            self.abort(close_frame(SLOW_CONSUMER, "slow consumer"));
-            return Err(Overflow);
+        let messages = queue.len() + 1;
+        let bytes = inner.bytes.get() + msg.len();
+        if messages > inner.max_messages || bytes > inner.max_bytes {
+            let far_over = messages > inner.max_messages * HARD_LIMIT_FACTOR
+                || bytes > inner.max_bytes.saturating_mul(HARD_LIMIT_FACTOR);
+            let now = Instant::now();
+            let since = *inner.over_since.get().get_or_insert(now);
+            inner.over_since.set(Some(since));
+            if !queue.is_empty() && (far_over || now - since > SLOW_CONSUMER_GRACE) {
+                drop(queue);
+                self.abort(close_frame(SLOW_CONSUMER, "slow consumer"));
+                return Err(Overflow);
+            }
         }
         queue.push_back(msg);
-        inner.bytes.set(inner.bytes.get() + len);
+        inner.bytes.set(bytes);
         drop(queue);
         inner.wake.notify_one();
         Ok(())
@@ -146,10 +172,16 @@ impl Outbox {
 
     fn next_step(&self) -> Step {
         let inner = &self.0;
-        if let Some(msg) = inner.queue.borrow_mut().pop_front() {
-            inner.bytes.set(inner.bytes.get().saturating_sub(msg.len()));
+        let mut queue = inner.queue.borrow_mut();
+        if let Some(msg) = queue.pop_front() {
+            let bytes = inner.bytes.get().saturating_sub(msg.len());
+            inner.bytes.set(bytes);
+            if queue.len() <= inner.max_messages && bytes <= inner.max_bytes {
+                inner.over_since.set(None);
+            }
             return Step::Send(msg);
         }
+        drop(queue);
         if inner.closing.get() {
             return Step::Close(inner.close_frame.borrow_mut().take());
         }
@@ -218,24 +250,54 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    #[test]
-    fn overflow_by_count_drops_the_queue_and_closes() {
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_over_the_bound_is_fine_if_it_drains_in_time() {
         let out = Outbox::new(2, 1 << 20);
-        assert_eq!(out.push(Message::text("a")), Ok(()));
-        assert_eq!(out.push(Message::text("b")), Ok(()));
-        assert_eq!(out.push(Message::text("c")), Err(Overflow));
+        for _ in 0..2 * HARD_LIMIT_FACTOR {
+            assert_eq!(out.push(Message::text("x")), Ok(()));
+        }
+        // The writer catches up: back under the bound, the clock resets.
+        while out.len() > 2 {
+            let _ = out.next_step();
+        }
+        tokio::time::advance(SLOW_CONSUMER_GRACE * 2).await;
+        assert_eq!(out.push(Message::text("y")), Ok(()));
+        assert!(!out.is_closing());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn staying_over_the_bound_past_the_grace_is_a_slow_consumer() {
+        let out = Outbox::new(2, 1 << 20);
+        for _ in 0..3 {
+            assert_eq!(out.push(Message::text("x")), Ok(()));
+        }
+        tokio::time::advance(SLOW_CONSUMER_GRACE + Duration::from_millis(1)).await;
+        assert_eq!(out.push(Message::text("late")), Err(Overflow));
         assert!(out.is_closing());
-        assert!(out.is_empty());
+        assert!(out.is_empty(), "the queue is dropped");
         // Frames after the close are dropped, not queued.
         assert_eq!(out.push(Message::text("d")), Ok(()));
         assert!(out.is_empty());
     }
 
-    #[test]
-    fn overflow_by_bytes() {
+    #[tokio::test(start_paused = true)]
+    async fn far_over_the_bound_is_cut_off_at_once() {
         let out = Outbox::new(100, 10);
         assert_eq!(out.push(Message::text("12345")), Ok(()));
-        assert_eq!(out.push(Message::text("123456")), Err(Overflow));
+        assert_eq!(
+            out.push(Message::text("123456")),
+            Ok(()),
+            "over, not far over"
+        );
+        assert_eq!(out.push(Message::text("x".repeat(40))), Err(Overflow));
+        assert!(out.is_closing());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_frame_bigger_than_the_bound_is_accepted() {
+        let out = Outbox::new(100, 10);
+        assert_eq!(out.push(Message::text("x".repeat(1000))), Ok(()));
+        assert!(!out.is_closing());
     }
 
     #[tokio::test]

@@ -92,6 +92,30 @@ impl SilentClient {
             .unwrap_or_else(|error| panic!("{}: write failed: {error}", self.label));
     }
 
+    /// Sends `frames` as masked text frames in a single write, so that all of
+    /// them are on their way before the server answers (or closes on) the
+    /// first.
+    pub async fn send_json_burst(&mut self, frames: &[Value]) {
+        let bytes: Vec<u8> = frames
+            .iter()
+            .flat_map(|frame| masked_frame(OPCODE_TEXT, frame.to_string().as_bytes()))
+            .collect();
+        self.stream
+            .write_all(&bytes)
+            .await
+            .unwrap_or_else(|error| panic!("{}: write failed: {error}", self.label));
+    }
+
+    /// Sends one text frame WITHOUT the mask RFC 6455 requires of a client:
+    /// a protocol violation the server must close the connection for.
+    pub async fn send_unmasked_json(&mut self, frame: &Value) {
+        let bytes = client_frame(OPCODE_TEXT, frame.to_string().as_bytes(), None);
+        self.stream
+            .write_all(&bytes)
+            .await
+            .unwrap_or_else(|error| panic!("{}: write failed: {error}", self.label));
+    }
+
     /// The next text frame as JSON, skipping pings without answering them.
     pub async fn next_json(&mut self, within: Duration) -> Value {
         let deadline = Instant::now() + within;
@@ -138,6 +162,22 @@ impl SilentClient {
                     self.label
                 ),
                 Err(ReadFailure::Ended(how)) => return SilentEnd::NoCloseFrame(how),
+            }
+        }
+    }
+
+    /// After the server's close frame: reads (discarding, never answering)
+    /// until the server ends the TCP connection, and says how it ended.
+    pub async fn wait_for_disconnect(&mut self, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.read_message(deadline).await {
+                Ok(_) => {}
+                Err(ReadFailure::TimedOut) => panic!(
+                    "{}: the server did not end the TCP connection within {within:?}",
+                    self.label
+                ),
+                Err(ReadFailure::Ended(how)) => return how,
             }
         }
     }
@@ -223,24 +263,36 @@ fn parse_frame(buffer: &[u8]) -> Option<(bool, u8, Vec<u8>, usize)> {
 /// A single final client frame, masked as RFC 6455 requires.
 fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+    client_frame(opcode, payload, Some(KEY))
+}
+
+/// A single final client frame, masked with `key` or (a protocol violation)
+/// not masked at all.
+fn client_frame(opcode: u8, payload: &[u8], key: Option<[u8; 4]>) -> Vec<u8> {
+    let mask_bit = if key.is_some() { 0x80 } else { 0x00 };
     let mut frame = vec![0x80 | opcode];
     match payload.len() {
-        short @ 0..=125 => frame.push(0x80 | short as u8),
+        short @ 0..=125 => frame.push(mask_bit | short as u8),
         medium @ 126..=0xffff => {
-            frame.push(0x80 | 126);
+            frame.push(mask_bit | 126);
             frame.extend_from_slice(&(medium as u16).to_be_bytes());
         }
         long => {
-            frame.push(0x80 | 127);
+            frame.push(mask_bit | 127);
             frame.extend_from_slice(&(long as u64).to_be_bytes());
         }
     }
-    frame.extend_from_slice(&KEY);
-    frame.extend(
-        payload
-            .iter()
-            .enumerate()
-            .map(|(index, byte)| byte ^ KEY[index % 4]),
-    );
+    match key {
+        Some(key) => {
+            frame.extend_from_slice(&key);
+            frame.extend(
+                payload
+                    .iter()
+                    .enumerate()
+                    .map(|(index, byte)| byte ^ key[index % 4]),
+            );
+        }
+        None => frame.extend_from_slice(payload),
+    }
     frame
 }

@@ -1,0 +1,242 @@
+//! Slow consumers: a tab that stops reading while the gateway has a lot to
+//! send it fills the kernel buffers, then its outbox, and is cut off. Its
+//! user goes offline and leaves its rooms; if the tab ever reads again it
+//! finds close code 4008, or just the end of the connection. Nobody else
+//! notices anything but that user going away, not even a tab that asks for
+//! just as much but reads it.
+
+mod support;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use support::{
+    Backend, Client, EVENT_TIMEOUT, Matcher, SilentClient, UserState, joined, left, offline,
+    on_both_stores, online, raw_ws::SilentEnd,
+};
+
+const OUTBOX_MESSAGES: usize = 64;
+const OUTBOX_BYTES: usize = 512 * 1024;
+/// The gateway hands a whole store batch to the outboxes before any writer
+/// runs, so small batches keep each delivery within the outbox bound: the
+/// outbox then only fills when the kernel buffers are full, that is when
+/// the tab does not read.
+const BATCH_MAX: usize = 8;
+
+/// What Linux buffers on loopback for a peer that reads nothing: the
+/// sender's buffer grows to `net.ipv4.tcp_wmem`'s 4 MiB maximum, plus the
+/// receiver's 128 KiB.
+const LOOPBACK_BUFFERING: usize = 4_400_000;
+
+const ROOM: &str = "doc:big";
+
+/// Members besides the bystander, the observer and the slow tab. With the
+/// longest user ids, one snapshot of the room is about 42 KB.
+const FILLERS: usize = 300;
+
+/// Duplicate joins in a flood: each answers the whole snapshot again.
+const DUPLICATE_JOINS: u64 = 400;
+
+const SLOW: &str = "slow";
+const BYSTANDER: &str = "bystander";
+const OBSERVER: &str = "observer";
+
+/// A 128-byte user id, the longest allowed, so that snapshots are big.
+fn filler_id(index: usize) -> String {
+    let prefix = format!("filler-{index:03}-");
+    format!("{prefix}{}", "f".repeat(128 - prefix.len()))
+}
+
+fn duplicate_joins() -> Vec<Value> {
+    (1..=DUPLICATE_JOINS)
+        .map(|index| json!({"type": "join", "room": ROOM, "ref": format!("again-{index}")}))
+        .collect()
+}
+
+/// The reply to the request with this `ref`.
+fn reply_to(reference: &Value) -> Matcher {
+    let reference = reference.clone();
+    Matcher::new(format!("reply to ref {reference}"), move |frame| {
+        frame["type"] == "reply" && frame["ref"] == reference
+    })
+}
+
+fn member_ids(snapshot: &Value) -> Vec<&str> {
+    snapshot["members"]
+        .as_array()
+        .unwrap_or_else(|| panic!("join reply without members: {}", snapshot["type"]))
+        .iter()
+        .map(|member| member["user"].as_str().expect("member user id"))
+        .collect()
+}
+
+on_both_stores!(slow_consumer_is_cut_off_and_nobody_else_notices =>
+    slow_consumer_is_cut_off_and_nobody_else_notices_memory,
+    slow_consumer_is_cut_off_and_nobody_else_notices_redis);
+
+async fn slow_consumer_is_cut_off_and_nobody_else_notices(backend: Backend) {
+    let deployment = backend
+        .start(&[
+            "--outbox-messages",
+            &OUTBOX_MESSAGES.to_string(),
+            "--outbox-bytes",
+            &OUTBOX_BYTES.to_string(),
+            "--batch-max",
+            &BATCH_MAX.to_string(),
+        ])
+        .await;
+    let gateway = &deployment.gateway;
+
+    // The observer watches both users.
+    let mut observer = Client::connect(&gateway.ws_url(OBSERVER)).await;
+    observer.watch(&[BYSTANDER, SLOW]).await;
+
+    // Fill the room, one join at a time so that every member gets one
+    // joined event per delivery. Each member hears every later one join.
+    let filler_ids: Vec<String> = (0..FILLERS).map(filler_id).collect();
+    let filler_urls: Vec<String> = filler_ids.iter().map(|user| gateway.ws_url(user)).collect();
+    let mut fillers = join_all(filler_urls.iter().map(|url| Client::connect(url))).await;
+    for filler in &mut fillers {
+        filler.join(ROOM).await;
+    }
+    for (index, filler) in fillers.iter_mut().enumerate() {
+        for later in &filler_ids[index..] {
+            assert_eq!(
+                filler.next_event().await,
+                json!({"type": "joined", "room": ROOM, "user": later})
+            );
+        }
+    }
+
+    // The bystander and the observer join too; the observer would see the
+    // bystander go offline or leave.
+    let mut bystander = Client::connect(&gateway.ws_url(BYSTANDER)).await;
+    bystander.join(ROOM).await;
+    bystander.expect_event(joined(ROOM, BYSTANDER)).await;
+    observer.expect_event(online(BYSTANDER)).await;
+    observer.join(ROOM).await;
+    observer.expect_event(joined(ROOM, OBSERVER)).await;
+    bystander.expect_event(joined(ROOM, OBSERVER)).await;
+
+    // The slow tab joins the room and reads the answer, once.
+    let mut slow = SilentClient::connect(gateway.addr, SLOW).await;
+    slow.send_json(&json!({"type": "join", "room": ROOM, "ref": 0}))
+        .await;
+    let snapshot = slow.next_json(EVENT_TIMEOUT).await;
+    assert_eq!(member_ids(&snapshot).len(), FILLERS + 3, "the room is full");
+    observer.expect_event(online(SLOW)).await;
+    observer.expect_event(joined(ROOM, SLOW)).await;
+    bystander.expect_event(joined(ROOM, SLOW)).await;
+    let snapshot_bytes = snapshot.to_string().len();
+    assert!(
+        BATCH_MAX * snapshot_bytes < OUTBOX_BYTES,
+        "a batch of {BATCH_MAX} snapshots of {snapshot_bytes} bytes must fit in the outbox"
+    );
+    assert!(
+        DUPLICATE_JOINS as usize * snapshot_bytes > 3 * (LOOPBACK_BUFFERING + OUTBOX_BYTES),
+        "a flood of {DUPLICATE_JOINS} snapshots of {snapshot_bytes} bytes must be well over \
+         what the kernel buffers and the outbox hold"
+    );
+
+    // From here the slow tab reads nothing, yet asks for the snapshot again
+    // and again.
+    slow.send_json_burst(&duplicate_joins()).await;
+
+    let went_offline = observer.expect_event(offline(SLOW)).await;
+    assert_eq!(went_offline["seq"], 2, "{went_offline}");
+    observer.expect_event(left(ROOM, SLOW)).await;
+    bystander.expect_event(left(ROOM, SLOW)).await;
+    for filler in &mut fillers {
+        filler.expect_event(left(ROOM, SLOW)).await;
+    }
+
+    // Reading at last, the slow tab finds its connection ended by the
+    // server: with 4008 if the close frame got through in the close grace.
+    match slow.wait_for_end(EVENT_TIMEOUT).await {
+        SilentEnd::CloseCode(code) => {
+            assert_eq!(code, 4008, "a slow consumer is closed with 4008");
+            let how = slow.wait_for_disconnect(EVENT_TIMEOUT).await;
+            eprintln!("the slow tab read a 4008 close frame, then {how}");
+        }
+        SilentEnd::NoCloseFrame(how) => {
+            eprintln!("the slow tab read no close frame: {how}")
+        }
+        SilentEnd::CloseWithoutCode => {
+            panic!("a slow consumer is closed with 4008, not with a close frame without a code")
+        }
+    }
+
+    // The bystander asks for just as much, but reads it: it is not cut off.
+    let joins = duplicate_joins();
+    for join in &joins {
+        bystander.send_json(join.clone()).await;
+    }
+    let mut expected_members: Vec<&str> = filler_ids.iter().map(String::as_str).collect();
+    expected_members.extend([BYSTANDER, OBSERVER]);
+    expected_members.sort_unstable();
+    for join in &joins {
+        let reply = bystander.expect_event(reply_to(&join["ref"])).await;
+        assert_eq!(
+            member_ids(&reply),
+            expected_members,
+            "everyone but the slow user is in the room"
+        );
+    }
+
+    // Nobody else moved.
+    let bystander_moved = || offline(BYSTANDER).or(left(ROOM, BYSTANDER));
+    observer.expect_no_event(bystander_moved()).await;
+    bystander.ping().await;
+    assert_eq!(bystander.join("doc:after").await, [BYSTANDER]);
+    for filler in &mut fillers {
+        filler.ping().await;
+    }
+    assert_eq!(
+        observer.query(&[BYSTANDER, SLOW]).await,
+        [
+            UserState::new(BYSTANDER, true, 1),
+            UserState::new(SLOW, false, 2)
+        ]
+    );
+}
+
+/// A store batch reaches the outboxes before any writer runs, so a tab that
+/// reads everything can still find a burst over its bound queued for a
+/// moment. That is not a slow consumer: it drains in time and stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_tab_survives_a_burst_over_its_outbox_bound() {
+    const SMALL_OUTBOX_BYTES: usize = 64 * 1024;
+    const MEMBERS: usize = 60;
+    const BURST: usize = 25;
+    let deployment = Backend::Memory
+        .start(&["--outbox-bytes", &SMALL_OUTBOX_BYTES.to_string()])
+        .await;
+    let gateway = &deployment.gateway;
+    let ids: Vec<String> = (0..MEMBERS).map(filler_id).collect();
+    let urls: Vec<String> = ids.iter().map(|user| gateway.ws_url(user)).collect();
+    let mut members = join_all(urls.iter().map(|url| Client::connect(url))).await;
+    for member in &mut members {
+        member.join(ROOM).await;
+    }
+
+    let mut reader = Client::connect(&gateway.ws_url(BYSTANDER)).await;
+    let snapshot = reader
+        .request_ok(json!({"type": "join", "room": ROOM, "ref": "first"}))
+        .await;
+    let snapshot_bytes = snapshot.to_string().len();
+    assert!(
+        BURST * snapshot_bytes > 3 * SMALL_OUTBOX_BYTES,
+        "the burst ({BURST} × {snapshot_bytes} bytes) must be well over the outbox bound \
+         even if it is split over a few batches"
+    );
+    let references: Vec<Value> = (0..BURST).map(|i| json!(format!("burst-{i}"))).collect();
+    for reference in &references {
+        reader
+            .send_json(json!({"type": "join", "room": ROOM, "ref": reference}))
+            .await;
+    }
+    for reference in &references {
+        let reply = reader.expect_event(reply_to(reference)).await;
+        assert_eq!(member_ids(&reply).len(), MEMBERS + 1);
+    }
+    reader.ping().await;
+}
