@@ -1,17 +1,18 @@
 //! Start-up and shutdown: the acceptor, the worker arbiters, the registry.
 //!
-//! The system arbiter (the main thread) owns the listener and the
-//! [`PresenceRegistry`]. Each of `--workers` worker arbiters owns a
-//! [`Broadcaster`] and the connections handed to it: the acceptor passes
-//! each accepted socket, round robin, to one worker, which serves HTTP,
-//! upgrades and runs the `Conn` there; a socket never changes thread.
+//! The system arbiter (the main thread) owns the [`PresenceRegistry`].
+//! Each of `--workers` worker arbiters owns a listener on the shared port
+//! (`SO_REUSEPORT`: the kernel spreads new connections over them), a
+//! [`Broadcaster`], and every connection it accepts: it serves HTTP,
+//! upgrades and runs the `Conn` on the same thread; a socket never changes
+//! thread, and accepting costs no cross-thread hand-off.
 
 use std::{cell::RefCell, io::Write, net::SocketAddr, rc::Rc, sync::Arc, time::Duration};
 
 use actix::prelude::*;
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
-    sync::{mpsc, oneshot},
+    net::{TcpListener, TcpSocket},
+    sync::oneshot,
 };
 use tracing::{error, info, warn};
 
@@ -55,10 +56,17 @@ async fn serve(config: Config) -> Result<(), StartError> {
         ),
         None => Arc::new(MemoryStore::new()),
     };
-    let listener = listen(config.listen).map_err(|e| StartError::Bind(config.listen, e))?;
-    let addr = listener
+    // The first listener resolves port 0; the others join it on the port
+    // it got.
+    let mut listeners = Vec::new();
+    let first = listen(config.listen).map_err(|e| StartError::Bind(config.listen, e))?;
+    let addr = first
         .local_addr()
         .map_err(|e| StartError::Bind(config.listen, e))?;
+    listeners.push(first);
+    for _ in 1..config.worker_count() {
+        listeners.push(listen(addr).map_err(|e| StartError::Bind(addr, e))?);
+    }
 
     // The registry's address exists before it starts, so the workers can be
     // given it and the registry can be given their broadcasters.
@@ -72,14 +80,17 @@ async fn serve(config: Config) -> Result<(), StartError> {
         outbox_messages: config.outbox_messages,
         outbox_bytes: config.outbox_bytes,
     };
-    let mut workers = Vec::new();
     let mut broadcasters = Vec::new();
-    for index in 0..config.worker_count() {
-        let (sockets, broadcaster) =
-            start_worker(index, config.clone(), settings.clone(), registry.clone())
-                .await
-                .ok_or(StartError::Worker(index))?;
-        workers.push(sockets);
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let broadcaster = start_worker(
+            index,
+            listener,
+            config.clone(),
+            settings.clone(),
+            registry.clone(),
+        )
+        .await
+        .ok_or(StartError::Worker(index))?;
         broadcasters.push(broadcaster);
     }
     let batching = Batching {
@@ -87,6 +98,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
         linger: Duration::from_millis(config.batch_linger_ms),
         lease_refresh: config.node_lease() / 3,
     };
+    let broadcasters_len = broadcasters.len();
     registry_ctx.run(PresenceRegistry::new(store, broadcasters, batching));
 
     info!(
@@ -95,7 +107,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
         redis = %config.redis_for_log(),
         prefix = %config.prefix,
         dev = config.dev,
-        workers = workers.len(),
+        workers = broadcasters_len,
         heartbeat_ms = config.heartbeat_ms,
         idle_timeout_ms = config.idle_timeout_ms,
         batch_max = config.batch_max,
@@ -111,10 +123,8 @@ async fn serve(config: Config) -> Result<(), StartError> {
     println!("presenced listening on {addr}");
     let _ = std::io::stdout().flush();
 
-    tokio::select! {
-        () = accept(listener, workers) => {}
-        () = shutdown_signal() => info!("shutting down"),
-    }
+    shutdown_signal().await;
+    info!("shutting down");
     Ok(())
 }
 
@@ -123,83 +133,68 @@ async fn serve(config: Config) -> Result<(), StartError> {
 /// second later.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listener on `addr` that other listeners of this process can share.
+/// Linux never hands out a port another `SO_REUSEPORT` group holds for a
+/// port-0 bind, so two gateways cannot end up sharing one.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
-/// Starts worker `index` on a new arbiter; returns where to send it sockets
-/// and its broadcaster.
+/// Starts worker `index` on a new arbiter, accepting on `listener`;
+/// returns its broadcaster.
 async fn start_worker(
     index: usize,
+    listener: std::net::TcpListener,
     config: Arc<Config>,
     settings: ConnSettings,
     registry: Addr<PresenceRegistry>,
-) -> Option<(
-    mpsc::UnboundedSender<std::net::TcpStream>,
-    Addr<Broadcaster>,
-)> {
+) -> Option<Addr<Broadcaster>> {
     let arbiter = Arbiter::new();
-    let (sockets_tx, mut sockets_rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
     let (ready_tx, ready_rx) = oneshot::channel();
     arbiter.spawn_fn(move || {
         let hub = Rc::new(RefCell::new(Hub::default()));
         let broadcaster = Broadcaster::new(hub.clone()).start();
-        let _ = ready_tx.send(broadcaster);
         let state = Rc::new(WorkerState {
             config,
             conn: settings,
             registry: RegistryLink::new(registry),
             hub,
         });
-        actix_rt::spawn(async move {
-            while let Some(socket) = sockets_rx.recv().await {
-                match TcpStream::from_std(socket) {
-                    Ok(socket) => {
-                        actix_rt::spawn(http::serve(socket, state.clone()));
-                    }
-                    Err(error) => warn!(worker = index, %error, "cannot adopt socket"),
-                }
+        match TcpListener::from_std(listener) {
+            Ok(listener) => {
+                let _ = ready_tx.send(broadcaster);
+                actix_rt::spawn(accept(index, listener, state));
             }
-        });
+            Err(error) => error!(worker = index, %error, "cannot use listener"),
+        }
     });
     // The arbiter thread runs until the process exits.
     std::mem::forget(arbiter);
-    let broadcaster = ready_rx.await.ok()?;
-    Some((sockets_tx, broadcaster))
+    ready_rx.await.ok()
 }
 
-/// Accepts sockets and hands them to the workers, round robin.
-async fn accept(listener: TcpListener, workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>) {
-    let mut next = 0;
+/// Accepts connections for one worker and serves each on it.
+async fn accept(index: usize, listener: TcpListener, state: Rc<WorkerState>) {
     loop {
-        let socket = match listener.accept().await {
-            Ok((socket, _)) => socket,
+        match listener.accept().await {
+            Ok((socket, _)) => {
+                let _ = socket.set_nodelay(true);
+                actix_rt::spawn(http::serve(socket, state.clone()));
+            }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of
                 // spinning; existing connections keep working.
-                error!(%error, "accept failed");
+                error!(worker = index, %error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        let _ = socket.set_nodelay(true);
-        let socket = match socket.into_std() {
-            Ok(s) => s,
-            Err(error) => {
-                warn!(%error, "cannot hand socket to a worker");
-                continue;
-            }
-        };
-        if workers[next].send(socket).is_err() {
-            error!(worker = next, "worker is gone");
         }
-        next = (next + 1) % workers.len();
     }
 }
 

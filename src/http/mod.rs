@@ -53,9 +53,11 @@ pub struct WorkerState {
 }
 
 /// The tungstenite settings: small buffers so an idle socket costs little.
+/// A frame longer than the read buffer gets its whole length reserved once
+/// its header is read, so big messages still arrive in few reads.
 pub fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(256)
         .write_buffer_size(0)
         .max_write_buffer_size(max_message_bytes.saturating_mul(4))
         .max_message_size(Some(max_message_bytes))
