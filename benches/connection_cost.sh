@@ -35,7 +35,9 @@ port=$(grep -o '[0-9]*$' "$work/gw.out")
 url="ws://127.0.0.1:$port/ws"
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; commit $(git rev-parse --short HEAD)"
+# Cycles first: the idle phase's 10,000 closes would still be processed
+# (and counted) during a cycle phase that followed it.
+./target/release/examples/conn_bench --pid "$gw_pid" --url "$url" cycle "$cycles" "$concurrency"
 redis-cli -p "$redis_port" config resetstat >/dev/null
 ./target/release/examples/conn_bench --pid "$gw_pid" --url "$url" idle "$idle"
 echo "redis: $(redis-cli -p "$redis_port" info commandstats | grep -o 'cmdstat_exec:calls=[0-9]*') during the idle phase"
-./target/release/examples/conn_bench --pid "$gw_pid" --url "$url" cycle "$cycles" "$concurrency"
