@@ -114,9 +114,37 @@ enum Then {
     Reply(ConnId, tokio_tungstenite::tungstenite::Utf8Bytes, SubChange),
 }
 
+impl Then {
+    /// The connection this answers, if any.
+    fn conn(&self) -> Option<&ConnId> {
+        match self {
+            Then::Nothing => None,
+            Then::Join(c, ..)
+            | Then::Leave(c, ..)
+            | Then::Watch(c, ..)
+            | Then::Query(c, ..)
+            | Then::Reply(c, ..) => Some(c),
+        }
+    }
+}
+
 struct Pending {
     op: Option<StoreOp>,
     then: Then,
+}
+
+impl Pending {
+    fn is_write(&self) -> bool {
+        matches!(
+            self.op,
+            Some(
+                StoreOp::Connect(_)
+                    | StoreOp::Disconnect(_)
+                    | StoreOp::Join(..)
+                    | StoreOp::Leave(..)
+            )
+        )
+    }
 }
 
 struct LocalConn {
@@ -190,7 +218,20 @@ impl PresenceRegistry {
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
         let n = self.pending.len().min(self.batching.max);
-        let batch: Vec<Pending> = self.pending.drain(..n).collect();
+        // Answers for a connection that is gone have nobody to go to: drop
+        // its reads and local replies rather than make everyone wait for
+        // them. Its writes stay, in order, so its counts stay exact.
+        let conns = &self.conns;
+        let batch: Vec<Pending> = self
+            .pending
+            .drain(..n)
+            .filter(|p| p.is_write() || p.then.conn().is_none_or(|c| conns.contains_key(c)))
+            .collect();
+        if batch.is_empty() {
+            // Nothing left to write from this slice; the rest may still wait.
+            self.maybe_flush(ctx);
+            return;
+        }
         let ops: Vec<StoreOp> = batch.iter().filter_map(|p| p.op.clone()).collect();
         self.in_flight = true;
         let started = Instant::now();
@@ -453,5 +494,91 @@ impl PresenceRegistry {
             Request::Ping => return,
         };
         self.queue(op, then);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use futures_util::future::BoxFuture;
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    /// A memory store that records every op it is given.
+    #[derive(Default, Clone)]
+    struct Recording {
+        inner: MemoryStore,
+        seen: Arc<Mutex<Vec<StoreOp>>>,
+        applied: Arc<tokio::sync::Notify>,
+    }
+
+    impl Recording {
+        /// Waits (bounded) until the store has seen `n` ops.
+        async fn seen(&self, n: usize) -> Vec<StoreOp> {
+            let wait = async {
+                loop {
+                    let notified = self.applied.notified();
+                    let seen = self.seen.lock().unwrap().clone();
+                    if seen.len() >= n {
+                        return seen;
+                    }
+                    notified.await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), wait)
+                .await
+                .expect("the store saw the ops in time")
+        }
+    }
+
+    impl Store for Recording {
+        fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Vec<Outcome>, StoreError>> {
+            self.seen.lock().unwrap().extend(ops.iter().cloned());
+            self.applied.notify_waiters();
+            self.inner.apply(ops)
+        }
+        fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+            self.inner.refresh_lease()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_gone_connections_reads_never_reach_the_store() {
+        let store = Recording::default();
+        // Small batches: whole slices of the queue hold only dropped reads.
+        let batching = Batching {
+            max: 4,
+            linger: Duration::from_millis(1),
+            lease_refresh: Duration::from_secs(60),
+        };
+        let registry = PresenceRegistry::new(Arc::new(store.clone()), vec![], batching).start();
+        let (conn, user) = (ConnId::new(), UserId::parse("flooder").unwrap());
+        let room = RoomName::parse("r").unwrap();
+        let mut events = vec![
+            ConnEvent::Connected(conn, user.clone()),
+            ConnEvent::Request(conn, None, Request::Join(room.clone())),
+        ];
+        for _ in 0..100 {
+            events.push(ConnEvent::Request(conn, None, Request::Join(room.clone())));
+            events.push(ConnEvent::Request(
+                conn,
+                None,
+                Request::Query(vec![user.clone()]),
+            ));
+        }
+        events.push(ConnEvent::Disconnected(conn));
+        registry.send(ConnEvents(events)).await.unwrap();
+        let seen = store.seen(4).await;
+        assert_eq!(
+            seen,
+            vec![
+                StoreOp::Connect(user.clone()),
+                StoreOp::Join(room.clone(), user.clone()),
+                StoreOp::Leave(room, user.clone()),
+                StoreOp::Disconnect(user),
+            ]
+        );
     }
 }
