@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 
 use crate::{
     ids::{ConnId, RoomName, UserId},
+    metrics::{FrameKind, metrics},
     outbox::Outbox,
 };
 
@@ -60,6 +61,8 @@ pub enum Delivery {
         frame: Utf8Bytes,
         /// Applied just before the frame is queued.
         change: SubChange,
+        /// `Reply` or `Error`, for the metrics.
+        kind: FrameKind,
     },
     /// An event for an audience.
     Event {
@@ -67,6 +70,8 @@ pub enum Delivery {
         audience: Audience,
         /// The event, serialized once.
         frame: Utf8Bytes,
+        /// Which event, for the metrics.
+        kind: FrameKind,
     },
 }
 
@@ -177,36 +182,46 @@ impl Hub {
     pub fn deliver(&mut self, items: &[Delivery]) -> usize {
         let mut queued = 0;
         for item in items {
-            match item {
+            let (kind, n) = match item {
                 Delivery::Reply {
                     conn,
                     frame,
                     change,
+                    kind,
                 } => {
                     if !self.conns.contains_key(conn) {
                         continue;
                     }
                     self.change(*conn, change.clone());
-                    if let Some(sub) = self.conns.get(conn) {
+                    let sent = self.conns.get(conn).map_or(0, |sub| {
                         // An overflow closes that connection; its Conn
                         // unregisters when it stops.
-                        let _ = sub.outbox.push(WsMessage::Text(frame.clone()));
-                        queued += 1;
-                    }
+                        usize::from(sub.outbox.push(WsMessage::Text(frame.clone())).is_ok())
+                    });
+                    (*kind, sent)
                 }
-                Delivery::Event { audience, frame } => {
+                Delivery::Event {
+                    audience,
+                    frame,
+                    kind,
+                } => {
                     let targets = match audience {
                         Audience::Watchers(user) => self.watchers.get(user),
                         Audience::Room(room) => self.rooms.get(room),
                     };
-                    for conn in targets.into_iter().flatten() {
-                        if let Some(sub) = self.conns.get(conn) {
-                            let _ = sub.outbox.push(WsMessage::Text(frame.clone()));
-                            queued += 1;
-                        }
-                    }
+                    let sent = targets
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|conn| self.conns.get(conn))
+                        .filter(|sub| sub.outbox.push(WsMessage::Text(frame.clone())).is_ok())
+                        .count();
+                    (*kind, sent)
                 }
+            };
+            if n > 0 {
+                metrics().frames_sent.get(kind).inc_by(n as u64);
             }
+            queued += n;
         }
         queued
     }
@@ -263,10 +278,12 @@ mod tests {
                 conn: a,
                 frame: "reply".into(),
                 change: SubChange::Join(room("r")),
+                kind: FrameKind::Reply,
             },
             Delivery::Event {
                 audience: Audience::Room(room("r")),
                 frame: joined.clone(),
+                kind: FrameKind::Joined,
             },
         ]);
         assert_eq!((drain(&oa), drain(&ob)), (2, 0));
@@ -282,6 +299,7 @@ mod tests {
             conn: gone,
             frame: "r".into(),
             change: SubChange::Watch(vec![user("u")]),
+            kind: FrameKind::Reply,
         }]);
         assert!(hub.watchers.is_empty());
     }
@@ -295,11 +313,13 @@ mod tests {
         let ev = |u: &str| Delivery::Event {
             audience: Audience::Watchers(user(u)),
             frame: "e".into(),
+            kind: FrameKind::Online,
         };
         let reply = |c| Delivery::Reply {
             conn: a,
             frame: "r".into(),
             change: c,
+            kind: FrameKind::Reply,
         };
         hub.deliver(&[reply(SubChange::Watch(vec![user("u")])), ev("u"), ev("v")]);
         assert_eq!(oa.len(), 2);

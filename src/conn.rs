@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::{
 use crate::{
     broadcast::SharedHub,
     ids::{ConnId, NodeId, UserId},
+    metrics::{CloseReason, FrameKind, metrics},
     outbox::{Outbox, close_frame},
     protocol::{self, ErrorCode, Request},
     registry::{ConnEvent, RegistryLink},
@@ -59,6 +60,8 @@ pub struct Conn {
     last_heard: Instant,
     /// The close frame to send when the actor stops, if the server closes.
     close_with: Option<CloseFrame>,
+    /// Why the connection ends, for the metrics.
+    close_reason: CloseReason,
 }
 
 /// The writer gave up on the socket (outbox overflow or write error).
@@ -102,40 +105,81 @@ impl Conn {
                 outbox,
                 last_heard: Instant::now(),
                 close_with: None,
+                close_reason: CloseReason::Client,
             }
         })
     }
 
-    fn send(&self, frame: Utf8Bytes, ctx: &mut Context<Self>) {
-        if self.outbox.push(WsMessage::Text(frame)).is_err() {
+    fn send(&mut self, kind: FrameKind, frame: Utf8Bytes, ctx: &mut Context<Self>) {
+        self.push(kind, WsMessage::Text(frame), ctx);
+    }
+
+    fn push(&mut self, kind: FrameKind, msg: WsMessage, ctx: &mut Context<Self>) {
+        if self.outbox.push(msg).is_ok() {
+            metrics().frames_sent.get(kind).inc();
+        } else {
+            self.close_reason = CloseReason::SlowConsumer;
             ctx.stop();
         }
     }
 
-    fn close(&mut self, code: u16, reason: &'static str, ctx: &mut Context<Self>) {
+    fn send_error(&mut self, code: ErrorCode, frame: Utf8Bytes, ctx: &mut Context<Self>) {
+        metrics().errors_sent.get(code).inc();
+        self.send(FrameKind::Error, frame, ctx);
+    }
+
+    fn close(
+        &mut self,
+        why: CloseReason,
+        code: u16,
+        reason: &'static str,
+        ctx: &mut Context<Self>,
+    ) {
+        self.close_reason = why;
         self.close_with = Some(close_frame(code, reason));
         ctx.stop();
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        let received = &metrics().frames_received;
         match protocol::decode(text, self.settings.max_ids) {
             Ok(frame) if frame.request == Request::Ping => {
-                self.send(protocol::pong_frame(frame.reference.as_ref()), ctx);
+                received.get(FrameKind::Ping).inc();
+                self.send(
+                    FrameKind::Pong,
+                    protocol::pong_frame(frame.reference.as_ref()),
+                    ctx,
+                );
             }
             Ok(frame) => {
+                received.get(frame_kind(&frame.request)).inc();
                 self.registry
                     .send(ConnEvent::Request(self.id, frame.reference, frame.request));
             }
-            Err(e) => self.send(e.to_frame(), ctx),
+            Err(e) => {
+                received.get(FrameKind::Invalid).inc();
+                self.send_error(e.code, e.to_frame(), ctx);
+            }
         }
     }
 
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
         if self.last_heard.elapsed() >= self.settings.idle_timeout {
-            self.close(IDLE_TIMEOUT, "idle timeout", ctx);
-        } else if self.outbox.push(WsMessage::Ping(Bytes::new())).is_err() {
-            ctx.stop();
+            self.close(CloseReason::IdleTimeout, IDLE_TIMEOUT, "idle timeout", ctx);
+        } else {
+            self.push(FrameKind::Ping, WsMessage::Ping(Bytes::new()), ctx);
         }
+    }
+}
+
+fn frame_kind(request: &Request) -> FrameKind {
+    match request {
+        Request::Join(_) => FrameKind::Join,
+        Request::Leave(_) => FrameKind::Leave,
+        Request::Watch(_) => FrameKind::Watch,
+        Request::Unwatch(_) => FrameKind::Unwatch,
+        Request::Query(_) => FrameKind::Query,
+        Request::Ping => FrameKind::Ping,
     }
 }
 
@@ -152,11 +196,15 @@ impl Actor for Conn {
             self.settings.node,
             self.settings.heartbeat.as_millis() as u64,
         );
-        self.send(welcome, ctx);
+        metrics().connections_opened.inc();
+        metrics().connections_open.inc();
+        self.send(FrameKind::Welcome, welcome, ctx);
         ctx.run_interval(self.settings.heartbeat, Self::heartbeat);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
+        metrics().connections_open.dec();
+        metrics().connections_closed.get(self.close_reason).inc();
         self.hub.borrow_mut().unregister(&self.id);
         self.registry.send(ConnEvent::Disconnected(self.id));
         self.outbox.close(self.close_with.take());
@@ -170,22 +218,35 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                 self.last_heard = Instant::now();
                 match msg {
                     WsMessage::Text(text) => self.on_text(&text, ctx),
-                    WsMessage::Binary(_) => self.send(
-                        protocol::error_frame(
-                            None,
+                    WsMessage::Binary(_) => {
+                        metrics().frames_received.get(FrameKind::Invalid).inc();
+                        self.send_error(
                             ErrorCode::BadRequest,
-                            "binary frames are not accepted: send JSON text frames",
-                        ),
-                        ctx,
-                    ),
+                            protocol::error_frame(
+                                None,
+                                ErrorCode::BadRequest,
+                                "binary frames are not accepted: send JSON text frames",
+                            ),
+                            ctx,
+                        );
+                    }
                     // tungstenite answers pings itself and replies to a
                     // close; the stream ends after a close.
                     WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
                     WsMessage::Close(_) => ctx.stop(),
                 }
             }
-            Err(WsError::Capacity(_)) => self.close(TOO_BIG, "message too big", ctx),
-            Err(WsError::Protocol(_)) => self.close(PROTOCOL_ERROR, "protocol error", ctx),
+            Err(WsError::Capacity(_)) => {
+                self.close(CloseReason::TooBig, TOO_BIG, "message too big", ctx);
+            }
+            Err(WsError::Protocol(_)) => {
+                self.close(
+                    CloseReason::ProtocolError,
+                    PROTOCOL_ERROR,
+                    "protocol error",
+                    ctx,
+                );
+            }
             Err(_) => ctx.stop(),
         }
     }
@@ -195,6 +256,11 @@ impl Handler<WriterGone> for Conn {
     type Result = ();
 
     fn handle(&mut self, _: WriterGone, ctx: &mut Context<Self>) {
+        self.close_reason = if self.outbox.was_aborted() {
+            CloseReason::SlowConsumer
+        } else {
+            CloseReason::WriteError
+        };
         ctx.stop();
     }
 }

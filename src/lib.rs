@@ -22,6 +22,7 @@ pub mod config;
 pub mod conn;
 pub mod http;
 pub mod ids;
+pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod registry;

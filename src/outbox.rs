@@ -165,6 +165,11 @@ impl Outbox {
         self.len() == 0
     }
 
+    /// True when the queue was dropped for overflowing.
+    pub fn was_aborted(&self) -> bool {
+        self.0.aborted.get()
+    }
+
     /// True once the socket is closing: pushes are dropped.
     pub fn is_closing(&self) -> bool {
         self.0.closing.get()

@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 use crate::{
     broadcast::{Audience, Broadcaster, Delivery, Dispatch, SubChange},
     ids::{ConnId, RoomName, UserId},
+    metrics::{FrameKind, metrics},
     protocol::{self, ErrorCode, Event, Member, ReplyBody, Request, UserState},
     store::{Outcome, Store, StoreError, StoreOp, UserPresence},
 };
@@ -38,6 +39,8 @@ use crate::{
 const RETRY_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between retries of a failed batch.
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How often the cluster-wide users-online gauge is re-read from the store.
+pub const USERS_ONLINE_REFRESH: Duration = Duration::from_secs(2);
 
 /// Batching knobs, from the config.
 #[derive(Debug, Clone, Copy)]
@@ -111,7 +114,12 @@ enum Then {
     Watch(ConnId, Option<Value>, Vec<UserId>),
     Query(ConnId, Option<Value>, Vec<UserId>),
     /// Answer without the store, in order with the rest.
-    Reply(ConnId, tokio_tungstenite::tungstenite::Utf8Bytes, SubChange),
+    Reply(
+        ConnId,
+        tokio_tungstenite::tungstenite::Utf8Bytes,
+        SubChange,
+        FrameKind,
+    ),
 }
 
 impl Then {
@@ -241,7 +249,10 @@ impl PresenceRegistry {
             this.last_end = Some(Instant::now());
             match result {
                 Ok(outcomes) => {
-                    debug!(ops = batch.len(), elapsed = ?started.elapsed(), "batch written");
+                    let elapsed = started.elapsed();
+                    metrics().batch_ops.observe(batch.len() as f64);
+                    metrics().batch_seconds.observe(elapsed.as_secs_f64());
+                    debug!(ops = batch.len(), ?elapsed, "batch written");
                     this.retry_at = None;
                     this.retry_delay = RETRY_MIN;
                     this.dispatch(batch, outcomes);
@@ -253,6 +264,7 @@ impl PresenceRegistry {
     }
 
     fn retry_later(&mut self, batch: Vec<Pending>, error: StoreError) {
+        metrics().batch_failures.inc();
         warn!(%error, ops = batch.len(), retry_in = ?self.retry_delay, "store write failed; will retry");
         for p in batch.into_iter().rev() {
             self.pending.push_front(p);
@@ -275,17 +287,21 @@ impl PresenceRegistry {
             if let (Some(op), Some(outcome)) = (op, outcome)
                 && let Some(event) = event_for(op, outcome)
             {
-                let audience = match &event {
-                    Event::Online { user, .. } | Event::Offline { user, .. } => {
-                        Audience::Watchers(user.clone())
+                let (audience, kind) = match &event {
+                    Event::Online { user, .. } => {
+                        (Audience::Watchers(user.clone()), FrameKind::Online)
                     }
-                    Event::Joined { room, .. } | Event::Left { room, .. } => {
-                        Audience::Room(room.clone())
+                    Event::Offline { user, .. } => {
+                        (Audience::Watchers(user.clone()), FrameKind::Offline)
                     }
+                    Event::Joined { room, .. } => (Audience::Room(room.clone()), FrameKind::Joined),
+                    Event::Left { room, .. } => (Audience::Room(room.clone()), FrameKind::Left),
                 };
+                metrics().events_published.get(kind).inc();
                 items.push(Delivery::Event {
                     audience,
                     frame: event.encode(),
+                    kind,
                 });
             }
         }
@@ -336,13 +352,15 @@ fn reply_for(then: Then, outcome: Option<&Outcome>) -> Option<Delivery> {
         conn,
         frame: protocol::reply_frame(reference.as_ref(), &body),
         change,
+        kind: FrameKind::Reply,
     };
     Some(match (then, outcome) {
         (Then::Nothing, _) => return None,
-        (Then::Reply(conn, frame, change), _) => Delivery::Reply {
+        (Then::Reply(conn, frame, change, kind), _) => Delivery::Reply {
             conn,
             frame,
             change,
+            kind,
         },
         (
             Then::Join(conn, reference, room),
@@ -393,10 +411,27 @@ impl Actor for PresenceRegistry {
         ctx.run_interval(self.batching.lease_refresh, |this, ctx| {
             this.refresh_lease(ctx);
         });
+        self.refresh_users_online(ctx);
+        ctx.run_interval(USERS_ONLINE_REFRESH, |this, ctx| {
+            this.refresh_users_online(ctx);
+        });
     }
 }
 
 impl PresenceRegistry {
+    /// Caches the store's count in a gauge, so a scrape never calls the store.
+    fn refresh_users_online(&mut self, ctx: &mut Context<Self>) {
+        ctx.spawn(
+            self.store
+                .users_online()
+                .into_actor(self)
+                .map(|result, _, _| match result {
+                    Ok(n) => metrics().users_online.set(n as i64),
+                    Err(error) => warn!(%error, "users-online refresh failed"),
+                }),
+        );
+    }
+
     fn refresh_lease(&mut self, ctx: &mut Context<Self>) {
         ctx.spawn(
             self.store
@@ -476,7 +511,11 @@ impl PresenceRegistry {
                     let message = format!("not in room {room}");
                     let frame =
                         protocol::error_frame(reference.as_ref(), ErrorCode::NotJoined, &message);
-                    (None, Then::Reply(conn, frame, SubChange::None))
+                    metrics().errors_sent.get(ErrorCode::NotJoined).inc();
+                    (
+                        None,
+                        Then::Reply(conn, frame, SubChange::None, FrameKind::Error),
+                    )
                 }
             }
             Request::Watch(users) => (
@@ -489,7 +528,10 @@ impl PresenceRegistry {
             ),
             Request::Unwatch(users) => {
                 let frame = protocol::reply_frame(reference.as_ref(), &ReplyBody::Empty {});
-                (None, Then::Reply(conn, frame, SubChange::Unwatch(users)))
+                (
+                    None,
+                    Then::Reply(conn, frame, SubChange::Unwatch(users), FrameKind::Reply),
+                )
             }
             Request::Ping => return,
         };
@@ -538,6 +580,9 @@ mod tests {
             self.seen.lock().unwrap().extend(ops.iter().cloned());
             self.applied.notify_waiters();
             self.inner.apply(ops)
+        }
+        fn users_online(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
+            self.inner.users_online()
         }
         fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>> {
             self.inner.refresh_lease()

@@ -175,7 +175,7 @@ async fn racing_connects_and_disconnects_alternate(backend: Backend) {
     );
 }
 
-on_both_stores!(thousand_tabs_connect_at_once =>
+on_both_stores!(alone thousand_tabs_connect_at_once =>
     thousand_tabs_connect_at_once_memory, thousand_tabs_connect_at_once_redis);
 
 /// 250 users × 4 tabs open together: one `online` per user, few Redis

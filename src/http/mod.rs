@@ -34,6 +34,7 @@ use crate::{
     config::Config,
     conn::{Conn, ConnSettings},
     ids::UserId,
+    metrics::metrics,
     registry::RegistryLink,
 };
 
@@ -87,10 +88,21 @@ fn route(req: Request<Incoming>, state: &Rc<WorkerState>) -> Response<Body> {
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
         (&Method::GET, "/ws") => upgrade(req, state),
-        (_, "/healthz" | "/ws") => Err(HttpError::MethodNotAllowed),
+        (&Method::GET, "/metrics") => Ok(metrics_page()),
+        (_, "/healthz" | "/ws" | "/metrics") => Err(HttpError::MethodNotAllowed),
         _ => Err(HttpError::NotFound),
     };
     result.unwrap_or_else(HttpError::into_response)
+}
+
+/// Prometheus text exposition: atomics and /proc only, no store call.
+fn metrics_page() -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from(metrics().render())));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
 }
 
 fn json(status: StatusCode, body: String) -> Response<Body> {

@@ -129,6 +129,12 @@ impl Store for MemoryStore {
         futures_util::future::ready(Ok(out)).boxed()
     }
 
+    fn users_online(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
+        // unwrap: see `apply`.
+        let n = self.state.lock().unwrap().connections.len() as u64;
+        futures_util::future::ready(Ok(n)).boxed()
+    }
+
     fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         futures_util::future::ready(Ok(())).boxed()
     }

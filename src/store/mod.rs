@@ -79,6 +79,9 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `ops` in order as one atomic step; one outcome per op.
     fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Vec<Outcome>, StoreError>>;
 
+    /// How many users are online, cluster-wide.
+    fn users_online(&self) -> BoxFuture<'static, Result<u64, StoreError>>;
+
     /// Extends this node's lease so other nodes know it is alive.
     fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>>;
 }

@@ -91,8 +91,24 @@ impl Backend {
     }
 }
 
-/// Runs a scenario with an overall deadline.
+/// Scenarios of one test binary share this lock; a scenario that measures
+/// load (how many Redis transactions a storm costs) holds it alone, so the
+/// other scenarios' gateways do not share the two cores with it.
+static SCENARIOS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Runs a scenario with an overall deadline, beside other scenarios.
 pub async fn within_scenario_timeout(scenario: impl Future<Output = ()>) {
+    let _shared = SCENARIOS.read().await;
+    run_with_deadline(scenario).await;
+}
+
+/// Runs a load-measuring scenario with an overall deadline, alone.
+pub async fn alone_within_scenario_timeout(scenario: impl Future<Output = ()>) {
+    let _alone = SCENARIOS.write().await;
+    run_with_deadline(scenario).await;
+}
+
+async fn run_with_deadline(scenario: impl Future<Output = ()>) {
     if tokio::time::timeout(SCENARIO_TIMEOUT, scenario)
         .await
         .is_err()
@@ -108,6 +124,23 @@ pub async fn within_scenario_timeout(scenario: impl Future<Output = ()>) {
 ///     three_tabs_one_online_event_memory, three_tabs_one_online_event_redis);
 /// ```
 macro_rules! on_both_stores {
+    (alone $scenario:ident => $memory:ident, $redis:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $memory() {
+            $crate::support::alone_within_scenario_timeout($scenario(
+                $crate::support::Backend::Memory,
+            ))
+            .await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $redis() {
+            $crate::support::alone_within_scenario_timeout($scenario(
+                $crate::support::Backend::Redis,
+            ))
+            .await
+        }
+    };
     ($scenario:ident => $memory:ident, $redis:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $memory() {

@@ -1,0 +1,354 @@
+//! Every Prometheus metric of the gateway, registered in one place.
+//!
+//! Hot paths never look labels up: each labelled family's children are
+//! resolved once here, so counting a frame is one atomic add. Scraping
+//! reads these atomics and the process's own figures; it never calls the
+//! store (the cluster-wide user count is a gauge the registry refreshes on
+//! a timer).
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::protocol::ErrorCode;
+
+/// Why a connection ended, as counted in `presenced_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed, or the TCP connection ended.
+    Client,
+    /// Nothing heard within the idle timeout (1001).
+    IdleTimeout,
+    /// A frame or message over the size limit (1009).
+    TooBig,
+    /// A WebSocket protocol violation (1002).
+    ProtocolError,
+    /// The outbox overflowed (4008).
+    SlowConsumer,
+    /// The socket failed while writing.
+    WriteError,
+}
+
+impl CloseReason {
+    const ALL: [CloseReason; 6] = [
+        CloseReason::Client,
+        CloseReason::IdleTimeout,
+        CloseReason::TooBig,
+        CloseReason::ProtocolError,
+        CloseReason::SlowConsumer,
+        CloseReason::WriteError,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::TooBig => "too_big",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::WriteError => "write_error",
+        }
+    }
+}
+
+/// What a frame is, for the frame counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// Client `join`.
+    Join,
+    /// Client `leave`.
+    Leave,
+    /// Client `watch`.
+    Watch,
+    /// Client `unwatch`.
+    Unwatch,
+    /// Client `query`.
+    Query,
+    /// Client or server application-level ping, or a server WebSocket ping.
+    Ping,
+    /// A client frame that could not be decoded (text or binary).
+    Invalid,
+    /// Server `welcome`.
+    Welcome,
+    /// Server `reply`.
+    Reply,
+    /// Server `error`.
+    Error,
+    /// Server `pong`.
+    Pong,
+    /// Event `online`.
+    Online,
+    /// Event `offline`.
+    Offline,
+    /// Event `joined`.
+    Joined,
+    /// Event `left`.
+    Left,
+}
+
+impl FrameKind {
+    const RECEIVED: [FrameKind; 7] = [
+        FrameKind::Join,
+        FrameKind::Leave,
+        FrameKind::Watch,
+        FrameKind::Unwatch,
+        FrameKind::Query,
+        FrameKind::Ping,
+        FrameKind::Invalid,
+    ];
+    const SENT: [FrameKind; 9] = [
+        FrameKind::Welcome,
+        FrameKind::Reply,
+        FrameKind::Error,
+        FrameKind::Pong,
+        FrameKind::Ping,
+        FrameKind::Online,
+        FrameKind::Offline,
+        FrameKind::Joined,
+        FrameKind::Left,
+    ];
+    const EVENTS: [FrameKind; 4] = [
+        FrameKind::Online,
+        FrameKind::Offline,
+        FrameKind::Joined,
+        FrameKind::Left,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            FrameKind::Join => "join",
+            FrameKind::Leave => "leave",
+            FrameKind::Watch => "watch",
+            FrameKind::Unwatch => "unwatch",
+            FrameKind::Query => "query",
+            FrameKind::Ping => "ping",
+            FrameKind::Invalid => "invalid",
+            FrameKind::Welcome => "welcome",
+            FrameKind::Reply => "reply",
+            FrameKind::Error => "error",
+            FrameKind::Pong => "pong",
+            FrameKind::Online => "online",
+            FrameKind::Offline => "offline",
+            FrameKind::Joined => "joined",
+            FrameKind::Left => "left",
+        }
+    }
+}
+
+const ERROR_CODES: [ErrorCode; 6] = [
+    ErrorCode::BadRequest,
+    ErrorCode::UnknownType,
+    ErrorCode::InvalidRoom,
+    ErrorCode::InvalidUser,
+    ErrorCode::NotJoined,
+    ErrorCode::LimitExceeded,
+];
+
+fn error_label(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::BadRequest => "bad_request",
+        ErrorCode::UnknownType => "unknown_type",
+        ErrorCode::InvalidRoom => "invalid_room",
+        ErrorCode::InvalidUser => "invalid_user",
+        ErrorCode::NotJoined => "not_joined",
+        ErrorCode::LimitExceeded => "limit_exceeded",
+    }
+}
+
+/// A counter family with one child per value of a small enum.
+pub struct Family<K: 'static> {
+    keys: &'static [K],
+    children: Vec<IntCounter>,
+}
+
+impl<K: Copy + PartialEq> Family<K> {
+    fn new(
+        registry: &Registry,
+        name: &str,
+        help: &str,
+        label: &str,
+        keys: &'static [K],
+        label_of: fn(K) -> &'static str,
+    ) -> Self {
+        let vec = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        registry
+            .register(Box::new(vec.clone()))
+            .expect("unique metric");
+        let children = keys
+            .iter()
+            .map(|k| vec.with_label_values(&[label_of(*k)]))
+            .collect();
+        Self { keys, children }
+    }
+
+    /// The counter for `key`.
+    pub fn get(&self, key: K) -> &IntCounter {
+        let i = self.keys.iter().position(|k| *k == key).unwrap_or(0);
+        &self.children[i]
+    }
+}
+
+/// All of the gateway's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// WebSocket connections open on this node.
+    pub connections_open: IntGauge,
+    /// Users online cluster-wide (cached, refreshed by the registry).
+    pub users_online: IntGauge,
+    /// WebSocket connections accepted since start.
+    pub connections_opened: IntCounter,
+    /// WebSocket connections ended, by reason.
+    pub connections_closed: Family<CloseReason>,
+    /// Client frames, by type.
+    pub frames_received: Family<FrameKind>,
+    /// Frames queued to clients, by type.
+    pub frames_sent: Family<FrameKind>,
+    /// Error frames sent, by code.
+    pub errors_sent: Family<ErrorCode>,
+    /// Ops per store batch.
+    pub batch_ops: Histogram,
+    /// Store batch round trip, seconds.
+    pub batch_seconds: Histogram,
+    /// Store batches that failed (and were retried).
+    pub batch_failures: IntCounter,
+    /// Transitions decided by the store, by kind.
+    pub events_published: Family<FrameKind>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            r.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            r.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("unique metric");
+        Self {
+            connections_open: gauge(
+                "presenced_connections_open",
+                "WebSocket connections open on this node.",
+            ),
+            users_online: gauge(
+                "presenced_users_online",
+                "Users with at least one live connection, cluster-wide (refreshed every few seconds).",
+            ),
+            connections_opened: counter(
+                "presenced_connections_opened_total",
+                "WebSocket connections accepted on this node.",
+            ),
+            connections_closed: Family::new(
+                &r,
+                "presenced_connections_closed_total",
+                "WebSocket connections ended on this node, by reason.",
+                "reason",
+                &CloseReason::ALL,
+                CloseReason::label,
+            ),
+            frames_received: Family::new(
+                &r,
+                "presenced_frames_received_total",
+                "Client frames received, by type.",
+                "type",
+                &FrameKind::RECEIVED,
+                FrameKind::label,
+            ),
+            frames_sent: Family::new(
+                &r,
+                "presenced_frames_sent_total",
+                "Frames queued to clients, by type.",
+                "type",
+                &FrameKind::SENT,
+                FrameKind::label,
+            ),
+            errors_sent: Family::new(
+                &r,
+                "presenced_errors_sent_total",
+                "Error frames sent to clients, by code.",
+                "code",
+                &ERROR_CODES,
+                error_label,
+            ),
+            batch_ops: histogram(
+                "presenced_store_batch_ops",
+                "Ops written to the presence store per batch.",
+                vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 512.0, 1024.0],
+            ),
+            batch_seconds: histogram(
+                "presenced_store_batch_duration_seconds",
+                "Round trip of one presence store batch, seconds.",
+                vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+                    1.0, 5.0,
+                ],
+            ),
+            batch_failures: counter(
+                "presenced_store_batch_failures_total",
+                "Presence store batches that failed and were queued for retry.",
+            ),
+            events_published: Family::new(
+                &r,
+                "presenced_events_published_total",
+                "Presence transitions decided by the store for this node's ops, by kind.",
+                "kind",
+                &FrameKind::EVENTS,
+                FrameKind::label,
+            ),
+            registry: r,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // unwrap: encoding into a Vec cannot fail for well-formed families.
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .unwrap();
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_all_its_children_from_the_start() {
+        let text = metrics().render();
+        for needle in [
+            "presenced_connections_closed_total{reason=\"slow_consumer\"} ",
+            "presenced_frames_received_total{type=\"invalid\"} ",
+            "presenced_frames_sent_total{type=\"left\"} ",
+            "presenced_errors_sent_total{code=\"not_joined\"} ",
+            "presenced_events_published_total{kind=\"online\"} ",
+            "presenced_store_batch_duration_seconds_bucket",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}
