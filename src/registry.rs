@@ -584,6 +584,24 @@ mod tests {
         fn users_online(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
             self.inner.users_online()
         }
+        fn room_page(
+            &self,
+            room: RoomName,
+            cursor: Option<String>,
+            limit: usize,
+        ) -> BoxFuture<'static, Result<(crate::store::Page, u64), StoreError>> {
+            self.inner.room_page(room, cursor, limit)
+        }
+        fn users_page(
+            &self,
+            cursor: Option<String>,
+            limit: usize,
+        ) -> BoxFuture<'static, Result<crate::store::Page, StoreError>> {
+            self.inner.users_page(cursor, limit)
+        }
+        fn stats(&self) -> BoxFuture<'static, Result<crate::store::Stats, StoreError>> {
+            self.inner.stats()
+        }
         fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>> {
             self.inner.refresh_lease()
         }

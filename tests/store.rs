@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use presenced::{
     ids::{NodeId, RoomName, UserId},
-    store::{MemoryStore, Outcome, RedisStore, Store, StoreOp, UserPresence},
+    store::{MemoryStore, Outcome, RedisStore, Store, StoreError, StoreOp, UserPresence},
 };
 use support::RedisServer;
 
@@ -78,6 +78,8 @@ both_stores!(
     presence_reads_state_and_seq,
     unknown_disconnect_is_no_event,
     racing_nodes_see_each_transition_once,
+    pages_cover_every_member_once,
+    stats_count_users_and_live_nodes,
 );
 
 async fn second_tab_is_no_transition(b: Backend) {
@@ -389,4 +391,104 @@ async fn redis_restart_without_persistence_reloads_the_script() {
         }
     };
     assert_eq!(out, vec![Outcome::Connected(Some(1))]);
+}
+
+/// Paging a big room (and everyone online) page by page returns every user
+/// exactly once; a made-up cursor is refused. Big: Redis returns a hash
+/// small enough for its compact encoding (512 entries by default) whole.
+async fn pages_cover_every_member_once(b: Backend) {
+    const MEMBERS: usize = 1200;
+    const LIMIT: usize = 40;
+    let s = b.node().await;
+    let room = room("big");
+    let all: Vec<UserId> = (0..MEMBERS).map(|i| user(&format!("m{i:04}"))).collect();
+    let ops = all
+        .iter()
+        .flat_map(|u| {
+            [
+                StoreOp::Connect(u.clone()),
+                StoreOp::Join(room.clone(), u.clone()),
+            ]
+        })
+        .collect();
+    apply(&s, ops).await;
+
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let (page, count) = s.room_page(room.clone(), cursor, LIMIT).await.unwrap();
+        assert_eq!(count, MEMBERS as u64);
+        assert!(
+            page.users.len() <= 2 * LIMIT,
+            "about `limit` per page: {}",
+            page.users.len()
+        );
+        seen.extend(page.users);
+        pages += 1;
+        assert!(pages < 1000, "paging must end");
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert!(
+        pages > 1,
+        "a 300-member room takes several pages of {LIMIT}"
+    );
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), seen.len(), "no member twice");
+    assert_eq!(sorted, all, "no member missing");
+
+    let mut online = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s.users_page(cursor, LIMIT).await.unwrap();
+        online.extend(page.users);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    online.sort();
+    assert_eq!(online, all);
+
+    let empty = s
+        .room_page(room_name_nobody_uses(), None, LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(empty, (Default::default(), 0));
+    assert!(matches!(
+        s.users_page(Some("not a cursor!".into()), LIMIT).await,
+        Err(StoreError::BadCursor)
+    ));
+}
+
+fn room_name_nobody_uses() -> RoomName {
+    room("nobody-here")
+}
+
+async fn stats_count_users_and_live_nodes(b: Backend) {
+    let (a, c) = (b.node().await, b.node().await);
+    for s in [&a, &c] {
+        tokio::time::timeout(Duration::from_secs(5), s.refresh_lease())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    apply(
+        &a,
+        vec![StoreOp::Connect(user("x")), StoreOp::Connect(user("y"))],
+    )
+    .await;
+    apply(&c, vec![StoreOp::Connect(user("y"))]).await;
+    let stats = a.stats().await.unwrap();
+    assert_eq!(stats.users_online, 2);
+    let nodes = match b {
+        Backend::Memory(_) => 1, // one process, one node
+        Backend::Redis(_) => 2,
+    };
+    assert_eq!(stats.nodes_alive, nodes);
 }

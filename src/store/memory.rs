@@ -12,7 +12,7 @@ use std::{
 
 use futures_util::{FutureExt, future::BoxFuture};
 
-use super::{Outcome, Store, StoreError, StoreOp, UserPresence};
+use super::{Outcome, Page, Stats, Store, StoreError, StoreOp, UserPresence};
 use crate::ids::{RoomName, UserId};
 
 /// In-process presence state.
@@ -119,6 +119,29 @@ impl State {
     }
 }
 
+/// The page of sorted `users` after `cursor` (the last id of the previous
+/// page), exactly `limit` long unless it is the last.
+fn page<'a>(
+    users: impl Iterator<Item = &'a UserId>,
+    cursor: Option<String>,
+    limit: usize,
+) -> Result<Page, StoreError> {
+    let after = match cursor {
+        Some(c) => Some(UserId::parse(&c).map_err(|_| StoreError::BadCursor)?),
+        None => None,
+    };
+    let mut all: Vec<&UserId> = users
+        .filter(|u| after.as_ref().is_none_or(|a| *u > a))
+        .collect();
+    all.sort();
+    let more = all.len() > limit;
+    all.truncate(limit);
+    Ok(Page {
+        next: more.then(|| all.last().map(|u| u.to_string())).flatten(),
+        users: all.into_iter().cloned().collect(),
+    })
+}
+
 impl Store for MemoryStore {
     fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Vec<Outcome>, StoreError>> {
         let now = now_ms();
@@ -133,6 +156,41 @@ impl Store for MemoryStore {
         // unwrap: see `apply`.
         let n = self.state.lock().unwrap().connections.len() as u64;
         futures_util::future::ready(Ok(n)).boxed()
+    }
+
+    fn room_page(
+        &self,
+        room: RoomName,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<(Page, u64), StoreError>> {
+        // unwrap: see `apply`.
+        let state = self.state.lock().unwrap();
+        let members = state.rooms.get(&room);
+        let count = members.map_or(0, |m| m.len() as u64);
+        let result =
+            page(members.into_iter().flat_map(|m| m.keys()), cursor, limit).map(|p| (p, count));
+        futures_util::future::ready(result).boxed()
+    }
+
+    fn users_page(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Page, StoreError>> {
+        // unwrap: see `apply`.
+        let state = self.state.lock().unwrap();
+        futures_util::future::ready(page(state.connections.keys(), cursor, limit)).boxed()
+    }
+
+    fn stats(&self) -> BoxFuture<'static, Result<Stats, StoreError>> {
+        // unwrap: see `apply`.
+        let users_online = self.state.lock().unwrap().connections.len() as u64;
+        futures_util::future::ready(Ok(Stats {
+            users_online,
+            nodes_alive: 1,
+        }))
+        .boxed()
     }
 
     fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>> {

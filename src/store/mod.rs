@@ -62,12 +62,34 @@ pub struct UserPresence {
     pub seq: u64,
 }
 
+/// One page of a scan over users (a room's members, or everyone online).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    /// The users on this page.
+    pub users: Vec<UserId>,
+    /// Where the next page starts; `None` when this was the last page.
+    /// Opaque to clients.
+    pub next: Option<String>,
+}
+
+/// Cluster-wide counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Users with at least one live connection.
+    pub users_online: u64,
+    /// Nodes whose lease has not expired.
+    pub nodes_alive: u64,
+}
+
 /// Why a store call failed. The batch was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Redis refused, dropped the connection or timed out.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// A cursor this store did not hand out.
+    #[error("invalid cursor")]
+    BadCursor,
     /// Redis answered something this version does not understand.
     #[error("unexpected store reply: {0}")]
     Protocol(String),
@@ -81,6 +103,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many users are online, cluster-wide.
     fn users_online(&self) -> BoxFuture<'static, Result<u64, StoreError>>;
+
+    /// One page of `room`'s members from `cursor` (`None`: the start), about
+    /// `limit` long, and the room's member count.
+    fn room_page(
+        &self,
+        room: RoomName,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<(Page, u64), StoreError>>;
+
+    /// One page of the users online from `cursor`, about `limit` long.
+    fn users_page(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Page, StoreError>>;
+
+    /// Users online and nodes alive, cluster-wide.
+    fn stats(&self) -> BoxFuture<'static, Result<Stats, StoreError>>;
 
     /// Extends this node's lease so other nodes know it is alive.
     fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>>;

@@ -12,11 +12,12 @@ use std::time::Duration;
 use futures_util::{FutureExt, future::BoxFuture};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value, aio::ConnectionManager};
 
-use super::{Outcome, Store, StoreError, StoreOp, UserPresence};
-use crate::ids::{NodeId, UserId};
+use super::{Outcome, Page, Stats, Store, StoreError, StoreOp, UserPresence};
+use crate::ids::{NodeId, RoomName, UserId};
 
 const BATCH_LUA: &str = include_str!("scripts/batch.lua");
 const LEASE_LUA: &str = include_str!("scripts/lease.lua");
+const STATS_LUA: &str = include_str!("scripts/stats.lua");
 
 /// How long one Redis call may take before it counts as failed.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,6 +28,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
     batch: redis::Script,
     lease: redis::Script,
+    stats: redis::Script,
     prefix: String,
     node: String,
     lease_ms: u64,
@@ -50,6 +52,7 @@ impl RedisStore {
             conn,
             batch: redis::Script::new(BATCH_LUA),
             lease: redis::Script::new(LEASE_LUA),
+            stats: redis::Script::new(STATS_LUA),
             prefix: prefix.to_owned(),
             node: node.to_string(),
             lease_ms: lease.as_millis() as u64,
@@ -96,6 +99,24 @@ impl RedisStore {
     }
 }
 
+/// A client's cursor as an HSCAN cursor (the start when absent).
+fn scan_cursor(cursor: Option<String>) -> Result<u64, StoreError> {
+    cursor.map_or(Ok(0), |c| c.parse().map_err(|_| StoreError::BadCursor))
+}
+
+/// An HSCAN reply (cursor, field, value, field, value …) as a page.
+fn scan_page(next: u64, flat: Vec<String>) -> Result<Page, StoreError> {
+    let users = flat
+        .into_iter()
+        .step_by(2)
+        .map(|f| UserId::parse(&f).map_err(|_| StoreError::Protocol(format!("not a user id: {f}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Page {
+        users,
+        next: (next != 0).then(|| next.to_string()),
+    })
+}
+
 fn is_noscript(e: &RedisError) -> bool {
     e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
 }
@@ -133,6 +154,71 @@ impl Store for RedisStore {
                 .query_async(&mut conn)
                 .await?;
             Ok(n)
+        }
+        .boxed()
+    }
+
+    fn room_page(
+        &self,
+        room: RoomName,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<(Page, u64), StoreError>> {
+        let this = self.clone();
+        async move {
+            let cursor = scan_cursor(cursor)?;
+            let key = format!("{}:room:{}", this.prefix, room);
+            let mut conn = this.conn.clone();
+            let ((next, flat), count): ((u64, Vec<String>), u64) = redis::pipe()
+                .cmd("HSCAN")
+                .arg(&key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(limit)
+                .cmd("HLEN")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await?;
+            Ok((scan_page(next, flat)?, count))
+        }
+        .boxed()
+    }
+
+    fn users_page(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Page, StoreError>> {
+        let this = self.clone();
+        async move {
+            let cursor = scan_cursor(cursor)?;
+            let mut conn = this.conn.clone();
+            let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+                .arg(format!("{}:users", this.prefix))
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(limit)
+                .query_async(&mut conn)
+                .await?;
+            scan_page(next, flat)
+        }
+        .boxed()
+    }
+
+    fn stats(&self) -> BoxFuture<'static, Result<Stats, StoreError>> {
+        let this = self.clone();
+        async move {
+            let mut conn = this.conn.clone();
+            let (users_online, nodes_alive): (u64, u64) = this
+                .stats
+                .key(format!("{}:users", this.prefix))
+                .key(format!("{}:nodes", this.prefix))
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(Stats {
+                users_online,
+                nodes_alive,
+            })
         }
         .boxed()
     }
