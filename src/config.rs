@@ -25,6 +25,8 @@ pub const DEFAULT_OUTBOX_MESSAGES: usize = 1024;
 pub const DEFAULT_OUTBOX_BYTES: usize = 1024 * 1024;
 /// Default longest `users` list in one request.
 pub const DEFAULT_MAX_IDS: usize = 1000;
+/// Default largest page of the `/v1` API.
+pub const DEFAULT_MAX_PAGE: usize = 1000;
 /// Default node lease length, in milliseconds.
 pub const DEFAULT_NODE_LEASE_MS: u64 = 5_000;
 
@@ -85,6 +87,15 @@ pub struct Config {
     /// Longest `users` list accepted in one request.
     #[arg(long, env = "PRESENCED_MAX_IDS", default_value_t = DEFAULT_MAX_IDS)]
     pub max_ids: usize,
+
+    /// Bearer key required by the `/v1` HTTP API. Without it `/v1` answers
+    /// only on a loopback listen address.
+    #[arg(long, env = "PRESENCED_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Largest page of users the `/v1` API returns.
+    #[arg(long, env = "PRESENCED_MAX_PAGE", default_value_t = DEFAULT_MAX_PAGE)]
+    pub max_page: usize,
 
     /// How long a node counts as alive after each lease refresh, milliseconds.
     #[arg(long, env = "PRESENCED_NODE_LEASE_MS", default_value_t = DEFAULT_NODE_LEASE_MS)]
@@ -147,6 +158,12 @@ impl Config {
         if self.max_ids == 0 {
             return invalid("--max-ids must be at least 1");
         }
+        if self.max_page == 0 {
+            return invalid("--max-page must be at least 1");
+        }
+        if self.api_key.as_deref() == Some("") {
+            return invalid("--api-key must not be empty");
+        }
         if self.node_lease_ms < 1000 {
             return invalid("--node-lease-ms must be at least 1000");
         }
@@ -173,6 +190,11 @@ impl Config {
     /// Node lease length.
     pub fn node_lease(&self) -> Duration {
         Duration::from_millis(self.node_lease_ms)
+    }
+
+    /// Whether the `/v1` API may answer: with a key, or on loopback only.
+    pub fn api_open(&self) -> bool {
+        self.api_key.is_some() || self.listen.ip().is_loopback()
     }
 
     /// The Redis URL with any password replaced, for logs.
@@ -230,6 +252,15 @@ mod tests {
                 "{args:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_api_needs_a_key_off_loopback() {
+        assert!(parse(&["--dev"]).api_open());
+        let mut c = parse(&["--dev", "--listen", "0.0.0.0:8080"]);
+        assert!(!c.api_open());
+        c.api_key = Some("k".into());
+        assert!(c.api_open());
     }
 
     #[test]

@@ -71,6 +71,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
     // The registry's address exists before it starts, so the workers can be
     // given it and the registry can be given their broadcasters.
     let registry_ctx = Context::<PresenceRegistry>::new();
+    let api_store = store.clone();
     let registry = registry_ctx.address();
     let settings = ConnSettings {
         node,
@@ -85,6 +86,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
         let broadcaster = start_worker(
             index,
             listener,
+            api_store.clone(),
             config.clone(),
             settings.clone(),
             registry.clone(),
@@ -117,8 +119,17 @@ async fn serve(config: Config) -> Result<(), StartError> {
         outbox_bytes = config.outbox_bytes,
         max_ids = config.max_ids,
         node_lease_ms = config.node_lease_ms,
+        max_page = config.max_page,
+        api_key = if config.api_key.is_some() { "set" } else { "not set" },
         "presenced started"
     );
+    if !config.api_open() {
+        warn!(
+            "the /v1 HTTP API is refused (403): {} is reachable from other machines and no \
+             --api-key is set, so anyone could read presence; set --api-key to enable it",
+            addr
+        );
+    }
     // The one line on stdout: tests and scripts read the bound port here.
     println!("presenced listening on {addr}");
     let _ = std::io::stdout().flush();
@@ -152,6 +163,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 async fn start_worker(
     index: usize,
     listener: std::net::TcpListener,
+    store: Arc<dyn Store>,
     config: Arc<Config>,
     settings: ConnSettings,
     registry: Addr<PresenceRegistry>,
@@ -166,6 +178,7 @@ async fn start_worker(
             conn: settings,
             registry: RegistryLink::new(registry),
             hub,
+            store,
         });
         match TcpListener::from_std(listener) {
             Ok(listener) => {

@@ -486,6 +486,20 @@ async fn stats_count_users_and_live_nodes(b: Backend) {
     apply(&c, vec![StoreOp::Connect(user("y"))]).await;
     let stats = a.stats().await.unwrap();
     assert_eq!(stats.users_online, 2);
+    assert_eq!(stats.connections, 3);
+    apply(
+        &c,
+        vec![
+            StoreOp::Disconnect(user("y")),
+            StoreOp::Disconnect(user("ghost")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        a.stats().await.unwrap().connections,
+        2,
+        "an unknown disconnect counts nothing"
+    );
     let nodes = match b {
         Backend::Memory(_) => 1, // one process, one node
         Backend::Redis(_) => 2,

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 /// A refused HTTP request. [`HttpError::into_response`] is the one place
 /// that maps a variant to its status and wire code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HttpError {
     /// No route for this path.
     #[error("no such path")]
@@ -33,10 +33,28 @@ pub enum HttpError {
     /// A user id outside the naming rules.
     #[error("user id must be 1-128 bytes of A-Z a-z 0-9 _ - . : @")]
     InvalidUser,
+    /// A room name outside the naming rules.
+    #[error("room name must be 1-200 bytes of A-Z a-z 0-9 _ - . : @ / + =")]
+    InvalidRoom,
+    /// A malformed body or query.
+    #[error("{0}")]
+    BadRequest(String),
+    /// More ids than allowed.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// `/v1` without the right bearer key.
+    #[error("missing or wrong API key: send Authorization: Bearer KEY")]
+    Unauthorized,
+    /// `/v1` on a non-loopback address with no key configured.
+    #[error("the /v1 API is disabled: the gateway listens beyond loopback and no --api-key is set")]
+    ApiKeyRequired,
+    /// The presence store did not answer.
+    #[error("the presence store is unavailable; retry later")]
+    Unavailable,
 }
 
 impl HttpError {
-    fn status_and_code(self) -> (StatusCode, &'static str) {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -45,6 +63,12 @@ impl HttpError {
             Self::MissingKey => (StatusCode::BAD_REQUEST, "bad_handshake"),
             Self::MissingUser => (StatusCode::BAD_REQUEST, "missing_user"),
             Self::InvalidUser => (StatusCode::BAD_REQUEST, "invalid_user"),
+            Self::InvalidRoom => (StatusCode::BAD_REQUEST, "invalid_room"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::LimitExceeded(_) => (StatusCode::BAD_REQUEST, "limit_exceeded"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::ApiKeyRequired => (StatusCode::FORBIDDEN, "api_key_required"),
+            Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }
 
@@ -76,9 +100,15 @@ impl HttpError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if matches!(self, Self::UpgradeRequired | Self::UnsupportedVersion) {
-            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            h.insert("sec-websocket-version", HeaderValue::from_static("13"));
+        match self {
+            Self::UpgradeRequired | Self::UnsupportedVersion => {
+                h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                h.insert("sec-websocket-version", HeaderValue::from_static("13"));
+            }
+            Self::Unauthorized => {
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         res
     }

@@ -7,6 +7,7 @@
 //! is wrapped by tokio-tungstenite and a [`Conn`] is started on the same
 //! worker. No extension is ever negotiated (permessage-deflate stays off).
 
+mod api;
 mod error;
 
 use std::{convert::Infallible, rc::Rc, sync::Arc, time::Duration};
@@ -36,6 +37,7 @@ use crate::{
     ids::UserId,
     metrics::metrics,
     registry::RegistryLink,
+    store::Store,
 };
 
 /// How long a client may take to send its request head.
@@ -51,6 +53,8 @@ pub struct WorkerState {
     pub registry: RegistryLink,
     /// This worker's subscriptions.
     pub hub: SharedHub,
+    /// The presence store, for the read-only `/v1` API.
+    pub store: Arc<dyn Store>,
 }
 
 /// The tungstenite settings: small buffers so an idle socket costs little.
@@ -71,7 +75,7 @@ type Body = Full<Bytes>;
 pub async fn serve(stream: TcpStream, state: Rc<WorkerState>) {
     let service = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(route(req, &state)) }
+        async move { Ok::<_, Infallible>(route(req, &state).await) }
     });
     let result = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -84,7 +88,12 @@ pub async fn serve(stream: TcpStream, state: Rc<WorkerState>) {
     }
 }
 
-fn route(req: Request<Incoming>, state: &Rc<WorkerState>) -> Response<Body> {
+async fn route(req: Request<Incoming>, state: &Rc<WorkerState>) -> Response<Body> {
+    if req.uri().path().starts_with("/v1/") {
+        return api::serve(req, state)
+            .await
+            .unwrap_or_else(HttpError::into_response);
+    }
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
         (&Method::GET, "/ws") => upgrade(req, state),

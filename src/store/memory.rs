@@ -185,9 +185,10 @@ impl Store for MemoryStore {
 
     fn stats(&self) -> BoxFuture<'static, Result<Stats, StoreError>> {
         // unwrap: see `apply`.
-        let users_online = self.state.lock().unwrap().connections.len() as u64;
+        let state = self.state.lock().unwrap();
         futures_util::future::ready(Ok(Stats {
-            users_online,
+            users_online: state.connections.len() as u64,
+            connections: state.connections.values().sum(),
             nodes_alive: 1,
         }))
         .boxed()

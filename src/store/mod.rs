@@ -77,6 +77,8 @@ pub struct Page {
 pub struct Stats {
     /// Users with at least one live connection.
     pub users_online: u64,
+    /// Live connections.
+    pub connections: u64,
     /// Nodes whose lease has not expired.
     pub nodes_alive: u64,
 }

@@ -209,14 +209,16 @@ impl Store for RedisStore {
         let this = self.clone();
         async move {
             let mut conn = this.conn.clone();
-            let (users_online, nodes_alive): (u64, u64) = this
+            let (users_online, connections, nodes_alive): (u64, i64, u64) = this
                 .stats
                 .key(format!("{}:users", this.prefix))
                 .key(format!("{}:nodes", this.prefix))
+                .key(format!("{}:connections", this.prefix))
                 .invoke_async(&mut conn)
                 .await?;
             Ok(Stats {
                 users_online,
+                connections: connections.max(0) as u64,
                 nodes_alive,
             })
         }

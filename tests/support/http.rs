@@ -88,6 +88,26 @@ pub async fn request(
     exchange(addr, &head).await.0
 }
 
+/// A request with a body (sent with its `Content-Length`) and headers.
+pub async fn request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
+    let mut message = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        message.push_str(&format!("{name}: {value}\r\n"));
+    }
+    message.push_str("\r\n");
+    message.push_str(body);
+    exchange(addr, &message).await.0
+}
+
 /// A WebSocket upgrade request for `path` (RFC 6455 sample key) plus
 /// `extra_headers`. A `101` is returned as soon as its head is read.
 pub async fn websocket_upgrade(

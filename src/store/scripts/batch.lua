@@ -17,7 +17,7 @@
 --   L -> 1 if the user's last connection left room, else 0
 --   M -> {member...}
 --   P -> {online 0|1, seq, ...} two integers per user
--- Keys written: P:users, P:node:N:users, P:room:R, P:node:N:rooms
+-- Keys written: P:connections (live connections, cluster-wide), P:users, P:node:N:users, P:room:R, P:node:N:rooms
 -- (field "room user": neither may contain a space), P:user:U (seq, last_seen).
 
 local p = ARGV[1]
@@ -46,6 +46,7 @@ while i <= #ARGV do
     local u = ARGV[i + 1]
     i = i + 2
     redis.call('HINCRBY', node_users, u, 1)
+    redis.call('INCR', p .. ':connections')
     if redis.call('HINCRBY', users, u, 1) == 1 then
       out[#out + 1] = redis.call('HINCRBY', p .. ':user:' .. u, 'seq', 1)
     else
@@ -57,7 +58,11 @@ while i <= #ARGV do
     decr(node_users, u)
     -- Below zero means the store lost this user's count (Redis restarted
     -- empty): there is no online to undo, so no event.
-    if decr(users, u) == 0 then
+    local left = decr(users, u)
+    if left >= 0 then
+      redis.call('DECR', p .. ':connections')
+    end
+    if left == 0 then
       local ukey = p .. ':user:' .. u
       redis.call('HSET', ukey, 'last_seen', now_ms)
       out[#out + 1] = {redis.call('HINCRBY', ukey, 'seq', 1), now_ms}
