@@ -41,8 +41,8 @@ pub struct ConnSettings {
     pub heartbeat: Duration,
     /// Silence after which the connection is closed.
     pub idle_timeout: Duration,
-    /// Longest `users` list in a request.
-    pub max_ids: usize,
+    /// What a client frame may ask for.
+    pub bounds: protocol::Bounds,
     /// Outbox bound in frames.
     pub outbox_messages: usize,
     /// Outbox bound in bytes.
@@ -142,7 +142,7 @@ impl Conn {
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         let received = &metrics().frames_received;
-        match protocol::decode(text, self.settings.max_ids) {
+        match protocol::decode(text, self.settings.bounds) {
             Ok(frame) if frame.request == Request::Ping => {
                 received.get(FrameKind::Ping).inc();
                 self.send(
@@ -179,6 +179,8 @@ fn frame_kind(request: &Request) -> FrameKind {
         Request::Watch(_) => FrameKind::Watch,
         Request::Unwatch(_) => FrameKind::Unwatch,
         Request::Query(_) => FrameKind::Query,
+        Request::Room { .. } => FrameKind::Room,
+        Request::Count => FrameKind::Count,
         Request::Ping => FrameKind::Ping,
     }
 }

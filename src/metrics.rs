@@ -67,6 +67,10 @@ pub enum FrameKind {
     Unwatch,
     /// Client `query`.
     Query,
+    /// Client `room` (a page of members).
+    Room,
+    /// Client `count`.
+    Count,
     /// Client or server application-level ping, or a server WebSocket ping.
     Ping,
     /// A client frame that could not be decoded (text or binary).
@@ -90,12 +94,14 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
-    const RECEIVED: [FrameKind; 7] = [
+    const RECEIVED: [FrameKind; 9] = [
         FrameKind::Join,
         FrameKind::Leave,
         FrameKind::Watch,
         FrameKind::Unwatch,
         FrameKind::Query,
+        FrameKind::Room,
+        FrameKind::Count,
         FrameKind::Ping,
         FrameKind::Invalid,
     ];
@@ -124,6 +130,8 @@ impl FrameKind {
             FrameKind::Watch => "watch",
             FrameKind::Unwatch => "unwatch",
             FrameKind::Query => "query",
+            FrameKind::Room => "room",
+            FrameKind::Count => "count",
             FrameKind::Ping => "ping",
             FrameKind::Invalid => "invalid",
             FrameKind::Welcome => "welcome",
@@ -138,7 +146,8 @@ impl FrameKind {
     }
 }
 
-const ERROR_CODES: [ErrorCode; 6] = [
+const ERROR_CODES: [ErrorCode; 7] = [
+    ErrorCode::Unavailable,
     ErrorCode::BadRequest,
     ErrorCode::UnknownType,
     ErrorCode::InvalidRoom,
@@ -155,6 +164,7 @@ fn error_label(code: ErrorCode) -> &'static str {
         ErrorCode::InvalidUser => "invalid_user",
         ErrorCode::NotJoined => "not_joined",
         ErrorCode::LimitExceeded => "limit_exceeded",
+        ErrorCode::Unavailable => "unavailable",
     }
 }
 

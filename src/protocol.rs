@@ -31,6 +31,8 @@ pub enum ErrorCode {
     NotJoined,
     /// A list longer than the configured bound.
     LimitExceeded,
+    /// The presence store did not answer a direct read.
+    Unavailable,
 }
 
 impl From<IdError> for ErrorCode {
@@ -55,6 +57,17 @@ pub enum Request {
     Unwatch(Vec<UserId>),
     /// One-off presence of these users.
     Query(Vec<UserId>),
+    /// One page of a room's members.
+    Room {
+        /// The room.
+        room: RoomName,
+        /// About how many members per page.
+        limit: usize,
+        /// Where to continue (`None`: the start).
+        cursor: Option<String>,
+    },
+    /// Users online and connections, cluster-wide.
+    Count,
     /// Application-level ping.
     Ping,
 }
@@ -94,8 +107,21 @@ impl DecodeError {
     }
 }
 
-/// Decodes one client text frame. `max_ids` bounds `users` lists.
-pub fn decode(text: &str, max_ids: usize) -> Result<ClientFrame, DecodeError> {
+/// Default `limit` of a `room` query.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// Bounds on what a client frame may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Longest `users` list (distinct ids).
+    pub max_ids: usize,
+    /// Largest `limit` of a `room` query.
+    pub max_page: usize,
+}
+
+/// Decodes one client text frame within `bounds`.
+pub fn decode(text: &str, bounds: Bounds) -> Result<ClientFrame, DecodeError> {
+    let max_ids = bounds.max_ids;
     let bad = |r: &Option<Value>, m: &str| DecodeError::new(r.clone(), ErrorCode::BadRequest, m);
     let value: Value = serde_json::from_str(text)
         .map_err(|e| DecodeError::new(None, ErrorCode::BadRequest, format!("invalid JSON: {e}")))?;
@@ -125,6 +151,8 @@ pub fn decode(text: &str, max_ids: usize) -> Result<ClientFrame, DecodeError> {
         "unwatch" => Request::Unwatch(users_field(&obj, &reference, max_ids)?),
         "query" => Request::Query(users_field(&obj, &reference, max_ids)?),
         "ping" => Request::Ping,
+        "count" => Request::Count,
+        "room" => room_query(&obj, &reference, bounds.max_page)?,
         other => {
             return Err(DecodeError::new(
                 reference,
@@ -161,6 +189,37 @@ fn room_field(
             "missing \"room\"",
         )),
     }
+}
+
+fn room_query(
+    obj: &Map<String, Value>,
+    reference: &Option<Value>,
+    max_page: usize,
+) -> Result<Request, DecodeError> {
+    let bad = |m: String| DecodeError::new(reference.clone(), ErrorCode::BadRequest, m);
+    let room = room_field(obj, reference)?;
+    let limit = match obj.get("limit") {
+        None | Some(Value::Null) => DEFAULT_PAGE.min(max_page),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| (1..=max_page).contains(n))
+            .ok_or_else(|| bad(format!("\"limit\" must be an integer from 1 to {max_page}")))?,
+    };
+    let cursor = match obj.get("cursor") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(c)) if c.len() <= MAX_REF_LEN * 4 => Some(c.clone()),
+        Some(_) => {
+            return Err(bad(
+                "\"cursor\" must be a string from a previous reply".into()
+            ));
+        }
+    };
+    Ok(Request::Room {
+        room,
+        limit,
+        cursor,
+    })
 }
 
 /// Reads `users`: validated, duplicates dropped, request order kept.
@@ -303,6 +362,24 @@ pub enum ReplyBody {
         /// One entry per distinct requested user, in request order.
         users: Vec<UserState>,
     },
+    /// `room`: one page of members.
+    RoomPage {
+        /// The room.
+        room: String,
+        /// How many members the room has.
+        count: u64,
+        /// This page's members.
+        users: Vec<String>,
+        /// Where the next page starts; `null` after the last.
+        next_cursor: Option<String>,
+    },
+    /// `count`: cluster-wide counts.
+    Count {
+        /// Users with at least one live connection.
+        users_online: u64,
+        /// Live connections.
+        connections: u64,
+    },
     /// `unwatch`: nothing more to say.
     Empty {},
 }
@@ -416,16 +493,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const B: Bounds = Bounds {
+        max_ids: 3,
+        max_page: 10,
+    };
+
     fn code(text: &str) -> ErrorCode {
-        decode(text, 3).unwrap_err().code
+        decode(text, B).unwrap_err().code
     }
 
     #[test]
     fn decodes_every_request() {
-        let f = decode(r#"{"type":"join","room":"doc:1","ref":1}"#, 3).unwrap();
+        let f = decode(r#"{"type":"join","room":"doc:1","ref":1}"#, B).unwrap();
         assert_eq!(f.reference, Some(json!(1)));
         assert_eq!(f.request, Request::Join(RoomName::parse("doc:1").unwrap()));
-        let f = decode(r#"{"type":"watch","users":["b","a","b"],"ref":"x"}"#, 3).unwrap();
+        let f = decode(r#"{"type":"watch","users":["b","a","b"],"ref":"x"}"#, B).unwrap();
         let ids = |v: &[&str]| {
             v.iter()
                 .map(|s| UserId::parse(s).unwrap())
@@ -434,9 +516,32 @@ mod tests {
         assert_eq!(f.request, Request::Watch(ids(&["b", "a"])));
         assert_eq!(f.reference, Some(json!("x")));
         assert_eq!(
-            decode(r#"{"type":"ping"}"#, 3).unwrap().request,
+            decode(r#"{"type":"ping"}"#, B).unwrap().request,
             Request::Ping
         );
+        assert_eq!(
+            decode(r#"{"type":"count"}"#, B).unwrap().request,
+            Request::Count
+        );
+        assert_eq!(
+            decode(r#"{"type":"room","room":"r","limit":5,"cursor":"c"}"#, B)
+                .unwrap()
+                .request,
+            Request::Room {
+                room: RoomName::parse("r").unwrap(),
+                limit: 5,
+                cursor: Some("c".into())
+            }
+        );
+        let default = decode(r#"{"type":"room","room":"r"}"#, B).unwrap().request;
+        assert!(matches!(
+            default,
+            Request::Room {
+                limit: 10,
+                cursor: None,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -468,10 +573,23 @@ mod tests {
             ErrorCode::LimitExceeded
         );
         // Duplicates count once against the limit.
-        assert!(decode(r#"{"type":"query","users":["a","b","c","a"]}"#, 3).is_ok());
-        let e = decode(r#"{"type":"join","room":"a b","ref":"r1"}"#, 3).unwrap_err();
+        assert!(decode(r#"{"type":"query","users":["a","b","c","a"]}"#, B).is_ok());
+        let e = decode(r#"{"type":"join","room":"a b","ref":"r1"}"#, B).unwrap_err();
         assert_eq!(e.reference, Some(json!("r1")));
-        let e = decode(r#"{"type":"join","ref":{"x":1}}"#, 3).unwrap_err();
+        assert_eq!(
+            code(r#"{"type":"room","room":"r","limit":0}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"type":"room","room":"r","limit":11}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"type":"room","room":"r","cursor":5}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(code(r#"{"type":"room"}"#), ErrorCode::BadRequest);
+        let e = decode(r#"{"type":"join","ref":{"x":1}}"#, B).unwrap_err();
         assert_eq!((e.code, e.reference), (ErrorCode::BadRequest, None));
     }
 

@@ -18,6 +18,7 @@
 use std::{
     cell::RefCell,
     collections::{HashMap, HashSet, VecDeque},
+    future::Future,
     rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
@@ -305,6 +306,11 @@ impl PresenceRegistry {
                 });
             }
         }
+        self.send_to_workers(items);
+    }
+
+    /// Hands deliveries to every worker's broadcaster, in order.
+    fn send_to_workers(&self, items: Vec<Delivery>) {
         if items.is_empty() {
             return;
         }
@@ -455,7 +461,7 @@ impl Handler<ConnEvents> for PresenceRegistry {
                 ConnEvent::Connected(conn, user) => self.connected(conn, user),
                 ConnEvent::Disconnected(conn) => self.disconnected(conn),
                 ConnEvent::Request(conn, reference, request) => {
-                    self.request(conn, reference, request);
+                    self.request(conn, reference, request, ctx);
                 }
             }
         }
@@ -488,7 +494,13 @@ impl PresenceRegistry {
         self.queue(Some(StoreOp::Disconnect(local.user)), Then::Nothing);
     }
 
-    fn request(&mut self, conn: ConnId, reference: Option<Value>, request: Request) {
+    fn request(
+        &mut self,
+        conn: ConnId,
+        reference: Option<Value>,
+        request: Request,
+        ctx: &mut Context<Self>,
+    ) {
         // A request racing its connection's close: nobody to answer.
         let Some(local) = self.conns.get_mut(&conn) else {
             return;
@@ -533,9 +545,82 @@ impl PresenceRegistry {
                     Then::Reply(conn, frame, SubChange::Unwatch(users), FrameKind::Reply),
                 )
             }
+            Request::Room {
+                room,
+                limit,
+                cursor,
+            } => {
+                let read = self.store.room_page(room.clone(), cursor, limit);
+                self.read_directly(conn, reference, ctx, async move {
+                    let (page, count) = read.await?;
+                    Ok(ReplyBody::RoomPage {
+                        room: room.to_string(),
+                        count,
+                        users: page.users.iter().map(ToString::to_string).collect(),
+                        next_cursor: page.next,
+                    })
+                });
+                return;
+            }
+            Request::Count => {
+                let read = self.store.stats();
+                self.read_directly(conn, reference, ctx, async move {
+                    let stats = read.await?;
+                    Ok(ReplyBody::Count {
+                        users_online: stats.users_online,
+                        connections: stats.connections,
+                    })
+                });
+                return;
+            }
             Request::Ping => return,
         };
         self.queue(op, then);
+    }
+
+    /// Answers a read that is not part of a batch (a page scan, counts):
+    /// one store call, then the reply, or an error frame if it failed.
+    /// Nothing is written, so it need not wait its turn in the queue.
+    fn read_directly(
+        &mut self,
+        conn: ConnId,
+        reference: Option<Value>,
+        ctx: &mut Context<Self>,
+        read: impl Future<Output = Result<ReplyBody, StoreError>> + 'static,
+    ) {
+        ctx.spawn(read.into_actor(self).map(move |result, this, _| {
+            let (frame, kind) = match result {
+                Ok(body) => (
+                    protocol::reply_frame(reference.as_ref(), &body),
+                    FrameKind::Reply,
+                ),
+                Err(error) => {
+                    let (code, message) = match error {
+                        StoreError::BadCursor => {
+                            (ErrorCode::BadRequest, "invalid cursor".to_owned())
+                        }
+                        other => {
+                            warn!(error = %other, "direct store read failed");
+                            (
+                                ErrorCode::Unavailable,
+                                "the presence store is unavailable; retry later".to_owned(),
+                            )
+                        }
+                    };
+                    metrics().errors_sent.get(code).inc();
+                    (
+                        protocol::error_frame(reference.as_ref(), code, &message),
+                        FrameKind::Error,
+                    )
+                }
+            };
+            this.send_to_workers(vec![Delivery::Reply {
+                conn,
+                frame,
+                change: SubChange::None,
+                kind,
+            }]);
+        }));
     }
 }
 

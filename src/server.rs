@@ -77,7 +77,10 @@ async fn serve(config: Config) -> Result<(), StartError> {
         node,
         heartbeat: config.heartbeat(),
         idle_timeout: config.idle_timeout(),
-        max_ids: config.max_ids,
+        bounds: crate::protocol::Bounds {
+            max_ids: config.max_ids,
+            max_page: config.max_page,
+        },
         outbox_messages: config.outbox_messages,
         outbox_bytes: config.outbox_bytes,
     };
