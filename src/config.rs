@@ -91,7 +91,7 @@ pub struct Config {
     /// Bearer key required by the `/v1` HTTP API. Without it `/v1` answers
     /// only on a loopback listen address.
     #[arg(long, env = "PRESENCED_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 
     /// Largest page of users the `/v1` API returns.
     #[arg(long, env = "PRESENCED_MAX_PAGE", default_value_t = DEFAULT_MAX_PAGE)]
@@ -100,6 +100,32 @@ pub struct Config {
     /// How long a node counts as alive after each lease refresh, milliseconds.
     #[arg(long, env = "PRESENCED_NODE_LEASE_MS", default_value_t = DEFAULT_NODE_LEASE_MS)]
     pub node_lease_ms: u64,
+}
+
+/// A secret from the command line or environment. Its `Debug` says only
+/// that it is set, so logging a config never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for comparing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(set)")
+    }
 }
 
 /// A configuration the gateway refuses to start with.
@@ -161,7 +187,7 @@ impl Config {
         if self.max_page == 0 {
             return invalid("--max-page must be at least 1");
         }
-        if self.api_key.as_deref() == Some("") {
+        if self.api_key.as_ref().is_some_and(|k| k.expose().is_empty()) {
             return invalid("--api-key must not be empty");
         }
         if self.node_lease_ms < 1000 {
@@ -259,8 +285,12 @@ mod tests {
         assert!(parse(&["--dev"]).api_open());
         let mut c = parse(&["--dev", "--listen", "0.0.0.0:8080"]);
         assert!(!c.api_open());
-        c.api_key = Some("k".into());
+        c.api_key = Some("k".parse().unwrap());
         assert!(c.api_open());
+        assert!(
+            !format!("{c:?}").contains("\"k\""),
+            "the key is never in Debug output"
+        );
     }
 
     #[test]

@@ -236,6 +236,14 @@ async fn the_api_key_is_required_when_set() {
     )
     .await;
     assert_eq!(right.status, 200, "{}", right.body_text());
+    let lower = http::request(
+        addr,
+        "GET",
+        "/v1/stats",
+        &[("Authorization", "bearer s3cret")],
+    )
+    .await;
+    assert_eq!(lower.status, 200, "the scheme is case-insensitive");
     // The key guards /v1 only.
     assert_eq!(http::get(addr, "/healthz").await.status, 200);
 }

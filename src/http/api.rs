@@ -78,13 +78,15 @@ fn authorize(req: &Request<Incoming>, state: &WorkerState) -> Result<(), HttpErr
     let Some(key) = &state.config.api_key else {
         return Ok(());
     };
+    // The scheme name is case-insensitive (RFC 7235).
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if same_secret(given.as_bytes(), key.as_bytes()) {
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
+    if same_secret(given.as_bytes(), key.expose().as_bytes()) {
         Ok(())
     } else {
         Err(HttpError::Unauthorized)
