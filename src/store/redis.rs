@@ -19,6 +19,9 @@ const BATCH_LUA: &str = include_str!("scripts/batch.lua");
 const LEASE_LUA: &str = include_str!("scripts/lease.lua");
 const STATS_LUA: &str = include_str!("scripts/stats.lua");
 
+/// Reconnect attempts inside one call before it fails.
+const RECONNECT_RETRIES: usize = 2;
+
 /// How long one Redis call may take before it counts as failed.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -44,9 +47,16 @@ impl RedisStore {
         lease: Duration,
     ) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
+        // Fail fast when Redis is gone: the registry retries batches with
+        // its own backoff, and an HTTP or `count` read should answer 503 /
+        // `unavailable` at once rather than after redis-rs's default ~6 s
+        // of reconnect attempts. The manager reconnects on the next call.
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(DEFAULT_RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(DEFAULT_RESPONSE_TIMEOUT));
+            .set_response_timeout(Some(DEFAULT_RESPONSE_TIMEOUT))
+            .set_number_of_retries(RECONNECT_RETRIES)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
         let conn = client.get_connection_manager_with_config(config).await?;
         let store = Self {
             conn,
