@@ -25,6 +25,8 @@ pub const DEFAULT_OUTBOX_MESSAGES: usize = 1024;
 pub const DEFAULT_OUTBOX_BYTES: usize = 1024 * 1024;
 /// Default longest `users` list in one request.
 pub const DEFAULT_MAX_IDS: usize = 1000;
+/// Default largest connection metadata, in bytes.
+pub const DEFAULT_MAX_META_BYTES: usize = 1024;
 /// Default largest page of the `/v1` API.
 pub const DEFAULT_MAX_PAGE: usize = 1000;
 /// Default node lease length, in milliseconds.
@@ -92,6 +94,10 @@ pub struct Config {
     /// only on a loopback listen address.
     #[arg(long, env = "PRESENCED_API_KEY", hide_env_values = true)]
     pub api_key: Option<Secret>,
+
+    /// Largest connection metadata (a JSON object), bytes.
+    #[arg(long, env = "PRESENCED_MAX_META_BYTES", default_value_t = DEFAULT_MAX_META_BYTES)]
+    pub max_meta_bytes: usize,
 
     /// Largest page of users the `/v1` API returns.
     #[arg(long, env = "PRESENCED_MAX_PAGE", default_value_t = DEFAULT_MAX_PAGE)]

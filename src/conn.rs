@@ -8,7 +8,10 @@
 //! oversize frame, slow consumer) goes through [`Actor::stopped`], the one
 //! disconnect path. A `Conn` never talks to the store.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use actix::prelude::*;
 use futures_util::{Sink, Stream, StreamExt, stream::SplitStream};
@@ -53,6 +56,7 @@ pub struct ConnSettings {
 pub struct Conn {
     id: ConnId,
     user: UserId,
+    meta: Option<Arc<str>>,
     settings: ConnSettings,
     registry: RegistryLink,
     hub: SharedHub,
@@ -74,6 +78,7 @@ impl Conn {
     pub fn start<S>(
         socket: S,
         user: UserId,
+        meta: Option<Arc<str>>,
         settings: ConnSettings,
         registry: RegistryLink,
         hub: SharedHub,
@@ -99,6 +104,7 @@ impl Conn {
             Conn {
                 id: ConnId::new(),
                 user,
+                meta,
                 settings,
                 registry,
                 hub,
@@ -190,8 +196,11 @@ impl Actor for Conn {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.hub.borrow_mut().register(self.id, self.outbox.clone());
-        self.registry
-            .send(ConnEvent::Connected(self.id, self.user.clone()));
+        self.registry.send(ConnEvent::Connected(
+            self.id,
+            self.user.clone(),
+            self.meta.take(),
+        ));
         let welcome = protocol::welcome_frame(
             self.id,
             &self.user,

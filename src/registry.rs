@@ -57,8 +57,9 @@ pub struct Batching {
 /// What a `Conn` tells the registry.
 #[derive(Debug)]
 pub enum ConnEvent {
-    /// A connection came up on this node with its verified user.
-    Connected(ConnId, UserId),
+    /// A connection came up on this node with its verified user and its
+    /// metadata (a validated JSON object).
+    Connected(ConnId, UserId, Option<Arc<str>>),
     /// A connection on this node went away (any reason).
     Disconnected(ConnId),
     /// A client request that needs the store or changes subscriptions
@@ -151,6 +152,8 @@ impl Pending {
                     | StoreOp::Disconnect(_)
                     | StoreOp::Join(..)
                     | StoreOp::Leave(..)
+                    | StoreOp::Attach(..)
+                    | StoreOp::Detach(..)
             )
         )
     }
@@ -458,7 +461,7 @@ impl Handler<ConnEvents> for PresenceRegistry {
     fn handle(&mut self, msg: ConnEvents, ctx: &mut Context<Self>) {
         for event in msg.0 {
             match event {
-                ConnEvent::Connected(conn, user) => self.connected(conn, user),
+                ConnEvent::Connected(conn, user, meta) => self.connected(conn, user, meta),
                 ConnEvent::Disconnected(conn) => self.disconnected(conn),
                 ConnEvent::Request(conn, reference, request) => {
                     self.request(conn, reference, request, ctx);
@@ -470,7 +473,7 @@ impl Handler<ConnEvents> for PresenceRegistry {
 }
 
 impl PresenceRegistry {
-    fn connected(&mut self, conn: ConnId, user: UserId) {
+    fn connected(&mut self, conn: ConnId, user: UserId, meta: Option<Arc<str>>) {
         self.conns.insert(
             conn,
             LocalConn {
@@ -478,7 +481,8 @@ impl PresenceRegistry {
                 rooms: HashSet::new(),
             },
         );
-        self.queue(Some(StoreOp::Connect(user)), Then::Nothing);
+        self.queue(Some(StoreOp::Connect(user.clone())), Then::Nothing);
+        self.queue(Some(StoreOp::Attach(user, conn, meta)), Then::Nothing);
     }
 
     fn disconnected(&mut self, conn: ConnId) {
@@ -491,6 +495,10 @@ impl PresenceRegistry {
                 Then::Nothing,
             );
         }
+        self.queue(
+            Some(StoreOp::Detach(local.user.clone(), conn)),
+            Then::Nothing,
+        );
         self.queue(Some(StoreOp::Disconnect(local.user)), Then::Nothing);
     }
 
@@ -656,7 +664,7 @@ mod tests {
             };
             tokio::time::timeout(Duration::from_secs(5), wait)
                 .await
-                .expect("the store saw the ops in time")
+                .unwrap_or_else(|_| panic!("the store saw only {:?}", self.seen.lock().unwrap()))
         }
     }
 
@@ -687,6 +695,12 @@ mod tests {
         fn stats(&self) -> BoxFuture<'static, Result<crate::store::Stats, StoreError>> {
             self.inner.stats()
         }
+        fn user(
+            &self,
+            user: UserId,
+        ) -> BoxFuture<'static, Result<crate::store::UserRecord, StoreError>> {
+            self.inner.user(user)
+        }
         fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>> {
             self.inner.refresh_lease()
         }
@@ -705,7 +719,7 @@ mod tests {
         let (conn, user) = (ConnId::new(), UserId::parse("flooder").unwrap());
         let room = RoomName::parse("r").unwrap();
         let mut events = vec![
-            ConnEvent::Connected(conn, user.clone()),
+            ConnEvent::Connected(conn, user.clone(), None),
             ConnEvent::Request(conn, None, Request::Join(room.clone())),
         ];
         for _ in 0..100 {
@@ -718,13 +732,15 @@ mod tests {
         }
         events.push(ConnEvent::Disconnected(conn));
         registry.send(ConnEvents(events)).await.unwrap();
-        let seen = store.seen(4).await;
+        let seen = store.seen(6).await;
         assert_eq!(
             seen,
             vec![
                 StoreOp::Connect(user.clone()),
+                StoreOp::Attach(user.clone(), conn, None),
                 StoreOp::Join(room.clone(), user.clone()),
                 StoreOp::Leave(room, user.clone()),
+                StoreOp::Detach(user.clone(), conn),
                 StoreOp::Disconnect(user),
             ]
         );

@@ -54,7 +54,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
                 .await
                 .map_err(|e| StartError::Store(config.redis_for_log(), e))?,
         ),
-        None => Arc::new(MemoryStore::new()),
+        None => Arc::new(MemoryStore::for_node(node)),
     };
     // The first listener resolves port 0; the others join it on the port
     // it got.
@@ -123,6 +123,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
         max_ids = config.max_ids,
         node_lease_ms = config.node_lease_ms,
         max_page = config.max_page,
+        max_meta_bytes = config.max_meta_bytes,
         api_key = if config.api_key.is_some() { "set" } else { "not set" },
         "presenced started"
     );

@@ -247,3 +247,75 @@ async fn the_api_key_is_required_when_set() {
     // The key guards /v1 only.
     assert_eq!(http::get(addr, "/healthz").await.status, 200);
 }
+
+on_both_stores!(a_users_record_shows_its_connections_and_metadata =>
+    a_users_record_shows_its_connections_and_metadata_memory,
+    a_users_record_shows_its_connections_and_metadata_redis);
+
+async fn a_users_record_shows_its_connections_and_metadata(backend: Backend) {
+    let d = backend.start(&["--max-meta-bytes", "64"]).await;
+    let url = |meta: &str| format!("{}&meta={meta}", d.gateway.ws_url("alice"));
+    // {"device":"phone"} percent-encoded, as encodeURIComponent would.
+    let phone = Client::connect(&url("%7B%22device%22%3A%22phone%22%7D")).await;
+    let mut laptop = Client::connect(&d.gateway.ws_url("alice")).await;
+    laptop.query(&["alice"]).await;
+
+    let record = ok(get(&d, "/v1/users/alice").await);
+    assert_eq!(record["user"], "alice");
+    assert_eq!(record["online"], true);
+    assert_eq!(record["meta"], json!({"device": "phone"}));
+    assert_eq!(record["last_seen_ms"], Value::Null);
+    let conns = record["connections"].as_array().expect("connections");
+    assert_eq!(conns.len(), 2);
+    for (tab, meta) in [(&phone, json!({"device": "phone"})), (&laptop, Value::Null)] {
+        let c = conns
+            .iter()
+            .find(|c| c["conn"] == tab.welcome()["conn"])
+            .unwrap_or_else(|| panic!("no record of {}", tab.welcome()));
+        assert_eq!(c["node"], tab.welcome()["node"]);
+        assert_eq!(c["meta"], meta);
+        assert!(
+            c["since_ms"]
+                .as_u64()
+                .is_some_and(|t| t > 1_700_000_000_000)
+        );
+    }
+
+    let mut watcher = Client::connect(&d.gateway.ws_url("walter")).await;
+    watcher.watch(&["alice"]).await;
+    phone.close().await;
+    laptop.close().await;
+    let offline = watcher.expect_event(support::offline("alice")).await;
+    let record = ok(get(&d, "/v1/users/alice").await);
+    assert_eq!(record["online"], false);
+    assert_eq!(record["connections"], json!([]));
+    assert_eq!(record["last_seen_ms"], offline["last_seen"]);
+    assert_eq!(record["meta"], json!({"device": "phone"}));
+
+    let never = ok(get(&d, "/v1/users/nobody").await);
+    assert_eq!(
+        never,
+        json!({"user": "nobody", "online": false, "connections": [], "last_seen_ms": null, "meta": null})
+    );
+    let bad = get(&d, "/v1/users/a%20b").await;
+    assert_eq!(
+        (bad.status, bad.error_code().as_str()),
+        (400, "invalid_user")
+    );
+
+    // Metadata is checked before the upgrade: no WebSocket is opened.
+    let big = format!("%7B%22x%22%3A%22{}%22%7D", "y".repeat(100));
+    for (meta, code) in [
+        ("not-json", "invalid_meta"),
+        ("%5B1%2C2%5D", "invalid_meta"),
+        (big.as_str(), "meta_too_large"),
+    ] {
+        let path = format!("/ws?user=alice&meta={meta}");
+        let refused = http::websocket_upgrade(d.gateway.addr, &path, &[]).await;
+        assert_eq!(
+            (refused.status, refused.error_code().as_str()),
+            (400, code),
+            "{meta}"
+        );
+    }
+}

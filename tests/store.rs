@@ -7,7 +7,7 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use presenced::{
-    ids::{NodeId, RoomName, UserId},
+    ids::{ConnId, NodeId, RoomName, UserId},
     store::{MemoryStore, Outcome, RedisStore, Store, StoreError, StoreOp, UserPresence},
 };
 use support::RedisServer;
@@ -80,6 +80,7 @@ both_stores!(
     racing_nodes_see_each_transition_once,
     pages_cover_every_member_once,
     stats_count_users_and_live_nodes,
+    user_records_follow_connections,
 );
 
 async fn second_tab_is_no_transition(b: Backend) {
@@ -505,4 +506,70 @@ async fn stats_count_users_and_live_nodes(b: Backend) {
         Backend::Redis(_) => 2,
     };
     assert_eq!(stats.nodes_alive, nodes);
+}
+
+/// Connection records and metadata: what `GET /v1/users/{id}` reads.
+async fn user_records_follow_connections(b: Backend) {
+    let id = NodeId::new();
+    let s = b.node_with_id(id).await;
+    let u = user("alice");
+    let (c1, c2) = (ConnId::new(), ConnId::new());
+    let never = s.user(user("nobody")).await.unwrap();
+    assert_eq!(never, Default::default());
+
+    apply(
+        &s,
+        vec![
+            StoreOp::Connect(u.clone()),
+            StoreOp::Attach(u.clone(), c1, Some(r#"{"tab":1}"#.into())),
+            StoreOp::Connect(u.clone()),
+            StoreOp::Attach(u.clone(), c2, None),
+        ],
+    )
+    .await;
+    let record = s.user(u.clone()).await.unwrap();
+    assert!(record.online);
+    assert_eq!(
+        record.meta.as_deref(),
+        Some(r#"{"tab":1}"#),
+        "the latest metadata given"
+    );
+    let mut conns: Vec<_> = record.connections.iter().map(|c| c.conn.clone()).collect();
+    conns.sort();
+    let mut expected = vec![c1.to_string(), c2.to_string()];
+    expected.sort();
+    assert_eq!(conns, expected);
+    for c in &record.connections {
+        if matches!(b, Backend::Redis(_)) {
+            assert_eq!(c.node, id.to_string());
+        }
+        assert!(c.since_ms > 1_700_000_000_000);
+        let meta = if c.conn == c1.to_string() {
+            Some(r#"{"tab":1}"#)
+        } else {
+            None
+        };
+        assert_eq!(c.meta.as_deref(), meta);
+    }
+    assert_eq!(record.last_seen_ms, None);
+
+    apply(
+        &s,
+        vec![
+            StoreOp::Detach(u.clone(), c1),
+            StoreOp::Disconnect(u.clone()),
+            StoreOp::Detach(u.clone(), c2),
+            StoreOp::Disconnect(u.clone()),
+        ],
+    )
+    .await;
+    let record = s.user(u).await.unwrap();
+    assert!(!record.online);
+    assert!(record.connections.is_empty());
+    assert!(record.last_seen_ms.is_some_and(|t| t > 1_700_000_000_000));
+    assert_eq!(
+        record.meta.as_deref(),
+        Some(r#"{"tab":1}"#),
+        "kept after offline"
+    );
 }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tracing::warn;
 
 use super::{HttpError, WorkerState, json};
@@ -51,6 +52,16 @@ pub async fn serve(
         (&Method::GET, "/v1/users") => users(&req, state).await,
         (&Method::GET, "/v1/stats") => stats(state).await,
         (_, "/v1/users" | "/v1/stats") => Err(HttpError::MethodNotAllowed),
+        (method, p) if p.starts_with("/v1/users/") => {
+            if method != Method::GET {
+                return Err(HttpError::MethodNotAllowed);
+            }
+            let id = percent_encoding::percent_decode_str(&p["/v1/users/".len()..])
+                .decode_utf8()
+                .map_err(|_| HttpError::InvalidUser)?;
+            let user = UserId::parse(&id).map_err(|_| HttpError::InvalidUser)?;
+            one_user(user, state).await
+        }
         (method, p) => match p.strip_prefix("/v1/rooms/") {
             Some(_) if method != Method::GET => Err(HttpError::MethodNotAllowed),
             Some(room) => {
@@ -209,6 +220,49 @@ async fn users(req: &Request<Incoming>, state: &WorkerState) -> Result<Response<
     Ok(ok_json(&UsersPage {
         users: page.users.iter().map(ToString::to_string).collect(),
         next_cursor: page.next,
+    }))
+}
+
+/// Stored metadata text back to JSON (it was validated going in).
+fn meta_json(meta: Option<&str>) -> Value {
+    meta.and_then(|m| serde_json::from_str(m).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// `GET /v1/users/{id}`: presence, live connections, metadata, last seen.
+/// A user never seen is offline with nothing else known, not an error.
+async fn one_user(user: UserId, state: &WorkerState) -> Result<Response<Body>, HttpError> {
+    #[derive(Serialize)]
+    struct Connection<'a> {
+        conn: &'a str,
+        node: &'a str,
+        since_ms: u64,
+        meta: Value,
+    }
+    #[derive(Serialize)]
+    struct Answer<'a> {
+        user: &'a str,
+        online: bool,
+        connections: Vec<Connection<'a>>,
+        last_seen_ms: Option<u64>,
+        meta: Value,
+    }
+    let record = state.store.user(user.clone()).await?;
+    Ok(ok_json(&Answer {
+        user: user.as_str(),
+        online: record.online,
+        connections: record
+            .connections
+            .iter()
+            .map(|c| Connection {
+                conn: &c.conn,
+                node: &c.node,
+                since_ms: c.since_ms,
+                meta: meta_json(c.meta.as_deref()),
+            })
+            .collect(),
+        last_seen_ms: record.last_seen_ms,
+        meta: meta_json(record.meta.as_deref()),
     }))
 }
 

@@ -33,6 +33,12 @@ pub enum HttpError {
     /// A user id outside the naming rules.
     #[error("user id must be 1-128 bytes of A-Z a-z 0-9 _ - . : @")]
     InvalidUser,
+    /// `meta` that is not a JSON object.
+    #[error("meta must be a JSON object")]
+    InvalidMeta,
+    /// `meta` over `--max-meta-bytes`.
+    #[error("meta is larger than --max-meta-bytes ({0} bytes)")]
+    MetaTooLarge(usize),
     /// A room name outside the naming rules.
     #[error("room name must be 1-200 bytes of A-Z a-z 0-9 _ - . : @ / + =")]
     InvalidRoom,
@@ -64,6 +70,8 @@ impl HttpError {
             Self::MissingUser => (StatusCode::BAD_REQUEST, "missing_user"),
             Self::InvalidUser => (StatusCode::BAD_REQUEST, "invalid_user"),
             Self::InvalidRoom => (StatusCode::BAD_REQUEST, "invalid_room"),
+            Self::InvalidMeta => (StatusCode::BAD_REQUEST, "invalid_meta"),
+            Self::MetaTooLarge(_) => (StatusCode::BAD_REQUEST, "meta_too_large"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::LimitExceeded(_) => (StatusCode::BAD_REQUEST, "limit_exceeded"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),

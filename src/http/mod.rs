@@ -144,6 +144,28 @@ fn dev_user(req: &Request<Incoming>) -> Result<UserId, HttpError> {
     UserId::parse(&user).map_err(|_| HttpError::InvalidUser)
 }
 
+/// A `--dev` connection's metadata, from `?meta=` (a JSON object), stored
+/// compact; `None` when absent.
+fn dev_meta(req: &Request<Incoming>, max: usize) -> Result<Option<Arc<str>>, HttpError> {
+    let query = req.uri().query().unwrap_or("");
+    let Some((_, raw)) = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "meta") else {
+        return Ok(None);
+    };
+    if raw.len() > max.saturating_mul(4) {
+        return Err(HttpError::MetaTooLarge(max));
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(&raw).map_err(|_| HttpError::InvalidMeta)?;
+    if !value.is_object() {
+        return Err(HttpError::InvalidMeta);
+    }
+    let compact = value.to_string();
+    if compact.len() > max {
+        return Err(HttpError::MetaTooLarge(max));
+    }
+    Ok(Some(compact.into()))
+}
+
 fn upgrade(
     mut req: Request<Incoming>,
     state: &Rc<WorkerState>,
@@ -165,6 +187,7 @@ fn upgrade(
         .map(|k| derive_accept_key(k.as_bytes()))
         .ok_or(HttpError::MissingKey)?;
     let user = dev_user(&req)?;
+    let meta = dev_meta(&req, state.config.max_meta_bytes)?;
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let settings = state.conn.clone();
@@ -180,7 +203,7 @@ fn upgrade(
                     Some(ws_config),
                 )
                 .await;
-                Conn::start(socket, user, settings, registry, hub);
+                Conn::start(socket, user, meta, settings, registry, hub);
             }
             Err(error) => debug!(%error, "websocket upgrade failed"),
         }

@@ -12,13 +12,23 @@ use std::{
 
 use futures_util::{FutureExt, future::BoxFuture};
 
-use super::{Outcome, Page, Stats, Store, StoreError, StoreOp, UserPresence};
-use crate::ids::{RoomName, UserId};
+use super::{
+    ConnRecord, Outcome, Page, Stats, Store, StoreError, StoreOp, UserPresence, UserRecord,
+};
+use crate::ids::{ConnId, NodeId, RoomName, UserId};
 
 /// In-process presence state.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
+    node: String,
+}
+
+/// One attached connection.
+#[derive(Debug)]
+struct Attached {
+    since_ms: u64,
+    meta: Option<Arc<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -29,12 +39,26 @@ struct State {
     seq: HashMap<UserId, u64>,
     /// room → user → that user's connections in the room
     rooms: HashMap<RoomName, HashMap<UserId, u64>>,
+    /// user → connection → its record
+    records: HashMap<UserId, HashMap<ConnId, Attached>>,
+    /// user → metadata of the latest attached connection
+    meta: HashMap<UserId, Arc<str>>,
+    /// user → when they last went offline
+    last_seen: HashMap<UserId, u64>,
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store for a node with a fresh id.
     pub fn new() -> Self {
-        Self::default()
+        Self::for_node(NodeId::new())
+    }
+
+    /// An empty store for `node`, named in connection records.
+    pub fn for_node(node: NodeId) -> Self {
+        Self {
+            state: Arc::default(),
+            node: node.to_string(),
+        }
     }
 }
 
@@ -74,9 +98,33 @@ impl State {
                 *n += 1;
                 Outcome::Connected((*n == 1).then(|| self.bump(&user)))
             }
-            StoreOp::Disconnect(user) => Outcome::Disconnected(
-                decrement(&mut self.connections, &user).then(|| (self.bump(&user), now)),
-            ),
+            StoreOp::Disconnect(user) => {
+                let offline = decrement(&mut self.connections, &user);
+                if offline {
+                    self.last_seen.insert(user.clone(), now);
+                }
+                Outcome::Disconnected(offline.then(|| (self.bump(&user), now)))
+            }
+            StoreOp::Attach(user, conn, meta) => {
+                if let Some(m) = &meta {
+                    self.meta.insert(user.clone(), m.clone());
+                }
+                let attached = Attached {
+                    since_ms: now,
+                    meta,
+                };
+                self.records.entry(user).or_default().insert(conn, attached);
+                Outcome::Recorded
+            }
+            StoreOp::Detach(user, conn) => {
+                if let Some(records) = self.records.get_mut(&user) {
+                    records.remove(&conn);
+                    if records.is_empty() {
+                        self.records.remove(&user);
+                    }
+                }
+                Outcome::Recorded
+            }
             StoreOp::Join(room, user) => {
                 let members = self.rooms.entry(room).or_default();
                 let n = members.entry(user).or_default();
@@ -181,6 +229,31 @@ impl Store for MemoryStore {
         // unwrap: see `apply`.
         let state = self.state.lock().unwrap();
         futures_util::future::ready(page(state.connections.keys(), cursor, limit)).boxed()
+    }
+
+    fn user(&self, user: UserId) -> BoxFuture<'static, Result<UserRecord, StoreError>> {
+        // unwrap: see `apply`.
+        let state = self.state.lock().unwrap();
+        let mut connections: Vec<ConnRecord> = state
+            .records
+            .get(&user)
+            .into_iter()
+            .flatten()
+            .map(|(conn, attached)| ConnRecord {
+                conn: conn.to_string(),
+                node: self.node.clone(),
+                since_ms: attached.since_ms,
+                meta: attached.meta.as_deref().map(str::to_owned),
+            })
+            .collect();
+        connections.sort_by(|a, b| a.conn.cmp(&b.conn));
+        let record = UserRecord {
+            online: state.connections.contains_key(&user),
+            connections,
+            last_seen_ms: state.last_seen.get(&user).copied(),
+            meta: state.meta.get(&user).map(|m| m.to_string()),
+        };
+        futures_util::future::ready(Ok(record)).boxed()
     }
 
     fn stats(&self) -> BoxFuture<'static, Result<Stats, StoreError>> {

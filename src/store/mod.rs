@@ -16,7 +16,9 @@ mod redis;
 use futures_util::future::BoxFuture;
 
 pub use self::{memory::MemoryStore, redis::RedisStore};
-use crate::ids::{RoomName, UserId};
+use std::sync::Arc;
+
+use crate::ids::{ConnId, RoomName, UserId};
 
 /// One write or read in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,11 @@ pub enum StoreOp {
     Members(RoomName),
     /// Read these users' presence.
     Presence(Vec<UserId>),
+    /// Record a connection of `user` on this node, with its metadata (a
+    /// JSON object, already validated), for `GET /v1/users/{id}`.
+    Attach(UserId, ConnId, Option<Arc<str>>),
+    /// Forget that connection record.
+    Detach(UserId, ConnId),
 }
 
 /// What the store decided for one op.
@@ -51,6 +58,34 @@ pub enum Outcome {
     Members(Vec<UserId>),
     /// `Presence`: one entry per requested user, in order.
     Presence(Vec<UserPresence>),
+    /// `Attach` or `Detach`: recorded.
+    Recorded,
+}
+
+/// One live connection of a user, as `GET /v1/users/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnRecord {
+    /// The connection's id.
+    pub conn: String,
+    /// The node holding it.
+    pub node: String,
+    /// When it was recorded, Unix milliseconds (store clock).
+    pub since_ms: u64,
+    /// Its metadata, a JSON object as text.
+    pub meta: Option<String>,
+}
+
+/// Everything the store knows of one user.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserRecord {
+    /// At least one live connection.
+    pub online: bool,
+    /// The live connections, sorted by id.
+    pub connections: Vec<ConnRecord>,
+    /// When the user last went offline, Unix milliseconds.
+    pub last_seen_ms: Option<u64>,
+    /// The metadata of the user's most recently attached connection.
+    pub meta: Option<String>,
 }
 
 /// A user's presence as the store sees it.
@@ -121,6 +156,9 @@ pub trait Store: Send + Sync + 'static {
         cursor: Option<String>,
         limit: usize,
     ) -> BoxFuture<'static, Result<Page, StoreError>>;
+
+    /// One user's presence, connections and metadata.
+    fn user(&self, user: UserId) -> BoxFuture<'static, Result<UserRecord, StoreError>>;
 
     /// Users online and nodes alive, cluster-wide.
     fn stats(&self) -> BoxFuture<'static, Result<Stats, StoreError>>;

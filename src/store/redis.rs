@@ -12,7 +12,9 @@ use std::time::Duration;
 use futures_util::{FutureExt, future::BoxFuture};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value, aio::ConnectionManager};
 
-use super::{Outcome, Page, Stats, Store, StoreError, StoreOp, UserPresence};
+use super::{
+    ConnRecord, Outcome, Page, Stats, Store, StoreError, StoreOp, UserPresence, UserRecord,
+};
 use crate::ids::{NodeId, RoomName, UserId};
 
 const BATCH_LUA: &str = include_str!("scripts/batch.lua");
@@ -94,6 +96,12 @@ impl RedisStore {
                 StoreOp::Join(r, u) => cmd.arg("J").arg(r.as_str()).arg(u.as_str()),
                 StoreOp::Leave(r, u) => cmd.arg("L").arg(r.as_str()).arg(u.as_str()),
                 StoreOp::Members(r) => cmd.arg("M").arg(r.as_str()),
+                StoreOp::Attach(u, conn, meta) => cmd
+                    .arg("A")
+                    .arg(u.as_str())
+                    .arg(conn.to_string())
+                    .arg(meta.as_deref().unwrap_or("")),
+                StoreOp::Detach(u, conn) => cmd.arg("X").arg(u.as_str()).arg(conn.to_string()),
                 StoreOp::Presence(users) => {
                     cmd.arg("P").arg(users.len());
                     for u in users {
@@ -215,6 +223,56 @@ impl Store for RedisStore {
         .boxed()
     }
 
+    fn user(&self, user: UserId) -> BoxFuture<'static, Result<UserRecord, StoreError>> {
+        let this = self.clone();
+        async move {
+            let p = &this.prefix;
+            let key = format!("{p}:user:{user}");
+            let mut conn = this.conn.clone();
+            #[allow(clippy::type_complexity)]
+            let (online, records, (last_seen, meta)): (
+                bool,
+                Vec<(String, String)>,
+                (Option<u64>, Option<String>),
+            ) = redis::pipe()
+                .cmd("HEXISTS")
+                .arg(format!("{p}:users"))
+                .arg(user.as_str())
+                .cmd("HGETALL")
+                .arg(format!("{key}:conns"))
+                .cmd("HMGET")
+                .arg(&key)
+                .arg("last_seen")
+                .arg("meta")
+                .query_async(&mut conn)
+                .await?;
+            let mut connections = records
+                .into_iter()
+                .map(|(conn, record)| {
+                    let mut parts = record.splitn(3, ' ');
+                    let node = parts.next().unwrap_or_default().to_owned();
+                    let since_ms = parts.next().and_then(|t| t.parse().ok()).ok_or_else(|| {
+                        StoreError::Protocol(format!("connection record {record:?}"))
+                    })?;
+                    Ok(ConnRecord {
+                        conn,
+                        node,
+                        since_ms,
+                        meta: parts.next().map(str::to_owned),
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            connections.sort_by(|a, b| a.conn.cmp(&b.conn));
+            Ok(UserRecord {
+                online,
+                connections,
+                last_seen_ms: last_seen,
+                meta,
+            })
+        }
+        .boxed()
+    }
+
     fn stats(&self) -> BoxFuture<'static, Result<Stats, StoreError>> {
         let this = self.clone();
         async move {
@@ -317,6 +375,10 @@ fn parse_outcomes(ops: &[StoreOp], reply: Value) -> Result<Vec<Outcome>, StoreEr
                     Outcome::Joined(int(&first)? == 1, users(items)?)
                 }
                 StoreOp::Leave(..) => Outcome::Left(int(&v)? == 1),
+                StoreOp::Attach(..) | StoreOp::Detach(..) => {
+                    int(&v)?;
+                    Outcome::Recorded
+                }
                 StoreOp::Members(_) => Outcome::Members(users(array(v)?.into_iter())?),
                 StoreOp::Presence(requested) => {
                     let flat = array(v)?;

@@ -10,6 +10,9 @@
 --   L room user       a connection of user left room
 --   M room            read room's members
 --   P n user1..usern  read n users' presence
+--   A user conn meta  record connection conn of user on this node ("" = no
+--                     metadata); a non-empty meta becomes the user's meta
+--   X user conn       forget that record
 -- Returns one entry per op, in order:
 --   C -> seq if the user went online, else 0
 --   D -> {seq, last_seen_ms} if the user went offline, else {0, 0}
@@ -17,8 +20,10 @@
 --   L -> 1 if the user's last connection left room, else 0
 --   M -> {member...}
 --   P -> {online 0|1, seq, ...} two integers per user
+--   A, X -> 1
 -- Keys written: P:connections (live connections, cluster-wide), P:users, P:node:N:users, P:room:R, P:node:N:rooms
--- (field "room user": neither may contain a space), P:user:U (seq, last_seen).
+-- (field "room user": neither may contain a space), P:user:U (seq,
+-- last_seen, meta), P:user:U:conns (conn -> "node since_ms[ meta]").
 
 local p = ARGV[1]
 local node = ARGV[2]
@@ -96,6 +101,20 @@ while i <= #ARGV do
     end
     out[#out + 1] = r
     i = i + 2 + n
+  elseif op == 'A' then
+    local u, conn, meta = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    i = i + 4
+    local record = node .. ' ' .. now_ms
+    if meta ~= '' then
+      record = record .. ' ' .. meta
+      redis.call('HSET', p .. ':user:' .. u, 'meta', meta)
+    end
+    redis.call('HSET', p .. ':user:' .. u .. ':conns', conn, record)
+    out[#out + 1] = 1
+  elseif op == 'X' then
+    redis.call('HDEL', p .. ':user:' .. ARGV[i + 1] .. ':conns', ARGV[i + 2])
+    i = i + 3
+    out[#out + 1] = 1
   else
     return redis.error_reply('ERR presenced batch: unknown op ' .. tostring(op))
   end
