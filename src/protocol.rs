@@ -339,6 +339,9 @@ pub struct UserState {
 pub struct Member {
     /// The member's user id.
     pub user: String,
+    /// The member's metadata, when any connection of theirs carried some.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Value>,
 }
 
 /// The body of a successful reply, beside `type`, `ref` and `ok`.
@@ -625,7 +628,10 @@ mod tests {
         );
         let body = ReplyBody::Joined {
             room: "doc:1".into(),
-            members: vec![Member { user: "bob".into() }],
+            members: vec![Member {
+                user: "bob".into(),
+                meta: None,
+            }],
         };
         assert_eq!(
             v(reply_frame(Some(&json!(1)), &body)),

@@ -377,8 +377,10 @@ fn reply_for(then: Then, outcome: Option<&Outcome>) -> Option<Delivery> {
         ) => {
             let members = members
                 .iter()
-                .map(|u| Member {
-                    user: u.to_string(),
+                .map(|m| Member {
+                    user: m.user.to_string(),
+                    // Stored only after validation as a JSON object.
+                    meta: m.meta.as_deref().and_then(|t| serde_json::from_str(t).ok()),
                 })
                 .collect();
             let body = ReplyBody::Joined {

@@ -281,7 +281,18 @@ async fn a_users_record_shows_its_connections_and_metadata(backend: Backend) {
         );
     }
 
-    let mut watcher = Client::connect(&d.gateway.ws_url("walter")).await;
+    // A room snapshot carries each member's metadata.
+    laptop.join("doc:m").await;
+    let mut walter = Client::connect(&d.gateway.ws_url("walter")).await;
+    let snapshot = walter
+        .request_ok(json!({"type": "join", "room": "doc:m", "ref": "s"}))
+        .await;
+    assert_eq!(
+        snapshot["members"],
+        json!([{"user": "alice", "meta": {"device": "phone"}}, {"user": "walter"}])
+    );
+
+    let mut watcher = Client::connect(&d.gateway.ws_url("watcher")).await;
     watcher.watch(&["alice"]).await;
     phone.close().await;
     laptop.close().await;

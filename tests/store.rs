@@ -8,7 +8,9 @@ use std::{sync::Arc, time::Duration};
 
 use presenced::{
     ids::{ConnId, NodeId, RoomName, UserId},
-    store::{MemoryStore, Outcome, RedisStore, Store, StoreError, StoreOp, UserPresence},
+    store::{
+        MemoryStore, Outcome, RedisStore, RoomMember, Store, StoreError, StoreOp, UserPresence,
+    },
 };
 use support::RedisServer;
 
@@ -19,6 +21,9 @@ fn user(s: &str) -> UserId {
 }
 fn room(s: &str) -> RoomName {
     RoomName::parse(s).unwrap()
+}
+fn members(v: &[&str]) -> Vec<RoomMember> {
+    users(v).into_iter().map(RoomMember::plain).collect()
 }
 fn users(v: &[&str]) -> Vec<UserId> {
     v.iter().map(|s| user(s)).collect()
@@ -137,9 +142,9 @@ async fn room_transitions_follow_first_and_last_tab(b: Backend) {
     assert_eq!(
         out,
         vec![
-            Outcome::Joined(true, users(&["v"])),
-            Outcome::Joined(true, users(&["u", "v"])),
-            Outcome::Joined(false, users(&["u", "v"])),
+            Outcome::Joined(true, members(&["v"])),
+            Outcome::Joined(true, members(&["u", "v"])),
+            Outcome::Joined(false, members(&["u", "v"])),
         ]
     );
     let out = apply(
@@ -158,9 +163,9 @@ async fn room_transitions_follow_first_and_last_tab(b: Backend) {
         out,
         vec![
             Outcome::Left(false),
-            Outcome::Members(users(&["u", "v"])),
+            Outcome::Members(members(&["u", "v"])),
             Outcome::Left(true),
-            Outcome::Members(users(&["v"])),
+            Outcome::Members(members(&["v"])),
             Outcome::Left(true),
             Outcome::Members(vec![]),
         ]
@@ -226,7 +231,7 @@ async fn unknown_disconnect_is_no_event(b: Backend) {
         out,
         vec![
             Outcome::Connected(Some(1)),
-            Outcome::Joined(true, users(&["ghost"]))
+            Outcome::Joined(true, members(&["ghost"]))
         ]
     );
 }
@@ -552,6 +557,26 @@ async fn user_records_follow_connections(b: Backend) {
         assert_eq!(c.meta.as_deref(), meta);
     }
     assert_eq!(record.last_seen_ms, None);
+
+    // Room snapshots carry each member's metadata.
+    let out = apply(
+        &s,
+        vec![
+            StoreOp::Join(room("r"), u.clone()),
+            StoreOp::Join(room("r"), user("bob")),
+            StoreOp::Members(room("r")),
+        ],
+    )
+    .await;
+    let with_meta = vec![
+        RoomMember {
+            user: u.clone(),
+            meta: Some(r#"{"tab":1}"#.into()),
+        },
+        RoomMember::plain(user("bob")),
+    ];
+    assert_eq!(out[2], Outcome::Members(with_meta.clone()));
+    assert_eq!(out[1], Outcome::Joined(true, with_meta));
 
     apply(
         &s,

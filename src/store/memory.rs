@@ -13,7 +13,8 @@ use std::{
 use futures_util::{FutureExt, future::BoxFuture};
 
 use super::{
-    ConnRecord, Outcome, Page, Stats, Store, StoreError, StoreOp, UserPresence, UserRecord,
+    ConnRecord, Outcome, Page, RoomMember, Stats, Store, StoreError, StoreOp, UserPresence,
+    UserRecord,
 };
 use crate::ids::{ConnId, NodeId, RoomName, UserId};
 
@@ -68,8 +69,17 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn sorted(users: impl Iterator<Item = UserId>) -> Vec<UserId> {
-    let mut v: Vec<UserId> = users.collect();
+/// Room members with their metadata, sorted by user.
+fn snapshot<'a>(
+    users: impl Iterator<Item = &'a UserId>,
+    meta: &HashMap<UserId, Arc<str>>,
+) -> Vec<RoomMember> {
+    let mut v: Vec<RoomMember> = users
+        .map(|u| RoomMember {
+            user: u.clone(),
+            meta: meta.get(u).map(|m| m.to_string()),
+        })
+        .collect();
     v.sort();
     v
 }
@@ -130,7 +140,8 @@ impl State {
                 let n = members.entry(user).or_default();
                 *n += 1;
                 let first = *n == 1;
-                Outcome::Joined(first, sorted(members.keys().cloned()))
+                let members = snapshot(members.keys(), &self.meta);
+                Outcome::Joined(first, members)
             }
             StoreOp::Leave(room, user) => {
                 let Some(members) = self.rooms.get_mut(&room) else {
@@ -142,11 +153,9 @@ impl State {
                 }
                 Outcome::Left(last)
             }
-            StoreOp::Members(room) => Outcome::Members(sorted(
-                self.rooms
-                    .get(&room)
-                    .into_iter()
-                    .flat_map(|m| m.keys().cloned()),
+            StoreOp::Members(room) => Outcome::Members(snapshot(
+                self.rooms.get(&room).into_iter().flat_map(|m| m.keys()),
+                &self.meta,
             )),
             StoreOp::Presence(users) => Outcome::Presence(
                 users

@@ -51,11 +51,11 @@ pub enum Outcome {
     Disconnected(Option<(u64, u64)>),
     /// `Join`: whether this was the user's first connection in the room,
     /// and the members right after it, sorted.
-    Joined(bool, Vec<UserId>),
+    Joined(bool, Vec<RoomMember>),
     /// `Leave`: whether the user's last connection left the room.
     Left(bool),
     /// `Members`: the room's members, sorted.
-    Members(Vec<UserId>),
+    Members(Vec<RoomMember>),
     /// `Presence`: one entry per requested user, in order.
     Presence(Vec<UserPresence>),
     /// `Attach` or `Detach`: recorded.
@@ -86,6 +86,23 @@ pub struct UserRecord {
     pub last_seen_ms: Option<u64>,
     /// The metadata of the user's most recently attached connection.
     pub meta: Option<String>,
+}
+
+/// A room member in a snapshot, with the user's metadata (the latest
+/// attached connection's, a JSON object as text).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RoomMember {
+    /// The member.
+    pub user: UserId,
+    /// Their metadata, if any connection of theirs carried some.
+    pub meta: Option<String>,
+}
+
+impl RoomMember {
+    /// A member without metadata.
+    pub fn plain(user: UserId) -> Self {
+        Self { user, meta: None }
+    }
 }
 
 /// A user's presence as the store sees it.

@@ -13,7 +13,8 @@ use futures_util::{FutureExt, future::BoxFuture};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value, aio::ConnectionManager};
 
 use super::{
-    ConnRecord, Outcome, Page, Stats, Store, StoreError, StoreOp, UserPresence, UserRecord,
+    ConnRecord, Outcome, Page, RoomMember, Stats, Store, StoreError, StoreOp, UserPresence,
+    UserRecord,
 };
 use crate::ids::{NodeId, RoomName, UserId};
 
@@ -342,6 +343,28 @@ fn users(items: impl Iterator<Item = Value>) -> Result<Vec<UserId>, StoreError> 
     Ok(out)
 }
 
+/// Pairs of (member, metadata or "") as sorted room members.
+fn room_members(items: Vec<Value>) -> Result<Vec<RoomMember>, StoreError> {
+    if items.len() % 2 != 0 {
+        return Err(StoreError::Protocol("odd member/meta list".into()));
+    }
+    let mut flat = items.into_iter();
+    let mut out = Vec::new();
+    while let (Some(user), Some(meta)) = (flat.next(), flat.next()) {
+        let user = users(std::iter::once(user))?.remove(0);
+        let meta = match meta {
+            Value::BulkString(b) if b.is_empty() => None,
+            Value::BulkString(b) => Some(
+                String::from_utf8(b).map_err(|_| StoreError::Protocol("meta not UTF-8".into()))?,
+            ),
+            other => return Err(unexpected("expected metadata", &other)),
+        };
+        out.push(RoomMember { user, meta });
+    }
+    out.sort();
+    Ok(out)
+}
+
 fn parse_outcomes(ops: &[StoreOp], reply: Value) -> Result<Vec<Outcome>, StoreError> {
     let items = array(reply)?;
     if items.len() != ops.len() {
@@ -372,14 +395,14 @@ fn parse_outcomes(ops: &[StoreOp], reply: Value) -> Result<Vec<Outcome>, StoreEr
                     let first = items
                         .next()
                         .ok_or_else(|| StoreError::Protocol("empty join outcome".into()))?;
-                    Outcome::Joined(int(&first)? == 1, users(items)?)
+                    Outcome::Joined(int(&first)? == 1, room_members(items.collect())?)
                 }
                 StoreOp::Leave(..) => Outcome::Left(int(&v)? == 1),
                 StoreOp::Attach(..) | StoreOp::Detach(..) => {
                     int(&v)?;
                     Outcome::Recorded
                 }
-                StoreOp::Members(_) => Outcome::Members(users(array(v)?.into_iter())?),
+                StoreOp::Members(_) => Outcome::Members(room_members(array(v)?)?),
                 StoreOp::Presence(requested) => {
                     let flat = array(v)?;
                     if flat.len() != requested.len() * 2 {

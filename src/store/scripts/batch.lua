@@ -16,9 +16,9 @@
 -- Returns one entry per op, in order:
 --   C -> seq if the user went online, else 0
 --   D -> {seq, last_seen_ms} if the user went offline, else {0, 0}
---   J -> {1 if the user's first connection in room else 0, member...}
+--   J -> {1 if the user's first connection in room else 0, member, meta, ...}
 --   L -> 1 if the user's last connection left room, else 0
---   M -> {member...}
+--   M -> {member, meta, ...}   (meta: the member's P:user:U meta, "" if none)
 --   P -> {online 0|1, seq, ...} two integers per user
 --   A, X -> 1
 -- Keys written: P:connections (live connections, cluster-wide), P:users, P:node:N:users, P:room:R, P:node:N:rooms
@@ -41,6 +41,16 @@ local function decr(key, field)
     redis.call('HDEL', key, field)
   end
   return n
+end
+
+-- Room members, each followed by their metadata ("" when none).
+local function snapshot(rkey)
+  local r = {}
+  for _, m in ipairs(redis.call('HKEYS', rkey)) do
+    r[#r + 1] = m
+    r[#r + 1] = redis.call('HGET', p .. ':user:' .. m, 'meta') or ''
+  end
+  return r
 end
 
 local out = {}
@@ -80,7 +90,7 @@ while i <= #ARGV do
     local rkey = p .. ':room:' .. room
     redis.call('HINCRBY', node_rooms, room .. ' ' .. u, 1)
     local first = redis.call('HINCRBY', rkey, u, 1) == 1 and 1 or 0
-    local r = redis.call('HKEYS', rkey)
+    local r = snapshot(rkey)
     table.insert(r, 1, first)
     out[#out + 1] = r
   elseif op == 'L' then
@@ -89,7 +99,7 @@ while i <= #ARGV do
     decr(node_rooms, room .. ' ' .. u)
     out[#out + 1] = decr(p .. ':room:' .. room, u) == 0 and 1 or 0
   elseif op == 'M' then
-    out[#out + 1] = redis.call('HKEYS', p .. ':room:' .. ARGV[i + 1])
+    out[#out + 1] = snapshot(p .. ':room:' .. ARGV[i + 1])
     i = i + 2
   elseif op == 'P' then
     local n = tonumber(ARGV[i + 1])
