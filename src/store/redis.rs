@@ -345,7 +345,7 @@ fn users(items: impl Iterator<Item = Value>) -> Result<Vec<UserId>, StoreError> 
 
 /// Pairs of (member, metadata or "") as sorted room members.
 fn room_members(items: Vec<Value>) -> Result<Vec<RoomMember>, StoreError> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(StoreError::Protocol("odd member/meta list".into()));
     }
     let mut flat = items.into_iter();
