@@ -56,24 +56,25 @@ pub async fn serve(
             if method != Method::GET {
                 return Err(HttpError::MethodNotAllowed);
             }
-            let id = percent_encoding::percent_decode_str(&p["/v1/users/".len()..])
-                .decode_utf8()
-                .map_err(|_| HttpError::InvalidUser)?;
+            let id = segment(&p["/v1/users/".len()..]).ok_or(HttpError::InvalidUser)?;
             let user = UserId::parse(&id).map_err(|_| HttpError::InvalidUser)?;
             one_user(user, state).await
         }
         (method, p) => match p.strip_prefix("/v1/rooms/") {
             Some(_) if method != Method::GET => Err(HttpError::MethodNotAllowed),
             Some(room) => {
-                let room = percent_encoding::percent_decode_str(room)
-                    .decode_utf8()
-                    .map_err(|_| HttpError::InvalidRoom)?;
+                let room = segment(room).ok_or(HttpError::InvalidRoom)?;
                 let room = RoomName::parse(&room).map_err(|_| HttpError::InvalidRoom)?;
                 room_members(&req, room, state).await
             }
             None => Err(HttpError::NotFound),
         },
     }
+}
+
+/// A percent-encoded path segment as text.
+fn segment(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    percent_encoding::percent_decode_str(raw).decode_utf8().ok()
 }
 
 /// Equal-length byte comparison whose time does not depend on where the

@@ -134,21 +134,24 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// The first value of query parameter `name`, decoded.
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    let query = req.uri().query().unwrap_or("");
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
 /// The user id of a `--dev` connection, from `?user=`.
 fn dev_user(req: &Request<Incoming>) -> Result<UserId, HttpError> {
-    let query = req.uri().query().unwrap_or("");
-    let user = form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "user")
-        .map(|(_, v)| v)
-        .ok_or(HttpError::MissingUser)?;
+    let user = query_param(req, "user").ok_or(HttpError::MissingUser)?;
     UserId::parse(&user).map_err(|_| HttpError::InvalidUser)
 }
 
 /// A `--dev` connection's metadata, from `?meta=` (a JSON object), stored
 /// compact; `None` when absent.
 fn dev_meta(req: &Request<Incoming>, max: usize) -> Result<Option<Arc<str>>, HttpError> {
-    let query = req.uri().query().unwrap_or("");
-    let Some((_, raw)) = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "meta") else {
+    let Some(raw) = query_param(req, "meta") else {
         return Ok(None);
     };
     if raw.len() > max.saturating_mul(4) {
