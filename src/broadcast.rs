@@ -135,16 +135,6 @@ impl Hub {
         }
     }
 
-    /// Connections on this worker.
-    pub fn len(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// True when no connection lives on this worker.
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
-
     fn change(&mut self, conn: ConnId, change: SubChange) {
         let Some(sub) = self.conns.get_mut(&conn) else {
             return;

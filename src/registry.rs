@@ -434,10 +434,10 @@ impl PresenceRegistry {
     fn refresh_users_online(&mut self, ctx: &mut Context<Self>) {
         ctx.spawn(
             self.store
-                .users_online()
+                .stats()
                 .into_actor(self)
                 .map(|result, _, _| match result {
-                    Ok(n) => metrics().users_online.set(n as i64),
+                    Ok(stats) => metrics().users_online.set(stats.users_online as i64),
                     Err(error) => warn!(%error, "users-online refresh failed"),
                 }),
         );
@@ -675,9 +675,6 @@ mod tests {
             self.seen.lock().unwrap().extend(ops.iter().cloned());
             self.applied.notify_waiters();
             self.inner.apply(ops)
-        }
-        fn users_online(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
-            self.inner.users_online()
         }
         fn room_page(
             &self,

@@ -209,12 +209,6 @@ impl Store for MemoryStore {
         futures_util::future::ready(Ok(out)).boxed()
     }
 
-    fn users_online(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
-        // unwrap: see `apply`.
-        let n = self.state.lock().unwrap().connections.len() as u64;
-        futures_util::future::ready(Ok(n)).boxed()
-    }
-
     fn room_page(
         &self,
         room: RoomName,

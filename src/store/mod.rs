@@ -155,9 +155,6 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `ops` in order as one atomic step; one outcome per op.
     fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Vec<Outcome>, StoreError>>;
 
-    /// How many users are online, cluster-wide.
-    fn users_online(&self) -> BoxFuture<'static, Result<u64, StoreError>>;
-
     /// One page of `room`'s members from `cursor` (`None`: the start), about
     /// `limit` long, and the room's member count.
     fn room_page(

@@ -164,19 +164,6 @@ impl Store for RedisStore {
         .boxed()
     }
 
-    fn users_online(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
-        let this = self.clone();
-        async move {
-            let mut conn = this.conn.clone();
-            let n: u64 = redis::cmd("HLEN")
-                .arg(format!("{}:users", this.prefix))
-                .query_async(&mut conn)
-                .await?;
-            Ok(n)
-        }
-        .boxed()
-    }
-
     fn room_page(
         &self,
         room: RoomName,
