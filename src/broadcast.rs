@@ -18,12 +18,13 @@ use std::{
 };
 
 use actix::prelude::*;
-use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes, protocol::CloseFrame};
 
 use crate::{
     ids::{ConnId, RoomName, UserId},
     metrics::{FrameKind, metrics},
     outbox::Outbox,
+    protocol::{self, UserState},
 };
 
 /// How a reply changes its connection's subscriptions.
@@ -64,6 +65,8 @@ pub enum Delivery {
         /// `Reply` or `Error`, for the metrics.
         kind: FrameKind,
     },
+    /// Presence of watched users, to each watcher (see [`UserSync`]).
+    SyncUsers(Arc<UserSync>),
     /// An event for an audience.
     Event {
         /// Who hears it.
@@ -74,6 +77,11 @@ pub enum Delivery {
         kind: FrameKind,
     },
 }
+
+/// The current presence of watched users, after events may have been
+/// missed: each watcher gets one `sync` frame with the users it watches.
+#[derive(Debug, Clone)]
+pub struct UserSync(pub HashMap<UserId, UserState>);
 
 /// A store batch's replies and events, for every worker.
 #[derive(Message, Clone)]
@@ -95,6 +103,9 @@ pub struct Hub {
     conns: HashMap<ConnId, Subscriber>,
     rooms: HashMap<RoomName, HashSet<ConnId>>,
     watchers: HashMap<UserId, HashSet<ConnId>>,
+    /// Set by a drain: every connection, even one registering later, is
+    /// closed with this frame.
+    closing: Option<CloseFrame>,
 }
 
 /// Shared handle to a worker's hub.
@@ -112,6 +123,9 @@ fn unlink<K: std::hash::Hash + Eq>(map: &mut HashMap<K, HashSet<ConnId>>, key: &
 impl Hub {
     /// Adds a connection with no subscriptions.
     pub fn register(&mut self, conn: ConnId, outbox: Outbox) {
+        if let Some(frame) = &self.closing {
+            outbox.close(Some(frame.clone()));
+        }
         self.conns.insert(
             conn,
             Subscriber {
@@ -120,6 +134,17 @@ impl Hub {
                 watching: HashSet::new(),
             },
         );
+    }
+
+    /// Closes every connection of this worker with `frame` once its queued
+    /// frames are written; connections registering later too. Returns how
+    /// many were open.
+    pub fn close_all(&mut self, frame: CloseFrame) -> usize {
+        for sub in self.conns.values() {
+            sub.outbox.close(Some(frame.clone()));
+        }
+        self.closing = Some(frame);
+        self.conns.len()
     }
 
     /// Removes a connection and all it heard.
@@ -190,6 +215,19 @@ impl Hub {
                     });
                     (*kind, sent)
                 }
+                Delivery::SyncUsers(sync) => {
+                    let mut sent = 0;
+                    for sub in self.conns.values() {
+                        let states: Vec<&UserState> =
+                            sub.watching.iter().filter_map(|u| sync.0.get(u)).collect();
+                        if states.is_empty() {
+                            continue;
+                        }
+                        let frame = protocol::sync_users_frame(&states);
+                        sent += usize::from(sub.outbox.push(WsMessage::Text(frame)).is_ok());
+                    }
+                    (FrameKind::Sync, sent)
+                }
                 Delivery::Event {
                     audience,
                     frame,
@@ -231,6 +269,36 @@ impl Broadcaster {
 
 impl Actor for Broadcaster {
     type Context = Context<Self>;
+}
+
+/// The users watched and rooms joined on the worker, for a resync.
+#[derive(Message)]
+#[rtype(result = "(Vec<UserId>, Vec<RoomName>)")]
+pub struct Subscriptions;
+
+impl Handler<Subscriptions> for Broadcaster {
+    type Result = MessageResult<Subscriptions>;
+
+    fn handle(&mut self, _: Subscriptions, _: &mut Context<Self>) -> Self::Result {
+        let hub = self.hub.borrow();
+        MessageResult((
+            hub.watchers.keys().cloned().collect(),
+            hub.rooms.keys().cloned().collect(),
+        ))
+    }
+}
+
+/// Closes every connection of the worker (a drain); answers how many.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CloseAll(pub CloseFrame);
+
+impl Handler<CloseAll> for Broadcaster {
+    type Result = usize;
+
+    fn handle(&mut self, msg: CloseAll, _: &mut Context<Self>) -> usize {
+        self.hub.borrow_mut().close_all(msg.0)
+    }
 }
 
 impl Handler<Dispatch> for Broadcaster {

@@ -31,6 +31,10 @@ pub const DEFAULT_MAX_META_BYTES: usize = 1024;
 pub const DEFAULT_MAX_PAGE: usize = 1000;
 /// Default node lease length, in milliseconds.
 pub const DEFAULT_NODE_LEASE_MS: u64 = 5_000;
+/// Default bound on a graceful drain, in milliseconds.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// Default bound on requests waiting for the store.
+pub const DEFAULT_MAX_PENDING: usize = 10_000;
 
 /// presenced: a WebSocket presence gateway.
 #[derive(Debug, Clone, Parser)]
@@ -106,6 +110,17 @@ pub struct Config {
     /// How long a node counts as alive after each lease refresh, milliseconds.
     #[arg(long, env = "PRESENCED_NODE_LEASE_MS", default_value_t = DEFAULT_NODE_LEASE_MS)]
     pub node_lease_ms: u64,
+
+    /// On SIGTERM/SIGINT, longest the drain (write the removals, close the
+    /// sockets with 1012) may take before the process exits anyway,
+    /// milliseconds.
+    #[arg(long, env = "PRESENCED_DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
+    pub drain_timeout_ms: u64,
+
+    /// Most client requests that may wait for the presence store (during
+    /// an outage); past it they are answered `unavailable` at once.
+    #[arg(long, env = "PRESENCED_MAX_PENDING", default_value_t = DEFAULT_MAX_PENDING)]
+    pub max_pending: usize,
 }
 
 /// A secret from the command line or environment. Its `Debug` says only
@@ -199,6 +214,9 @@ impl Config {
         if self.node_lease_ms < 1000 {
             return invalid("--node-lease-ms must be at least 1000");
         }
+        if self.max_pending == 0 {
+            return invalid("--max-pending must be at least 1");
+        }
         Ok(())
     }
 
@@ -222,6 +240,11 @@ impl Config {
     /// Node lease length.
     pub fn node_lease(&self) -> Duration {
         Duration::from_millis(self.node_lease_ms)
+    }
+
+    /// Bound on a graceful drain.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
     }
 
     /// Whether the `/v1` API may answer: with a key, or on loopback only.

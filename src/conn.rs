@@ -24,7 +24,7 @@ use crate::{
     ids::{ConnId, NodeId, UserId},
     metrics::{CloseReason, FrameKind, metrics},
     outbox::{Outbox, close_frame},
-    protocol::{self, ErrorCode, Request},
+    protocol::{self, ErrorCode, Reason, Request},
     registry::{ConnEvent, RegistryLink},
 };
 
@@ -217,7 +217,12 @@ impl Actor for Conn {
         metrics().connections_open.dec();
         metrics().connections_closed.get(self.close_reason).inc();
         self.hub.borrow_mut().unregister(&self.id);
-        self.registry.send(ConnEvent::Disconnected(self.id));
+        let reason = match self.close_reason {
+            CloseReason::IdleTimeout => Reason::Timeout,
+            CloseReason::Shutdown => Reason::Shutdown,
+            _ => Reason::Closed,
+        };
+        self.registry.send(ConnEvent::Disconnected(self.id, reason));
         self.outbox.close(self.close_with.take());
     }
 }
@@ -269,6 +274,9 @@ impl Handler<WriterGone> for Conn {
     fn handle(&mut self, _: WriterGone, ctx: &mut Context<Self>) {
         self.close_reason = if self.outbox.was_aborted() {
             CloseReason::SlowConsumer
+        } else if self.outbox.is_closing() {
+            // Only the hub's drain closes an outbox under a live Conn.
+            CloseReason::Shutdown
         } else {
             CloseReason::WriteError
         };

@@ -30,16 +30,19 @@ pub enum CloseReason {
     SlowConsumer,
     /// The socket failed while writing.
     WriteError,
+    /// The node drained (1012).
+    Shutdown,
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 6] = [
+    const ALL: [CloseReason; 7] = [
         CloseReason::Client,
         CloseReason::IdleTimeout,
         CloseReason::TooBig,
         CloseReason::ProtocolError,
         CloseReason::SlowConsumer,
         CloseReason::WriteError,
+        CloseReason::Shutdown,
     ];
 
     fn label(self) -> &'static str {
@@ -50,6 +53,7 @@ impl CloseReason {
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::WriteError => "write_error",
+            CloseReason::Shutdown => "shutdown",
         }
     }
 }
@@ -91,6 +95,8 @@ pub enum FrameKind {
     Joined,
     /// Event `left`.
     Left,
+    /// Server `sync` (current state after events may have been missed).
+    Sync,
 }
 
 impl FrameKind {
@@ -105,7 +111,7 @@ impl FrameKind {
         FrameKind::Ping,
         FrameKind::Invalid,
     ];
-    const SENT: [FrameKind; 9] = [
+    const SENT: [FrameKind; 10] = [
         FrameKind::Welcome,
         FrameKind::Reply,
         FrameKind::Error,
@@ -115,6 +121,7 @@ impl FrameKind {
         FrameKind::Offline,
         FrameKind::Joined,
         FrameKind::Left,
+        FrameKind::Sync,
     ];
     const EVENTS: [FrameKind; 4] = [
         FrameKind::Online,
@@ -142,6 +149,7 @@ impl FrameKind {
             FrameKind::Offline => "offline",
             FrameKind::Joined => "joined",
             FrameKind::Left => "left",
+            FrameKind::Sync => "sync",
         }
     }
 }
@@ -226,6 +234,16 @@ pub struct Metrics {
     pub batch_failures: IntCounter,
     /// Transitions decided by the store, by kind.
     pub events_published: Family<FrameKind>,
+    /// Transitions heard from the shared store's event channel, by kind.
+    pub events_received: Family<FrameKind>,
+    /// Dead nodes this node reaped.
+    pub nodes_reaped: IntCounter,
+    /// Requests refused, or writes folded into a reassert, because the
+    /// store queue was full.
+    pub store_queue_overflows: IntCounter,
+    /// Replies sent before the events preceding them arrived (events lost
+    /// with the event subscription).
+    pub replies_released_late: IntCounter,
 }
 
 impl Metrics {
@@ -321,6 +339,26 @@ impl Metrics {
                 "kind",
                 &FrameKind::EVENTS,
                 FrameKind::label,
+            ),
+            events_received: Family::new(
+                &r,
+                "presenced_events_received_total",
+                "Presence transitions received from the shared store's event channel, by kind.",
+                "kind",
+                &FrameKind::EVENTS,
+                FrameKind::label,
+            ),
+            nodes_reaped: counter(
+                "presenced_nodes_reaped_total",
+                "Dead nodes (expired leases) whose connections this node removed.",
+            ),
+            store_queue_overflows: counter(
+                "presenced_store_queue_overflows_total",
+                "Requests answered `unavailable`, or queued writes folded into a reassert, because the store queue was full.",
+            ),
+            replies_released_late: counter(
+                "presenced_replies_released_late_total",
+                "Replies sent without waiting any longer for the events before them (event subscription lost).",
             ),
             registry: r,
         }

@@ -291,6 +291,36 @@ pub fn welcome_frame(conn: ConnId, user: &UserId, node: NodeId, heartbeat_ms: u6
     })
 }
 
+/// `{"type":"sync","users":[...]}`: the current presence of the users a
+/// connection watches, sent after events may have been missed.
+pub fn sync_users_frame(users: &[&UserState]) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Sync<'a> {
+        r#type: &'static str,
+        users: &'a [&'a UserState],
+    }
+    encode(&Sync {
+        r#type: "sync",
+        users,
+    })
+}
+
+/// `{"type":"sync","room":R,"members":[...]}`: a room's current members,
+/// sent to its members after events may have been missed.
+pub fn sync_room_frame(room: &RoomName, members: &[Member]) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Sync<'a> {
+        r#type: &'static str,
+        room: &'a str,
+        members: &'a [Member],
+    }
+    encode(&Sync {
+        r#type: "sync",
+        room: room.as_str(),
+        members,
+    })
+}
+
 /// An error frame.
 pub fn error_frame(reference: Option<&Value>, code: ErrorCode, message: &str) -> Utf8Bytes {
     #[derive(Serialize)]
@@ -406,6 +436,43 @@ pub fn reply_frame(reference: Option<&Value>, body: &ReplyBody) -> Utf8Bytes {
     })
 }
 
+/// Why a user went offline or left a room, carried by `offline` and `left`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The client closed the connection, or sent `leave`.
+    Closed,
+    /// The connection was silent past the idle timeout (or failed).
+    Timeout,
+    /// The node holding the connection died; a surviving node reaped it.
+    NodeLost,
+    /// The node holding the connection was drained (SIGTERM/SIGINT).
+    Shutdown,
+}
+
+impl Reason {
+    /// The word on the wire and in Redis.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Closed => "closed",
+            Reason::Timeout => "timeout",
+            Reason::NodeLost => "node_lost",
+            Reason::Shutdown => "shutdown",
+        }
+    }
+
+    /// The reason `as_str` wrote.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "closed" => Reason::Closed,
+            "timeout" => Reason::Timeout,
+            "node_lost" => Reason::NodeLost,
+            "shutdown" => Reason::Shutdown,
+            _ => return None,
+        })
+    }
+}
+
 /// A presence transition, as decided by the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -424,6 +491,8 @@ pub enum Event {
         seq: u64,
         /// Store clock at the transition, Unix milliseconds.
         last_seen: u64,
+        /// Why.
+        reason: Reason,
     },
     /// The user's first connection joined the room.
     Joined {
@@ -438,6 +507,8 @@ pub enum Event {
         room: RoomName,
         /// Who.
         user: UserId,
+        /// Why.
+        reason: Reason,
     },
 }
 
@@ -455,6 +526,7 @@ impl Event {
                 user: &'a str,
                 seq: u64,
                 last_seen: u64,
+                reason: Reason,
             },
             Joined {
                 room: &'a str,
@@ -463,6 +535,7 @@ impl Event {
             Left {
                 room: &'a str,
                 user: &'a str,
+                reason: Reason,
             },
         }
         encode(&match self {
@@ -474,18 +547,21 @@ impl Event {
                 user,
                 seq,
                 last_seen,
+                reason,
             } => Wire::Offline {
                 user: user.as_str(),
                 seq: *seq,
                 last_seen: *last_seen,
+                reason: *reason,
             },
             Event::Joined { room, user } => Wire::Joined {
                 room: room.as_str(),
                 user: user.as_str(),
             },
-            Event::Left { room, user } => Wire::Left {
+            Event::Left { room, user, reason } => Wire::Left {
                 room: room.as_str(),
                 user: user.as_str(),
+                reason: *reason,
             },
         })
     }
@@ -613,18 +689,20 @@ mod tests {
             v(Event::Offline {
                 user: user.clone(),
                 seq: 8,
-                last_seen: 5
+                last_seen: 5,
+                reason: Reason::NodeLost,
             }
             .encode()),
-            json!({"type":"offline","user":"bob","seq":8,"last_seen":5})
+            json!({"type":"offline","user":"bob","seq":8,"last_seen":5,"reason":"node_lost"})
         );
         assert_eq!(
             v(Event::Left {
                 room: room.clone(),
-                user
+                user,
+                reason: Reason::Closed,
             }
             .encode()),
-            json!({"type":"left","room":"doc:1","user":"bob"})
+            json!({"type":"left","room":"doc:1","user":"bob","reason":"closed"})
         );
         let body = ReplyBody::Joined {
             room: "doc:1".into(),

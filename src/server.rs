@@ -12,19 +12,25 @@ use std::{cell::RefCell, io::Write, net::SocketAddr, rc::Rc, sync::Arc, time::Du
 use actix::prelude::*;
 use tokio::{
     net::{TcpListener, TcpSocket},
-    sync::oneshot,
+    sync::{oneshot, watch},
+    time::Instant,
 };
 use tracing::{error, info, warn};
 
 use crate::{
-    broadcast::{Broadcaster, Hub},
+    broadcast::{Broadcaster, CloseAll, Hub},
     config::Config,
     conn::ConnSettings,
     http::{self, WorkerState},
     ids::NodeId,
-    registry::{Batching, PresenceRegistry, RegistryLink},
+    metrics::metrics,
+    outbox::close_frame,
+    registry::{Batching, Drain, Health, PresenceRegistry, RegistryLink},
     store::{MemoryStore, RedisStore, Store, StoreError},
 };
+
+/// Close code for the sockets of a draining node: reconnect elsewhere.
+pub const SERVICE_RESTART: u16 = 1012;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +46,7 @@ pub enum StartError {
     Worker(usize),
 }
 
-/// Runs the gateway until SIGINT or SIGTERM.
+/// Runs the gateway until SIGINT or SIGTERM, then drains it.
 pub fn run(config: Config) -> Result<(), StartError> {
     actix_rt::System::new().block_on(serve(config))
 }
@@ -84,27 +90,38 @@ async fn serve(config: Config) -> Result<(), StartError> {
         outbox_messages: config.outbox_messages,
         outbox_bytes: config.outbox_bytes,
     };
+    let health = Arc::new(Health::default());
+    let (stop_accepting, accepting) = watch::channel(true);
     let mut broadcasters = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
-        let broadcaster = start_worker(
+        let worker = Worker {
             index,
             listener,
-            api_store.clone(),
-            config.clone(),
-            settings.clone(),
-            registry.clone(),
-        )
-        .await
-        .ok_or(StartError::Worker(index))?;
+            store: api_store.clone(),
+            config: config.clone(),
+            settings: settings.clone(),
+            registry: registry.clone(),
+            health: health.clone(),
+            accepting: accepting.clone(),
+        };
+        let broadcaster = start_worker(worker)
+            .await
+            .ok_or(StartError::Worker(index))?;
         broadcasters.push(broadcaster);
     }
     let batching = Batching {
         max: config.batch_max,
         linger: Duration::from_millis(config.batch_linger_ms),
         lease_refresh: config.node_lease() / 3,
+        max_pending: config.max_pending,
     };
     let broadcasters_len = broadcasters.len();
-    registry_ctx.run(PresenceRegistry::new(store, broadcasters, batching));
+    registry_ctx.run(PresenceRegistry::new(
+        store,
+        broadcasters.clone(),
+        batching,
+        health,
+    ));
 
     info!(
         %node,
@@ -122,6 +139,8 @@ async fn serve(config: Config) -> Result<(), StartError> {
         outbox_bytes = config.outbox_bytes,
         max_ids = config.max_ids,
         node_lease_ms = config.node_lease_ms,
+        drain_timeout_ms = config.drain_timeout_ms,
+        max_pending = config.max_pending,
         max_page = config.max_page,
         max_meta_bytes = config.max_meta_bytes,
         api_key = if config.api_key.is_some() { "set" } else { "not set" },
@@ -139,8 +158,46 @@ async fn serve(config: Config) -> Result<(), StartError> {
     let _ = std::io::stdout().flush();
 
     shutdown_signal().await;
-    info!("shutting down");
+    let deadline = Instant::now() + config.drain_timeout();
+    info!(%node, timeout = ?config.drain_timeout(), "draining");
+    let _ = stop_accepting.send(false);
+    drain(registry, &broadcasters, deadline).await;
+    info!(%node, "stopped");
     Ok(())
+}
+
+/// Writes the removal of every local connection (reason `shutdown`), then
+/// closes the sockets with 1012 and waits for them to go, all by
+/// `deadline`.
+async fn drain(
+    registry: Addr<PresenceRegistry>,
+    broadcasters: &[Addr<Broadcaster>],
+    deadline: Instant,
+) {
+    let (done, written) = oneshot::channel();
+    registry.do_send(Drain(done));
+    if tokio::time::timeout_at(deadline, written).await.is_err() {
+        warn!("drain: the removals were not written in time; other nodes will reap this one");
+    }
+    let frame = close_frame(SERVICE_RESTART, "node shutting down");
+    let mut open = 0;
+    for b in broadcasters {
+        open += b.send(CloseAll(frame.clone())).await.unwrap_or(0);
+    }
+    info!(connections = open, "drain: closing sockets with 1012");
+    // Each socket's writer sends the close frame and ends; its Conn then
+    // stops. Poll the open-connections gauge: nothing else counts them
+    // across workers.
+    while metrics().connections_open.get() > 0 {
+        if Instant::now() >= deadline {
+            warn!(
+                left = metrics().connections_open.get(),
+                "drain timeout: exiting with sockets still open"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Accept queue length asked of the kernel (capped by `net.core.somaxconn`):
@@ -162,32 +219,40 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
-/// Starts worker `index` on a new arbiter, accepting on `listener`;
-/// returns its broadcaster.
-async fn start_worker(
+/// What a worker arbiter starts with.
+struct Worker {
     index: usize,
     listener: std::net::TcpListener,
     store: Arc<dyn Store>,
     config: Arc<Config>,
     settings: ConnSettings,
     registry: Addr<PresenceRegistry>,
-) -> Option<Addr<Broadcaster>> {
+    health: Arc<Health>,
+    /// Turns false when the node starts draining.
+    accepting: watch::Receiver<bool>,
+}
+
+/// Starts a worker on a new arbiter, accepting on its listener; returns
+/// its broadcaster.
+async fn start_worker(worker: Worker) -> Option<Addr<Broadcaster>> {
     let arbiter = Arbiter::new();
     let (ready_tx, ready_rx) = oneshot::channel();
     arbiter.spawn_fn(move || {
         let hub = Rc::new(RefCell::new(Hub::default()));
         let broadcaster = Broadcaster::new(hub.clone()).start();
         let state = Rc::new(WorkerState {
-            config,
-            conn: settings,
-            registry: RegistryLink::new(registry),
+            config: worker.config,
+            conn: worker.settings,
+            registry: RegistryLink::new(worker.registry),
             hub,
-            store,
+            store: worker.store,
+            health: worker.health,
         });
-        match TcpListener::from_std(listener) {
+        let index = worker.index;
+        match TcpListener::from_std(worker.listener) {
             Ok(listener) => {
                 let _ = ready_tx.send(broadcaster);
-                actix_rt::spawn(accept(index, listener, state));
+                actix_rt::spawn(accept(index, listener, state, worker.accepting));
             }
             Err(error) => error!(worker = index, %error, "cannot use listener"),
         }
@@ -197,10 +262,21 @@ async fn start_worker(
     ready_rx.await.ok()
 }
 
-/// Accepts connections for one worker and serves each on it.
-async fn accept(index: usize, listener: TcpListener, state: Rc<WorkerState>) {
+/// Accepts connections for one worker and serves each on it, until the
+/// node drains (the listener is then closed).
+async fn accept(
+    index: usize,
+    listener: TcpListener,
+    state: Rc<WorkerState>,
+    mut accepting: watch::Receiver<bool>,
+) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = accepting.wait_for(|open| !open) => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((socket, _)) => {
                 let _ = socket.set_nodelay(true);
                 actix_rt::spawn(http::serve(socket, state.clone()));

@@ -80,8 +80,12 @@ async fn three_tabs_one_online_event(backend: Backend) {
     fields.sort_unstable();
     assert_eq!(
         fields,
-        ["last_seen", "seq", "type", "user"],
+        ["last_seen", "reason", "seq", "type", "user"],
         "{went_offline}"
+    );
+    assert_eq!(
+        went_offline["reason"], "closed",
+        "the client closed its last tab: {went_offline}"
     );
     watcher.expect_no_event(presence_of("alice")).await;
     assert_eq!(

@@ -76,7 +76,7 @@ async fn room_events_fire_per_user_across_tabs(backend: Backend) {
     alice_tab_2.leave(ROOM).await;
     assert_eq!(
         zoe.next_event().await,
-        json!({"type": "left", "room": ROOM, "user": "alice"})
+        json!({"type": "left", "room": ROOM, "user": "alice", "reason": "closed"})
     );
 
     // Disconnecting the last tab in the room is leaving too.
@@ -89,7 +89,7 @@ async fn room_events_fire_per_user_across_tabs(backend: Backend) {
     alice_tab_1.close().await;
     assert_eq!(
         zoe.next_event().await,
-        json!({"type": "left", "room": ROOM, "user": "alice"})
+        json!({"type": "left", "room": ROOM, "user": "alice", "reason": "closed"})
     );
     zoe.expect_silence().await;
 

@@ -6,10 +6,14 @@ mod support;
 
 use std::{sync::Arc, time::Duration};
 
+use futures_util::StreamExt;
+
 use presenced::{
     ids::{ConnId, NodeId, RoomName, UserId},
+    protocol::{Event, Reason},
     store::{
-        MemoryStore, Outcome, RedisStore, RoomMember, Store, StoreError, StoreOp, UserPresence,
+        FeedItem, MemoryStore, NodeState, Outcome, RedisStore, RoomMember, Store, StoreError,
+        StoreOp, UserPresence,
     },
 };
 use support::RedisServer;
@@ -63,6 +67,7 @@ async fn apply(store: &Arc<dyn Store>, ops: Vec<StoreOp>) -> Vec<Outcome> {
         .await
         .expect("store answered in time")
         .expect("store applied the batch")
+        .outcomes
 }
 
 macro_rules! both_stores {
@@ -86,6 +91,7 @@ both_stores!(
     pages_cover_every_member_once,
     stats_count_users_and_live_nodes,
     user_records_follow_connections,
+    reassert_makes_the_store_match_the_node,
 );
 
 async fn second_tab_is_no_transition(b: Backend) {
@@ -100,9 +106,9 @@ async fn second_tab_is_no_transition(b: Backend) {
         out,
         vec![Outcome::Connected(Some(1)), Outcome::Connected(None)]
     );
-    let out = apply(&s, vec![StoreOp::Disconnect(u.clone())]).await;
+    let out = apply(&s, vec![StoreOp::Disconnect(u.clone(), Reason::Closed)]).await;
     assert_eq!(out, vec![Outcome::Disconnected(None)]);
-    let out = apply(&s, vec![StoreOp::Disconnect(u.clone())]).await;
+    let out = apply(&s, vec![StoreOp::Disconnect(u.clone(), Reason::Closed)]).await;
     let Outcome::Disconnected(Some((seq, last_seen))) = out[0] else {
         panic!("last tab gone must be a transition: {out:?}");
     };
@@ -119,7 +125,10 @@ async fn seq_counts_every_transition(b: Backend) {
     for round in 0..3u64 {
         let out = apply(
             &s,
-            vec![StoreOp::Connect(u.clone()), StoreOp::Disconnect(u.clone())],
+            vec![
+                StoreOp::Connect(u.clone()),
+                StoreOp::Disconnect(u.clone(), Reason::Closed),
+            ],
         )
         .await;
         assert_eq!(out[0], Outcome::Connected(Some(round * 2 + 1)));
@@ -150,11 +159,11 @@ async fn room_transitions_follow_first_and_last_tab(b: Backend) {
     let out = apply(
         &s,
         vec![
-            StoreOp::Leave(r.clone(), u.clone()),
+            StoreOp::Leave(r.clone(), u.clone(), Reason::Closed),
             StoreOp::Members(r.clone()),
-            StoreOp::Leave(r.clone(), u.clone()),
+            StoreOp::Leave(r.clone(), u.clone(), Reason::Closed),
             StoreOp::Members(r.clone()),
-            StoreOp::Leave(r.clone(), v.clone()),
+            StoreOp::Leave(r.clone(), v.clone(), Reason::Closed),
             StoreOp::Members(r.clone()),
         ],
     )
@@ -179,7 +188,7 @@ async fn presence_reads_state_and_seq(b: Backend) {
         &s,
         vec![
             StoreOp::Connect(user("was")),
-            StoreOp::Disconnect(user("was")),
+            StoreOp::Disconnect(user("was"), Reason::Closed),
         ],
     )
     .await;
@@ -219,8 +228,8 @@ async fn unknown_disconnect_is_no_event(b: Backend) {
     let out = apply(
         &s,
         vec![
-            StoreOp::Disconnect(u.clone()),
-            StoreOp::Leave(r.clone(), u.clone()),
+            StoreOp::Disconnect(u.clone(), Reason::Closed),
+            StoreOp::Leave(r.clone(), u.clone(), Reason::Closed),
         ],
     )
     .await;
@@ -248,7 +257,10 @@ async fn racing_nodes_see_each_transition_once(b: Backend) {
         tasks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             for _ in 0..25 {
-                for op in [StoreOp::Connect(u.clone()), StoreOp::Disconnect(u.clone())] {
+                for op in [
+                    StoreOp::Connect(u.clone()),
+                    StoreOp::Disconnect(u.clone(), Reason::Closed),
+                ] {
                     match apply(&store, vec![op]).await[0] {
                         Outcome::Connected(Some(seq)) => seen.push((seq, true)),
                         Outcome::Disconnected(Some((seq, _))) => seen.push((seq, false)),
@@ -316,9 +328,9 @@ async fn redis_keeps_per_node_bookkeeping_and_lease() {
     apply(
         &s,
         vec![
-            StoreOp::Leave(room("r"), user("u")),
-            StoreOp::Disconnect(user("u")),
-            StoreOp::Disconnect(user("u")),
+            StoreOp::Leave(room("r"), user("u"), Reason::Closed),
+            StoreOp::Disconnect(user("u"), Reason::Closed),
+            StoreOp::Disconnect(user("u"), Reason::Closed),
         ],
     )
     .await;
@@ -380,23 +392,61 @@ async fn redis_restart_without_persistence_reloads_the_script() {
     };
     server.restart().await;
     // The reconnect may take a few attempts; the script cache is empty and
-    // must be refilled transparently (NOSCRIPT inside MULTI).
+    // must be refilled transparently (NOSCRIPT inside MULTI). Then the
+    // script finds this node's lease gone with the data, and refuses to
+    // write before the node reasserts.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let out = loop {
+    loop {
         match tokio::time::timeout(
             Duration::from_secs(5),
             s.apply(vec![StoreOp::Connect(user("v"))]),
         )
         .await
         {
-            Ok(Ok(out)) => break out,
+            Ok(Err(StoreError::LeaseLost)) => break,
+            Ok(Ok(out)) => panic!("a node without a lease wrote: {out:?}"),
             _ if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
             other => panic!("store never recovered: {other:?}"),
         }
+    }
+    assert!(
+        !tokio::time::timeout(Duration::from_secs(5), s.refresh_lease())
+            .await
+            .unwrap()
+            .unwrap(),
+        "a lost lease is reported, not silently renewed"
+    );
+    let state = NodeState {
+        conns: vec![(user("u"), ConnId::new(), None)],
+        rooms: vec![(room("r"), user("u"), 1)],
+        gone: Reason::Closed,
     };
-    assert_eq!(out, vec![Outcome::Connected(Some(1))]);
+    let out = apply(
+        &s,
+        vec![
+            StoreOp::Reassert(Arc::new(state)),
+            StoreOp::Connect(user("v")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        out,
+        vec![
+            Outcome::Reasserted(vec![
+                Event::Joined {
+                    room: room("r"),
+                    user: user("u")
+                },
+                Event::Online {
+                    user: user("u"),
+                    seq: 1
+                },
+            ]),
+            Outcome::Connected(Some(1)),
+        ]
+    );
 }
 
 /// Paging a big room (and everyone online) page by page returns every user
@@ -496,8 +546,8 @@ async fn stats_count_users_and_live_nodes(b: Backend) {
     apply(
         &c,
         vec![
-            StoreOp::Disconnect(user("y")),
-            StoreOp::Disconnect(user("ghost")),
+            StoreOp::Disconnect(user("y"), Reason::Closed),
+            StoreOp::Disconnect(user("ghost"), Reason::Closed),
         ],
     )
     .await;
@@ -582,9 +632,9 @@ async fn user_records_follow_connections(b: Backend) {
         &s,
         vec![
             StoreOp::Detach(u.clone(), c1),
-            StoreOp::Disconnect(u.clone()),
+            StoreOp::Disconnect(u.clone(), Reason::Closed),
             StoreOp::Detach(u.clone(), c2),
-            StoreOp::Disconnect(u.clone()),
+            StoreOp::Disconnect(u.clone(), Reason::Closed),
         ],
     )
     .await;
@@ -597,4 +647,240 @@ async fn user_records_follow_connections(b: Backend) {
         Some(r#"{"tab":1}"#),
         "kept after offline"
     );
+}
+
+/// Events as sortable text: a reassert walks hashes in no fixed order.
+fn sorted_events(events: &[Event]) -> Vec<String> {
+    let mut v: Vec<String> = events.iter().map(|e| e.encode().to_string()).collect();
+    v.sort();
+    v
+}
+
+/// A reassert makes the store hold exactly the node's connections and
+/// rooms, whatever it held before, emitting the transitions that takes;
+/// reasserting the same state again changes nothing.
+async fn reassert_makes_the_store_match_the_node(b: Backend) {
+    let s = b.node().await;
+    let (keep, drop, new) = (ConnId::new(), ConnId::new(), ConnId::new());
+    apply(
+        &s,
+        vec![
+            StoreOp::Connect(user("u")),
+            StoreOp::Attach(user("u"), keep, None),
+            StoreOp::Connect(user("u")),
+            StoreOp::Join(room("r"), user("u")),
+            StoreOp::Connect(user("v")),
+            StoreOp::Attach(user("v"), drop, None),
+            StoreOp::Join(room("r"), user("v")),
+        ],
+    )
+    .await;
+    let since = s.user(user("u")).await.unwrap().connections[0].since_ms;
+    // The node really holds: u once (still in r), w (new, in q). v's
+    // connection and u's second one are gone.
+    let state = Arc::new(NodeState {
+        conns: vec![
+            (user("u"), keep, None),
+            (user("w"), new, Some(Arc::from(r#"{"k":1}"#))),
+        ],
+        rooms: vec![(room("r"), user("u"), 1), (room("q"), user("w"), 1)],
+        gone: Reason::Shutdown,
+    });
+    let out = apply(&s, vec![StoreOp::Reassert(state.clone())]).await;
+    let Outcome::Reasserted(events) = &out[0] else {
+        panic!("not a reassert outcome: {out:?}");
+    };
+    let last_seen = match events.iter().find(|e| matches!(e, Event::Offline { .. })) {
+        Some(Event::Offline { last_seen, .. }) => *last_seen,
+        _ => panic!("v went offline: {events:?}"),
+    };
+    assert_eq!(
+        sorted_events(events),
+        sorted_events(&[
+            Event::Left {
+                room: room("r"),
+                user: user("v"),
+                reason: Reason::Shutdown
+            },
+            Event::Joined {
+                room: room("q"),
+                user: user("w")
+            },
+            Event::Offline {
+                user: user("v"),
+                seq: 2,
+                last_seen,
+                reason: Reason::Shutdown
+            },
+            Event::Online {
+                user: user("w"),
+                seq: 1
+            },
+        ])
+    );
+    let out = apply(
+        &s,
+        vec![
+            StoreOp::Presence(users(&["u", "v", "w"])),
+            StoreOp::Members(room("r")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        out[0],
+        Outcome::Presence(vec![
+            UserPresence {
+                online: true,
+                seq: 1
+            },
+            UserPresence {
+                online: false,
+                seq: 2
+            },
+            UserPresence {
+                online: true,
+                seq: 1
+            },
+        ])
+    );
+    assert_eq!(out[1], Outcome::Members(members(&["u"])));
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.users_online, stats.connections), (2, 2));
+    let u = s.user(user("u")).await.unwrap();
+    assert_eq!(u.connections.len(), 1);
+    assert_eq!(
+        u.connections[0].since_ms, since,
+        "a kept connection keeps its since"
+    );
+    assert!(s.user(user("v")).await.unwrap().connections.is_empty());
+    let w = s.user(user("w")).await.unwrap();
+    assert_eq!(w.connections[0].meta.as_deref(), Some(r#"{"k":1}"#));
+
+    let again = apply(&s, vec![StoreOp::Reassert(state)]).await;
+    assert_eq!(again, vec![Outcome::Reasserted(vec![])]);
+}
+
+/// Waits (bounded) for the next events from a feed, skipping
+/// subscription notices.
+async fn next_events(feed: &mut futures_util::stream::BoxStream<'static, FeedItem>) -> Vec<Event> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), feed.next()).await {
+            Ok(Some(FeedItem::Events(events))) => {
+                return events.into_iter().map(|(_, e)| e).collect();
+            }
+            Ok(Some(FeedItem::Subscribed { .. })) => {}
+            other => panic!("no events from the feed: {other:?}"),
+        }
+    }
+}
+
+/// A node whose lease expires is reaped exactly once however many nodes
+/// reap at the same moment: its users who have no connection elsewhere go
+/// offline and leave their rooms with reason `node_lost`, its bookkeeping
+/// and lease are gone, and the shared counts keep the other node's share.
+#[tokio::test]
+async fn redis_dead_node_is_reaped_once() {
+    let server = RedisServer::start().await;
+    let short = Duration::from_millis(1000);
+    let dead_id = NodeId::new();
+    let dead: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(&server.url(), "presence", dead_id, short)
+            .await
+            .unwrap(),
+    );
+    let b = Backend::Redis(server);
+    let (alive, other) = (b.node().await, b.node().await);
+    let Backend::Redis(server) = &b else {
+        unreachable!()
+    };
+    let mut feed = alive.feed().expect("the Redis store has a feed");
+    // Subscribed before anything happens.
+    match tokio::time::timeout(Duration::from_secs(10), feed.next()).await {
+        Ok(Some(FeedItem::Subscribed { .. })) => {}
+        other => panic!("expected a subscription first: {other:?}"),
+    }
+    apply(
+        &dead,
+        vec![
+            StoreOp::Connect(user("gone")),
+            StoreOp::Attach(user("gone"), ConnId::new(), None),
+            StoreOp::Join(room("r"), user("gone")),
+            StoreOp::Connect(user("both")),
+            StoreOp::Join(room("r"), user("both")),
+        ],
+    )
+    .await;
+    apply(
+        &alive,
+        vec![
+            StoreOp::Connect(user("both")),
+            StoreOp::Join(room("r"), user("both")),
+        ],
+    )
+    .await;
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        seen.extend(next_events(&mut feed).await);
+    }
+    // `dead` stops refreshing; poll both survivors until one reaps it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut reaped = Vec::new();
+    while reaped.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never reaped");
+        let (a, o) = tokio::join!(alive.reap(), other.reap());
+        for r in [a.unwrap(), o.unwrap()] {
+            reaped.extend(r.nodes.into_iter().map(|n| (n, r.events)));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        reaped,
+        vec![(dead_id.to_string(), 2)],
+        "reaped once, two events"
+    );
+    let events = next_events(&mut feed).await;
+    let last_seen = match events.last() {
+        Some(Event::Offline { last_seen, .. }) => *last_seen,
+        _ => panic!("the last event is an offline: {events:?}"),
+    };
+    assert_eq!(
+        events,
+        vec![
+            Event::Left {
+                room: room("r"),
+                user: user("gone"),
+                reason: Reason::NodeLost
+            },
+            Event::Offline {
+                user: user("gone"),
+                seq: 2,
+                last_seen,
+                reason: Reason::NodeLost
+            },
+        ]
+    );
+    let users: Vec<String> = server.command(&["HKEYS", "presence:users"]).await;
+    assert_eq!(users, vec!["both".to_owned()]);
+    let room_members: Vec<(String, i64)> = server.command(&["HGETALL", "presence:room:r"]).await;
+    assert_eq!(room_members, vec![("both".to_owned(), 1)]);
+    let dead_keys: i64 = server
+        .command(&[
+            "EXISTS",
+            &format!("presence:node:{dead_id}:users"),
+            &format!("presence:node:{dead_id}:rooms"),
+            "presence:user:gone:conns",
+        ])
+        .await;
+    assert_eq!(dead_keys, 0);
+    let lease: Option<f64> = server
+        .command(&["ZSCORE", "presence:nodes", &dead_id.to_string()])
+        .await;
+    assert_eq!(lease, None);
+    let connections: i64 = server.command(&["GET", "presence:connections"]).await;
+    assert_eq!(connections, 1);
+    // The dead node, had it only been slow, must reassert before writing.
+    assert!(matches!(
+        dead.apply(vec![StoreOp::Connect(user("late"))]).await,
+        Err(StoreError::LeaseLost)
+    ));
 }

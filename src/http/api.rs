@@ -171,7 +171,7 @@ async fn presence(
         .store
         .apply(vec![StoreOp::Presence(users.clone())])
         .await?;
-    let Some(Outcome::Presence(states)) = outcome.into_iter().next() else {
+    let Some(Outcome::Presence(states)) = outcome.outcomes.into_iter().next() else {
         return Err(HttpError::Unavailable);
     };
     let online = users

@@ -57,6 +57,10 @@ pub enum HttpError {
     /// The presence store did not answer.
     #[error("the presence store is unavailable; retry later")]
     Unavailable,
+    /// `/readyz` while the store is unreachable or the node drains; `/ws`
+    /// while it drains.
+    #[error("{0}")]
+    NotReady(&'static str),
 }
 
 impl HttpError {
@@ -77,6 +81,7 @@ impl HttpError {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::ApiKeyRequired => (StatusCode::FORBIDDEN, "api_key_required"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
         }
     }
 

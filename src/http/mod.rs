@@ -36,7 +36,7 @@ use crate::{
     conn::{Conn, ConnSettings},
     ids::UserId,
     metrics::metrics,
-    registry::RegistryLink,
+    registry::{Health, RegistryLink},
     store::Store,
 };
 
@@ -55,6 +55,8 @@ pub struct WorkerState {
     pub hub: SharedHub,
     /// The presence store, for the read-only `/v1` API.
     pub store: Arc<dyn Store>,
+    /// Store reachability and drain state, for `/readyz`.
+    pub health: Arc<Health>,
 }
 
 /// The tungstenite settings: small buffers so an idle socket costs little.
@@ -96,12 +98,24 @@ async fn route(req: Request<Incoming>, state: &Rc<WorkerState>) -> Response<Body
     }
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
+        (&Method::GET, "/readyz") => readyz(&state.health),
         (&Method::GET, "/ws") => upgrade(req, state),
         (&Method::GET, "/metrics") => Ok(metrics_page()),
-        (_, "/healthz" | "/ws" | "/metrics") => Err(HttpError::MethodNotAllowed),
+        (_, "/healthz" | "/readyz" | "/ws" | "/metrics") => Err(HttpError::MethodNotAllowed),
         _ => Err(HttpError::NotFound),
     };
     result.unwrap_or_else(HttpError::into_response)
+}
+
+/// 200 while the store answers and the node is not draining, else 503.
+fn readyz(health: &Health) -> Result<Response<Body>, HttpError> {
+    if health.draining() {
+        Err(HttpError::NotReady("the node is draining"))
+    } else if !health.ready() {
+        Err(HttpError::NotReady("the presence store is unreachable"))
+    } else {
+        Ok(json(StatusCode::OK, r#"{"status":"ready"}"#.into()))
+    }
 }
 
 /// Prometheus text exposition: atomics and /proc only, no store call.
@@ -189,6 +203,11 @@ fn upgrade(
         .get(header::SEC_WEBSOCKET_KEY)
         .map(|k| derive_accept_key(k.as_bytes()))
         .ok_or(HttpError::MissingKey)?;
+    if state.health.draining() {
+        return Err(HttpError::NotReady(
+            "the node is draining; connect to another",
+        ));
+    }
     let user = dev_user(&req)?;
     let meta = dev_meta(&req, state.config.max_meta_bytes)?;
 

@@ -10,13 +10,16 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use futures_util::{FutureExt, future::BoxFuture};
+use futures_util::{FutureExt, future::BoxFuture, stream::BoxStream};
 
 use super::{
-    ConnRecord, Outcome, Page, RoomMember, Stats, Store, StoreError, StoreOp, UserPresence,
-    UserRecord,
+    Applied, ConnRecord, FeedItem, NodeState, Outcome, Page, Reaped, RoomMember, Stats, Store,
+    StoreError, StoreOp, UserPresence, UserRecord,
 };
-use crate::ids::{ConnId, NodeId, RoomName, UserId};
+use crate::{
+    ids::{ConnId, NodeId, RoomName, UserId},
+    protocol::Event,
+};
 
 /// In-process presence state.
 #[derive(Debug, Default, Clone)]
@@ -108,7 +111,7 @@ impl State {
                 *n += 1;
                 Outcome::Connected((*n == 1).then(|| self.bump(&user)))
             }
-            StoreOp::Disconnect(user) => {
+            StoreOp::Disconnect(user, _) => {
                 let offline = decrement(&mut self.connections, &user);
                 if offline {
                     self.last_seen.insert(user.clone(), now);
@@ -143,7 +146,7 @@ impl State {
                 let members = snapshot(members.keys(), &self.meta);
                 Outcome::Joined(first, members)
             }
-            StoreOp::Leave(room, user) => {
+            StoreOp::Leave(room, user, _) => {
                 let Some(members) = self.rooms.get_mut(&room) else {
                     return Outcome::Left(false);
                 };
@@ -157,6 +160,7 @@ impl State {
                 self.rooms.get(&room).into_iter().flat_map(|m| m.keys()),
                 &self.meta,
             )),
+            StoreOp::Reassert(state) => Outcome::Reasserted(self.reassert(&state, now)),
             StoreOp::Presence(users) => Outcome::Presence(
                 users
                     .iter()
@@ -167,6 +171,95 @@ impl State {
                     .collect(),
             ),
         }
+    }
+
+    /// This store is the only node, so the node's state is the whole
+    /// state: make it exactly `state`, returning the transitions (room
+    /// events first, as a disconnect leaves its rooms first).
+    fn reassert(&mut self, state: &NodeState, now: u64) -> Vec<Event> {
+        let mut events = Vec::new();
+        let mut want_rooms: HashMap<RoomName, HashMap<UserId, u64>> = HashMap::new();
+        for (room, user, n) in &state.rooms {
+            want_rooms
+                .entry(room.clone())
+                .or_default()
+                .insert(user.clone(), *n);
+        }
+        for (room, members) in &self.rooms {
+            for user in members.keys() {
+                if !want_rooms.get(room).is_some_and(|m| m.contains_key(user)) {
+                    events.push(Event::Left {
+                        room: room.clone(),
+                        user: user.clone(),
+                        reason: state.gone,
+                    });
+                }
+            }
+        }
+        for (room, members) in &want_rooms {
+            for user in members.keys() {
+                if !self.rooms.get(room).is_some_and(|m| m.contains_key(user)) {
+                    events.push(Event::Joined {
+                        room: room.clone(),
+                        user: user.clone(),
+                    });
+                }
+            }
+        }
+        self.rooms = want_rooms;
+
+        let mut want: HashMap<UserId, u64> = HashMap::new();
+        for (user, ..) in &state.conns {
+            *want.entry(user.clone()).or_default() += 1;
+        }
+        let gone: Vec<UserId> = self
+            .connections
+            .keys()
+            .filter(|u| !want.contains_key(*u))
+            .cloned()
+            .collect();
+        for user in gone {
+            self.last_seen.insert(user.clone(), now);
+            events.push(Event::Offline {
+                seq: self.bump(&user),
+                user,
+                last_seen: now,
+                reason: state.gone,
+            });
+        }
+        let came: Vec<UserId> = want
+            .keys()
+            .filter(|u| !self.connections.contains_key(*u))
+            .cloned()
+            .collect();
+        for user in came {
+            events.push(Event::Online {
+                seq: self.bump(&user),
+                user,
+            });
+        }
+        self.connections = want;
+
+        let mut records: HashMap<UserId, HashMap<ConnId, Attached>> = HashMap::new();
+        for (user, conn, meta) in &state.conns {
+            let since_ms = self
+                .records
+                .get(user)
+                .and_then(|r| r.get(conn))
+                .map_or(now, |a| a.since_ms);
+            if let Some(m) = meta {
+                self.meta.insert(user.clone(), m.clone());
+            }
+            records.entry(user.clone()).or_default().insert(
+                *conn,
+                Attached {
+                    since_ms,
+                    meta: meta.clone(),
+                },
+            );
+        }
+        self.records = records;
+        events
     }
 
     fn bump(&mut self, user: &UserId) -> u64 {
@@ -200,13 +293,17 @@ fn page<'a>(
 }
 
 impl Store for MemoryStore {
-    fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Vec<Outcome>, StoreError>> {
+    fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Applied, StoreError>> {
         let now = now_ms();
         // unwrap: the lock is only held inside this synchronous loop, which
         // does not panic, so it is never poisoned.
         let mut state = self.state.lock().unwrap();
-        let out = ops.into_iter().map(|op| state.apply(op, now)).collect();
-        futures_util::future::ready(Ok(out)).boxed()
+        let outcomes = ops.into_iter().map(|op| state.apply(op, now)).collect();
+        futures_util::future::ready(Ok(Applied {
+            outcomes,
+            published_after: None,
+        }))
+        .boxed()
     }
 
     fn room_page(
@@ -270,7 +367,22 @@ impl Store for MemoryStore {
         .boxed()
     }
 
-    fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+    /// One node, in this process: its lease cannot lapse.
+    fn refresh_lease(&self) -> BoxFuture<'static, Result<bool, StoreError>> {
+        futures_util::future::ready(Ok(true)).boxed()
+    }
+
+    /// There are no other nodes to reap.
+    fn reap(&self) -> BoxFuture<'static, Result<Reaped, StoreError>> {
+        futures_util::future::ready(Ok(Reaped::default())).boxed()
+    }
+
+    fn retire(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         futures_util::future::ready(Ok(())).boxed()
+    }
+
+    /// Events are delivered from [`Store::apply`]'s outcomes.
+    fn feed(&self) -> Option<BoxStream<'static, FeedItem>> {
+        None
     }
 }

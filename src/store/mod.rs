@@ -18,19 +18,24 @@ use futures_util::future::BoxFuture;
 pub use self::{memory::MemoryStore, redis::RedisStore};
 use std::sync::Arc;
 
-use crate::ids::{ConnId, RoomName, UserId};
+use futures_util::stream::BoxStream;
+
+use crate::{
+    ids::{ConnId, RoomName, UserId},
+    protocol::{Event, Reason},
+};
 
 /// One write or read in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreOp {
     /// A connection of `user` came up.
     Connect(UserId),
-    /// A connection of `user` went away.
-    Disconnect(UserId),
+    /// A connection of `user` went away, for `reason`.
+    Disconnect(UserId, Reason),
     /// A connection of `user` joined `room`.
     Join(RoomName, UserId),
-    /// A connection of `user` left `room`.
-    Leave(RoomName, UserId),
+    /// A connection of `user` left `room`, for `reason`.
+    Leave(RoomName, UserId, Reason),
     /// Read `room`'s members.
     Members(RoomName),
     /// Read these users' presence.
@@ -40,6 +45,25 @@ pub enum StoreOp {
     Attach(UserId, ConnId, Option<Arc<str>>),
     /// Forget that connection record.
     Detach(UserId, ConnId),
+    /// Make the store's view of this node exactly `state` (and renew the
+    /// node's lease), emitting the transitions that takes. Used after the
+    /// store lost or may have lost writes: Redis restarted empty, the lease
+    /// was reaped, or a batch failed in a way that may or may not have
+    /// applied. Idempotent.
+    Reassert(Arc<NodeState>),
+}
+
+/// Everything one node holds, as [`StoreOp::Reassert`] writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeState {
+    /// Every live connection: its user, id and metadata.
+    pub conns: Vec<(UserId, ConnId, Option<Arc<str>>)>,
+    /// Every (room, user) with how many of that user's connections on this
+    /// node are in the room.
+    pub rooms: Vec<(RoomName, UserId, u64)>,
+    /// The reason of the `offline` and `left` events for what the store
+    /// holds and this node no longer does.
+    pub gone: Reason,
 }
 
 /// What the store decided for one op.
@@ -60,6 +84,45 @@ pub enum Outcome {
     Presence(Vec<UserPresence>),
     /// `Attach` or `Detach`: recorded.
     Recorded,
+    /// `Reassert`: the transitions it took, in order.
+    Reasserted(Vec<Event>),
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// One outcome per op, in order.
+    pub outcomes: Vec<Outcome>,
+    /// For a store that publishes events to every node ([`Store::feed`]):
+    /// the feed sequence number just before this batch's first event. Its
+    /// events are numbered from `seq + 1` in op order and reach this node
+    /// through the feed, not from here. `None`: deliver them locally.
+    pub published_after: Option<u64>,
+}
+
+/// What [`Store::feed`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedItem {
+    /// (Re)subscribed: events numbered up to `floor` were published before
+    /// the subscription and will not arrive.
+    Subscribed {
+        /// The feed's sequence number when the subscription began.
+        floor: u64,
+    },
+    /// Events, in the order the store decided them, with their numbers.
+    Events(Vec<(u64, Event)>),
+    /// The subscription broke; events may be missed until the next
+    /// `Subscribed`.
+    Lost,
+}
+
+/// What [`Store::reap`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reaped {
+    /// The dead nodes cleaned up by this call.
+    pub nodes: Vec<String>,
+    /// The `offline` and `left` events it published.
+    pub events: u64,
 }
 
 /// One live connection of a user, as `GET /v1/users/{id}` shows it.
@@ -144,6 +207,10 @@ pub enum StoreError {
     /// A cursor this store did not hand out.
     #[error("invalid cursor")]
     BadCursor,
+    /// This node's lease is gone (reaped as dead, or Redis lost its data):
+    /// the batch was refused; the node must reassert its state first.
+    #[error("this node's lease is gone; its state must be reasserted")]
+    LeaseLost,
     /// Redis answered something this version does not understand.
     #[error("unexpected store reply: {0}")]
     Protocol(String),
@@ -153,7 +220,7 @@ pub enum StoreError {
 /// apply each batch atomically.
 pub trait Store: Send + Sync + 'static {
     /// Applies `ops` in order as one atomic step; one outcome per op.
-    fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Vec<Outcome>, StoreError>>;
+    fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Applied, StoreError>>;
 
     /// One page of `room`'s members from `cursor` (`None`: the start), about
     /// `limit` long, and the room's member count.
@@ -177,6 +244,20 @@ pub trait Store: Send + Sync + 'static {
     /// Users online and nodes alive, cluster-wide.
     fn stats(&self) -> BoxFuture<'static, Result<Stats, StoreError>>;
 
-    /// Extends this node's lease so other nodes know it is alive.
-    fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>>;
+    /// Extends this node's lease so other nodes know it is alive. `false`:
+    /// the lease is gone (reaped, or Redis lost its data) and was not
+    /// renewed; the node must reassert its state.
+    fn refresh_lease(&self) -> BoxFuture<'static, Result<bool, StoreError>>;
+
+    /// Cleans up every node whose lease expired, atomically, publishing the
+    /// `offline` and `left` events (reason `node_lost`) that takes.
+    fn reap(&self) -> BoxFuture<'static, Result<Reaped, StoreError>>;
+
+    /// Removes this node's lease (after a drain wrote its removals).
+    fn retire(&self) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// The events every node publishes, when the store is shared; `None`
+    /// for a store whose events [`Store::apply`] hands back for local
+    /// delivery.
+    fn feed(&self) -> Option<BoxStream<'static, FeedItem>>;
 }

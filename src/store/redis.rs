@@ -7,20 +7,35 @@
 //! transitions their own ops caused. Key layout: see the script's header
 //! and docs/operations.md.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use futures_util::{FutureExt, future::BoxFuture};
+use futures_util::{FutureExt, StreamExt, future::BoxFuture, stream::BoxStream};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value, aio::ConnectionManager};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
 
 use super::{
-    ConnRecord, Outcome, Page, RoomMember, Stats, Store, StoreError, StoreOp, UserPresence,
-    UserRecord,
+    Applied, ConnRecord, FeedItem, NodeState, Outcome, Page, Reaped, RoomMember, Stats, Store,
+    StoreError, StoreOp, UserPresence, UserRecord,
 };
-use crate::ids::{NodeId, RoomName, UserId};
+use crate::{
+    ids::{NodeId, RoomName, UserId},
+    protocol::{Event, Reason},
+};
 
-const BATCH_LUA: &str = include_str!("scripts/batch.lua");
+const BATCH_LUA: &str = concat!(
+    include_str!("scripts/common.lua"),
+    include_str!("scripts/batch.lua")
+);
+const REAP_LUA: &str = concat!(
+    include_str!("scripts/common.lua"),
+    include_str!("scripts/reap.lua")
+);
 const LEASE_LUA: &str = include_str!("scripts/lease.lua");
 const STATS_LUA: &str = include_str!("scripts/stats.lua");
+
+/// Longest wait between attempts to resubscribe to the event channel.
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
 
 /// Reconnect attempts inside one call before it fails.
 const RECONNECT_RETRIES: usize = 2;
@@ -31,8 +46,10 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Presence in Redis, shared by every node using the same prefix.
 #[derive(Clone)]
 pub struct RedisStore {
+    client: redis::Client,
     conn: ConnectionManager,
     batch: redis::Script,
+    reap: redis::Script,
     lease: redis::Script,
     stats: redis::Script,
     prefix: String,
@@ -62,8 +79,10 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         let conn = client.get_connection_manager_with_config(config).await?;
         let store = Self {
+            client,
             conn,
             batch: redis::Script::new(BATCH_LUA),
+            reap: redis::Script::new(REAP_LUA),
             lease: redis::Script::new(LEASE_LUA),
             stats: redis::Script::new(STATS_LUA),
             prefix: prefix.to_owned(),
@@ -71,7 +90,80 @@ impl RedisStore {
             lease_ms: lease.as_millis() as u64,
         };
         store.load_batch_script().await?;
+        // Take the lease: from now on other nodes may reap this one.
+        store
+            .apply(vec![StoreOp::Reassert(Arc::new(NodeState {
+                conns: Vec::new(),
+                rooms: Vec::new(),
+                gone: Reason::Closed,
+            }))])
+            .await?;
         Ok(store)
+    }
+
+    /// The event channel's name.
+    fn channel(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    /// Subscribes to the event channel; returns the stream and the feed's
+    /// sequence number right after the subscription took effect.
+    async fn subscribe(&self) -> Result<(redis::aio::PubSubStream, u64), StoreError> {
+        let connect = self.client.get_async_pubsub();
+        let mut pubsub = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, connect)
+            .await
+            .map_err(|_| StoreError::Protocol("pub/sub connect timed out".into()))??;
+        pubsub.subscribe(self.channel()).await?;
+        let mut conn = self.conn.clone();
+        let floor: Option<u64> = redis::cmd("GET")
+            .arg(format!("{}:events:seq", self.prefix))
+            .query_async(&mut conn)
+            .await?;
+        Ok((pubsub.into_on_message(), floor.unwrap_or(0)))
+    }
+
+    /// Keeps a subscription to the event channel, resubscribing after a
+    /// loss, until the receiver is dropped.
+    async fn run_feed(self, tx: mpsc::UnboundedSender<FeedItem>) {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.subscribe().await {
+                Ok((mut messages, floor)) => {
+                    info!(floor, "subscribed to presence events");
+                    delay = Duration::from_millis(50);
+                    if tx.send(FeedItem::Subscribed { floor }).is_err() {
+                        return;
+                    }
+                    while let Some(first) = messages.next().await {
+                        // Whatever else has already arrived goes along.
+                        let mut events = Vec::new();
+                        let mut next = Some(first);
+                        while let Some(msg) = next {
+                            match parse_published(msg.get_payload_bytes()) {
+                                Ok(event) => events.push(event),
+                                Err(error) => warn!(%error, "unreadable presence event"),
+                            }
+                            next = messages.next().now_or_never().flatten();
+                        }
+                        if tx.send(FeedItem::Events(events)).is_err() {
+                            return;
+                        }
+                    }
+                    warn!("presence event subscription lost; resubscribing");
+                    if tx.send(FeedItem::Lost).is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, retry_in = ?delay, "cannot subscribe to presence events")
+                }
+            }
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RESUBSCRIBE_MAX);
+        }
     }
 
     async fn load_batch_script(&self) -> Result<(), StoreError> {
@@ -89,13 +181,20 @@ impl RedisStore {
         cmd.arg(self.batch.get_hash())
             .arg(0)
             .arg(&self.prefix)
-            .arg(&self.node);
+            .arg(&self.node)
+            .arg(self.lease_ms)
+            .arg(if needs_lease(ops) { "1" } else { "0" });
         for op in ops {
             match op {
                 StoreOp::Connect(u) => cmd.arg("C").arg(u.as_str()),
-                StoreOp::Disconnect(u) => cmd.arg("D").arg(u.as_str()),
+                StoreOp::Disconnect(u, why) => cmd.arg("D").arg(u.as_str()).arg(why.as_str()),
                 StoreOp::Join(r, u) => cmd.arg("J").arg(r.as_str()).arg(u.as_str()),
-                StoreOp::Leave(r, u) => cmd.arg("L").arg(r.as_str()).arg(u.as_str()),
+                StoreOp::Leave(r, u, why) => cmd
+                    .arg("L")
+                    .arg(r.as_str())
+                    .arg(u.as_str())
+                    .arg(why.as_str()),
+                StoreOp::Reassert(state) => reassert_args(&mut cmd, state),
                 StoreOp::Members(r) => cmd.arg("M").arg(r.as_str()),
                 StoreOp::Attach(u, conn, meta) => cmd
                     .arg("A")
@@ -116,6 +215,30 @@ impl RedisStore {
         pipe.atomic().add_command(cmd);
         pipe
     }
+}
+
+/// Whether a batch writes on this node's behalf without first reasserting
+/// (and so must be refused if the node lost its lease).
+fn needs_lease(ops: &[StoreOp]) -> bool {
+    !matches!(ops.first(), Some(StoreOp::Reassert(_)))
+        && ops
+            .iter()
+            .any(|op| !matches!(op, StoreOp::Members(_) | StoreOp::Presence(_)))
+}
+
+/// The arguments of an `R` op: the connections, then the room counts.
+fn reassert_args<'a>(cmd: &'a mut redis::Cmd, state: &NodeState) -> &'a mut redis::Cmd {
+    cmd.arg("R").arg(state.conns.len());
+    for (user, conn, meta) in &state.conns {
+        cmd.arg(user.as_str())
+            .arg(conn.to_string())
+            .arg(meta.as_deref().unwrap_or(""));
+    }
+    cmd.arg(state.rooms.len());
+    for (room, user, n) in &state.rooms {
+        cmd.arg(room.as_str()).arg(user.as_str()).arg(*n);
+    }
+    cmd.arg(state.gone.as_str())
 }
 
 /// A client's cursor as an HSCAN cursor (the start when absent).
@@ -140,12 +263,69 @@ fn is_noscript(e: &RedisError) -> bool {
     e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
 }
 
+/// The batch script's refusal when this node has no lease (inside
+/// MULTI/EXEC it comes back as a pipeline failure).
+fn is_nolease(e: &RedisError) -> bool {
+    e.code() == Some("NOLEASE")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "NOLEASE"))
+}
+
+/// One message of the event channel: "seq kind args".
+fn parse_published(payload: &[u8]) -> Result<(u64, Event), StoreError> {
+    let text = std::str::from_utf8(payload)
+        .map_err(|_| StoreError::Protocol("event is not UTF-8".into()))?;
+    let (seq, event) = text
+        .split_once(' ')
+        .ok_or_else(|| StoreError::Protocol(format!("event {text:?}")))?;
+    let seq = seq
+        .parse()
+        .map_err(|_| StoreError::Protocol(format!("event {text:?}")))?;
+    Ok((seq, parse_event(event)?))
+}
+
+/// An event as the scripts write it: "kind args" (see batch.lua).
+fn parse_event(text: &str) -> Result<Event, StoreError> {
+    let bad = || StoreError::Protocol(format!("event {text:?}"));
+    let user = |s: &str| UserId::parse(s).map_err(|_| bad());
+    let room = |s: &str| RoomName::parse(s).map_err(|_| bad());
+    let num = |s: &str| s.parse::<u64>().map_err(|_| bad());
+    let reason = |s: &str| Reason::parse(s).ok_or_else(bad);
+    let parts: Vec<&str> = text.split(' ').collect();
+    Ok(match parts.as_slice() {
+        ["online", u, seq] => Event::Online {
+            user: user(u)?,
+            seq: num(seq)?,
+        },
+        ["offline", u, seq, at, why] => Event::Offline {
+            user: user(u)?,
+            seq: num(seq)?,
+            last_seen: num(at)?,
+            reason: reason(why)?,
+        },
+        ["joined", r, u] => Event::Joined {
+            room: room(r)?,
+            user: user(u)?,
+        },
+        ["left", r, u, why] => Event::Left {
+            room: room(r)?,
+            user: user(u)?,
+            reason: reason(why)?,
+        },
+        _ => return Err(bad()),
+    })
+}
+
 impl Store for RedisStore {
-    fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Vec<Outcome>, StoreError>> {
+    fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Applied, StoreError>> {
         let this = self.clone();
         async move {
             if ops.is_empty() {
-                return Ok(Vec::new());
+                return Ok(Applied {
+                    outcomes: Vec::new(),
+                    published_after: None,
+                });
             }
             let pipe = this.batch_pipeline(&ops);
             let mut conn = this.conn.clone();
@@ -155,11 +335,22 @@ impl Store for RedisStore {
                 // script; inside MULTI nothing was applied, so load and redo.
                 Err(e) if is_noscript(&e) => {
                     this.load_batch_script().await?;
-                    pipe.query_async(&mut conn).await?
+                    match pipe.query_async(&mut conn).await {
+                        Err(e) if is_nolease(&e) => return Err(StoreError::LeaseLost),
+                        other => other?,
+                    }
                 }
+                Err(e) if is_nolease(&e) => return Err(StoreError::LeaseLost),
                 other => other?,
             };
-            parse_outcomes(&ops, reply)
+            let mut items = array(reply)?.into_iter();
+            let base = items
+                .next()
+                .ok_or_else(|| StoreError::Protocol("empty batch reply".into()))?;
+            Ok(Applied {
+                published_after: Some(int(&base)?.max(0) as u64),
+                outcomes: parse_outcomes(&ops, items.collect())?,
+            })
         }
         .boxed()
     }
@@ -281,25 +472,81 @@ impl Store for RedisStore {
         .boxed()
     }
 
-    fn refresh_lease(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+    fn refresh_lease(&self) -> BoxFuture<'static, Result<bool, StoreError>> {
         let this = self.clone();
         async move {
             let mut conn = this.conn.clone();
-            let _: i64 = this
+            let deadline: i64 = this
                 .lease
                 .key(format!("{}:nodes", this.prefix))
                 .arg(&this.node)
                 .arg(this.lease_ms)
                 .invoke_async(&mut conn)
                 .await?;
+            Ok(deadline > 0)
+        }
+        .boxed()
+    }
+
+    fn reap(&self) -> BoxFuture<'static, Result<Reaped, StoreError>> {
+        let this = self.clone();
+        async move {
+            let mut conn = this.conn.clone();
+            let reply: Vec<Value> = this
+                .reap
+                .arg(&this.prefix)
+                .arg(&this.node)
+                .invoke_async(&mut conn)
+                .await?;
+            let mut items = reply.into_iter();
+            let events = items
+                .next()
+                .ok_or_else(|| StoreError::Protocol("empty reap reply".into()))?;
+            Ok(Reaped {
+                events: int(&events)?.max(0) as u64,
+                nodes: items.map(text).collect::<Result<_, _>>()?,
+            })
+        }
+        .boxed()
+    }
+
+    fn retire(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        let this = self.clone();
+        async move {
+            let mut conn = this.conn.clone();
+            let _: i64 = redis::cmd("ZREM")
+                .arg(format!("{}:nodes", this.prefix))
+                .arg(&this.node)
+                .query_async(&mut conn)
+                .await?;
             Ok(())
         }
         .boxed()
+    }
+
+    fn feed(&self) -> Option<BoxStream<'static, FeedItem>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(self.clone().run_feed(tx));
+        Some(
+            futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|item| (item, rx))
+            })
+            .boxed(),
+        )
     }
 }
 
 fn unexpected(what: &str, v: &Value) -> StoreError {
     StoreError::Protocol(format!("{what}: {v:?}"))
+}
+
+fn text(v: Value) -> Result<String, StoreError> {
+    match v {
+        Value::BulkString(b) => {
+            String::from_utf8(b).map_err(|_| StoreError::Protocol("reply not UTF-8".into()))
+        }
+        other => Err(unexpected("expected a string", &other)),
+    }
 }
 
 fn int(v: &Value) -> Result<i64, StoreError> {
@@ -352,8 +599,7 @@ fn room_members(items: Vec<Value>) -> Result<Vec<RoomMember>, StoreError> {
     Ok(out)
 }
 
-fn parse_outcomes(ops: &[StoreOp], reply: Value) -> Result<Vec<Outcome>, StoreError> {
-    let items = array(reply)?;
+fn parse_outcomes(ops: &[StoreOp], items: Vec<Value>) -> Result<Vec<Outcome>, StoreError> {
     if items.len() != ops.len() {
         return Err(StoreError::Protocol(format!(
             "{} outcomes for {} ops",
@@ -369,7 +615,7 @@ fn parse_outcomes(ops: &[StoreOp], reply: Value) -> Result<Vec<Outcome>, StoreEr
                     let seq = int(&v)?;
                     Outcome::Connected((seq > 0).then_some(seq as u64))
                 }
-                StoreOp::Disconnect(_) => {
+                StoreOp::Disconnect(..) => {
                     let pair = array(v)?;
                     let (seq, at) = match pair.as_slice() {
                         [s, t] => (int(s)?, int(t)?),
@@ -385,6 +631,12 @@ fn parse_outcomes(ops: &[StoreOp], reply: Value) -> Result<Vec<Outcome>, StoreEr
                     Outcome::Joined(int(&first)? == 1, room_members(items.collect())?)
                 }
                 StoreOp::Leave(..) => Outcome::Left(int(&v)? == 1),
+                StoreOp::Reassert(_) => Outcome::Reasserted(
+                    array(v)?
+                        .into_iter()
+                        .map(|e| parse_event(&text(e)?))
+                        .collect::<Result<_, _>>()?,
+                ),
                 StoreOp::Attach(..) | StoreOp::Detach(..) => {
                     int(&v)?;
                     Outcome::Recorded
