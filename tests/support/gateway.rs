@@ -24,6 +24,10 @@ use super::RedisServer;
 /// Bound for the gateway to print its listen line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Bound for a gateway to exit after SIGTERM: the default
+/// `--drain-timeout-ms` (10 s) and a margin for a loaded machine.
+pub const DRAIN_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
 const LISTEN_LINE_PREFIX: &str = "presenced listening on ";
 
 /// How much of the gateway's stderr is kept, and how much a failing test
@@ -128,6 +132,39 @@ impl Gateway {
             .await
             .expect("killed gateway did not exit")
             .expect("waiting for the killed gateway failed");
+    }
+
+    /// SIGTERM (a graceful drain), and wait up to [`DRAIN_EXIT_TIMEOUT`] for
+    /// the process to exit; returns how it exited.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.terminate_within(DRAIN_EXIT_TIMEOUT).await
+    }
+
+    /// SIGTERM, and wait up to `within` for the process to exit.
+    pub async fn terminate_within(&mut self, within: Duration) -> ExitStatus {
+        let pid = self
+            .child
+            .id()
+            .expect("the gateway was already waited for")
+            .to_string();
+        // `kill(1)` rather than a libc binding: the harness has no unsafe
+        // code and no extra dependency. The child is not reaped before the
+        // wait below, so the pid cannot name another process.
+        let sent = timeout(
+            Duration::from_secs(5),
+            Command::new("kill").args(["-TERM", &pid]).status(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("kill -TERM {pid} did not return"))
+        .unwrap_or_else(|error| panic!("cannot run kill -TERM {pid}: {error}"));
+        assert!(sent.success(), "kill -TERM {pid} failed: {sent}");
+        match timeout(within, self.child.wait()).await {
+            Ok(status) => status.expect("waiting for the terminated gateway failed"),
+            Err(_) => panic!(
+                "presenced {:?} on {} was still running {within:?} after SIGTERM",
+                self.args, self.addr
+            ),
+        }
     }
 }
 

@@ -101,3 +101,39 @@ pub fn room_event_in(room: &str) -> Matcher {
 pub fn any_frame() -> Matcher {
     Matcher::new("any frame", |_| true)
 }
+
+/// `{"type":"offline","user":USER,"reason":REASON,...}`
+pub fn offline_because(user: &str, reason: &str) -> Matcher {
+    let (user, reason) = (user.to_owned(), reason.to_owned());
+    Matcher::new(format!("offline of {user} ({reason})"), move |frame| {
+        frame_type(frame) == "offline"
+            && frame["user"] == user.as_str()
+            && frame["reason"] == reason.as_str()
+    })
+}
+
+/// `{"type":"left","room":ROOM,"user":USER,"reason":REASON}`
+pub fn left_because(room: &str, user: &str, reason: &str) -> Matcher {
+    let (room, user, reason) = (room.to_owned(), user.to_owned(), reason.to_owned());
+    Matcher::new(
+        format!("left of {user} in {room} ({reason})"),
+        move |frame| {
+            frame_type(frame) == "left"
+                && frame["room"] == room.as_str()
+                && frame["user"] == user.as_str()
+                && frame["reason"] == reason.as_str()
+        },
+    )
+}
+
+/// Any `joined` or `left` in any room.
+pub fn any_room_event() -> Matcher {
+    Matcher::new("any joined/left event", |frame| {
+        matches!(frame_type(frame), "joined" | "left")
+    })
+}
+
+/// Any presence or room event: `online`, `offline`, `joined`, `left`.
+pub fn any_event() -> Matcher {
+    any_presence_event().or(any_room_event())
+}

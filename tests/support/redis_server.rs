@@ -2,6 +2,7 @@
 //! port, a temporary directory, no persistence, killed on drop.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     net::TcpListener,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -82,6 +83,32 @@ impl RedisServer {
             .await
             .unwrap_or_else(|_| panic!("redis {args:?} took over {COMMAND_TIMEOUT:?}"))
             .unwrap_or_else(|error| panic!("redis {args:?} failed: {error}"))
+    }
+
+    /// `HGETALL key` with integer values (counts); an absent key is empty.
+    pub async fn hgetall(&self, key: &str) -> BTreeMap<String, i64> {
+        self.command(&["HGETALL", key]).await
+    }
+
+    /// `HGETALL key` with text values; an absent key is empty.
+    pub async fn hgetall_text(&self, key: &str) -> BTreeMap<String, String> {
+        self.command(&["HGETALL", key]).await
+    }
+
+    /// `GET key` as an integer, `None` when the key does not exist.
+    pub async fn get_integer(&self, key: &str) -> Option<i64> {
+        self.command(&["GET", key]).await
+    }
+
+    /// The members of the sorted set `key`, without their scores.
+    pub async fn zset_members(&self, key: &str) -> BTreeSet<String> {
+        self.command(&["ZRANGE", key, "0", "-1"]).await
+    }
+
+    /// Every key matching `pattern`. `KEYS` blocks the server while it scans:
+    /// fine for the few keys of a test, never for a real deployment.
+    pub async fn keys(&self, pattern: &str) -> BTreeSet<String> {
+        self.command(&["KEYS", pattern]).await
     }
 
     /// Zeroes the per-command statistics.
