@@ -443,6 +443,17 @@ async fn a_killed_node_is_reaped_exactly_once() {
             })
             .collect();
         assert_eq!(oscar.query(&user_ids).await, truth);
+        // Exactly one survivor reaped A, and counted it.
+        let mut reaped = 0.0;
+        for node in [&node_b, &node_c] {
+            let page = http::get(node.addr, "/metrics").await.body_text();
+            reaped += page
+                .lines()
+                .find_map(|line| line.strip_prefix("presenced_nodes_reaped_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no presenced_nodes_reaped_total in\n{page}"));
+        }
+        assert_eq!(reaped, 1.0, "one reap, counted once across the survivors");
     })
     .await
 }

@@ -73,13 +73,15 @@ async fn silent_client_times_out_with_1001(backend: Backend) {
     zoe.expect_event(joined("lobby", "alice")).await;
 
     // From here alice sends nothing and answers no ping.
-    watcher.expect_event(offline("alice")).await;
+    let went_offline = watcher.expect_event(offline("alice")).await;
+    assert_eq!(went_offline["reason"], "timeout", "{went_offline}");
     let silent_for = silent_since.elapsed();
     assert!(
         silent_for >= IDLE_TIMEOUT,
         "alice went offline after {silent_for:?} of silence, before the {IDLE_TIMEOUT:?} idle timeout"
     );
-    zoe.expect_event(left("lobby", "alice")).await;
+    let left_lobby = zoe.expect_event(left("lobby", "alice")).await;
+    assert_eq!(left_lobby["reason"], "timeout", "{left_lobby}");
     assert_eq!(
         alice.wait_for_end(EVENT_TIMEOUT).await,
         SilentEnd::CloseCode(1001),

@@ -1,0 +1,85 @@
+//! A Redis outage is bounded: while the store is unreachable, requests
+//! that wait for it queue up to `--max-pending`; past that they are
+//! answered `unavailable` at once (and counted), the gateway keeps running,
+//! and the queued ones are answered once Redis is back.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Client, EVENT_TIMEOUT, Gateway, QUIET_WINDOW, RedisServer, http};
+use tokio::time::{Instant, sleep};
+
+const MAX_PENDING: usize = 5;
+const SENT: usize = 12;
+
+fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{page}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_bound_are_refused_while_redis_is_down() {
+    support::within_scenario_timeout(async {
+        let mut redis = RedisServer::start().await;
+        let max = MAX_PENDING.to_string();
+        let gateway = Gateway::redis(&redis, &["--max-pending", &max]).await;
+        let mut carl = Client::connect(&gateway.ws_url("carl")).await;
+        assert!(carl.query_one("carl").await.online);
+
+        redis.kill();
+        // Wait until the node has noticed (a lease refresh fails), so every
+        // request below meets a failing store.
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while http::get(gateway.addr, "/readyz").await.status != 503 {
+            assert!(Instant::now() < deadline, "/readyz never turned 503");
+            // A probe has no change signal to await.
+            sleep(Duration::from_millis(100)).await;
+        }
+        for n in 0..SENT {
+            carl.send_json(json!({"type": "query", "users": ["carl"], "ref": format!("q{n}")}))
+                .await;
+        }
+        let mut answered: Vec<Value> = Vec::new();
+        while let Some(frame) = carl.try_next_json(QUIET_WINDOW).await {
+            answered.push(frame);
+        }
+        // One batch may be in flight besides the queue.
+        assert!(
+            answered.len() >= SENT - MAX_PENDING - 1,
+            "at most {MAX_PENDING} requests wait; the rest are refused at once: {answered:?}"
+        );
+        for frame in &answered {
+            assert_eq!(frame["type"], "error", "{frame}");
+            assert_eq!(frame["code"], "unavailable", "{frame}");
+        }
+        let page = http::get(gateway.addr, "/metrics").await.body_text();
+        assert_eq!(
+            counter(&page, "presenced_store_queue_overflows_total"),
+            answered.len() as f64
+        );
+        // The connection stays open and answers what needs no store.
+        carl.ping().await;
+
+        redis.restart().await;
+        // The queued requests are answered, in order, once Redis is back.
+        let mut refs: Vec<String> = answered
+            .iter()
+            .map(|f| f["ref"].as_str().expect("a ref").to_owned())
+            .collect();
+        while refs.len() < SENT {
+            let frame = carl.next_json(Duration::from_secs(15)).await;
+            assert_eq!(frame["type"], "reply", "{frame}");
+            assert_eq!(frame["users"][0]["online"], true, "{frame}");
+            refs.push(frame["ref"].as_str().expect("a ref").to_owned());
+        }
+        refs.sort_unstable();
+        let mut all: Vec<String> = (0..SENT).map(|n| format!("q{n}")).collect();
+        all.sort_unstable();
+        assert_eq!(refs, all, "each request answered once");
+    })
+    .await
+}
