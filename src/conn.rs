@@ -180,7 +180,7 @@ impl Conn {
 
 fn frame_kind(request: &Request) -> FrameKind {
     match request {
-        Request::Join(_) => FrameKind::Join,
+        Request::Join(..) => FrameKind::Join,
         Request::Leave(_) => FrameKind::Leave,
         Request::Watch(_) => FrameKind::Watch,
         Request::Unwatch(_) => FrameKind::Unwatch,

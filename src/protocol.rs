@@ -6,6 +6,8 @@
 //! is serialized once and every recipient gets a cheap clone of the same
 //! bytes.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -47,8 +49,9 @@ impl From<IdError> for ErrorCode {
 /// What a client asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
-    /// Join a room.
-    Join(RoomName),
+    /// Join a room; with metadata (a JSON object, compact), which becomes
+    /// the connection's metadata from then on.
+    Join(RoomName, Option<Arc<str>>),
     /// Leave a room.
     Leave(RoomName),
     /// Subscribe to these users' online/offline events.
@@ -117,6 +120,8 @@ pub struct Bounds {
     pub max_ids: usize,
     /// Largest `limit` of a `room` query.
     pub max_page: usize,
+    /// Largest `meta` of a `join`, in bytes of compact JSON.
+    pub max_meta_bytes: usize,
 }
 
 /// Decodes one client text frame within `bounds`.
@@ -145,7 +150,10 @@ pub fn decode(text: &str, bounds: Bounds) -> Result<ClientFrame, DecodeError> {
         None => return Err(bad(&reference, "missing \"type\"")),
     };
     let request = match kind {
-        "join" => Request::Join(room_field(&obj, &reference)?),
+        "join" => Request::Join(
+            room_field(&obj, &reference)?,
+            meta_field(&obj, &reference, bounds.max_meta_bytes)?,
+        ),
         "leave" => Request::Leave(room_field(&obj, &reference)?),
         "watch" => Request::Watch(users_field(&obj, &reference, max_ids)?),
         "unwatch" => Request::Unwatch(users_field(&obj, &reference, max_ids)?),
@@ -187,6 +195,34 @@ fn room_field(
             reference.clone(),
             ErrorCode::BadRequest,
             "missing \"room\"",
+        )),
+    }
+}
+
+/// A `join`'s optional `meta`: a JSON object of at most `max` bytes as
+/// compact JSON.
+fn meta_field(
+    obj: &Map<String, Value>,
+    reference: &Option<Value>,
+    max: usize,
+) -> Result<Option<Arc<str>>, DecodeError> {
+    match obj.get("meta") {
+        None | Some(Value::Null) => Ok(None),
+        Some(meta @ Value::Object(_)) => {
+            let compact = meta.to_string();
+            if compact.len() > max {
+                return Err(DecodeError::new(
+                    reference.clone(),
+                    ErrorCode::LimitExceeded,
+                    format!("\"meta\" is {} bytes; at most {max}", compact.len()),
+                ));
+            }
+            Ok(Some(compact.into()))
+        }
+        Some(_) => Err(DecodeError::new(
+            reference.clone(),
+            ErrorCode::BadRequest,
+            "\"meta\" must be a JSON object",
         )),
     }
 }
@@ -575,6 +611,7 @@ mod tests {
     const B: Bounds = Bounds {
         max_ids: 3,
         max_page: 10,
+        max_meta_bytes: 20,
     };
 
     fn code(text: &str) -> ErrorCode {
@@ -585,7 +622,18 @@ mod tests {
     fn decodes_every_request() {
         let f = decode(r#"{"type":"join","room":"doc:1","ref":1}"#, B).unwrap();
         assert_eq!(f.reference, Some(json!(1)));
-        assert_eq!(f.request, Request::Join(RoomName::parse("doc:1").unwrap()));
+        assert_eq!(
+            f.request,
+            Request::Join(RoomName::parse("doc:1").unwrap(), None)
+        );
+        let f = decode(r#"{"type":"join","room":"r","meta":{"name": "Ann"}}"#, B).unwrap();
+        assert_eq!(
+            f.request,
+            Request::Join(
+                RoomName::parse("r").unwrap(),
+                Some(r#"{"name":"Ann"}"#.into())
+            )
+        );
         let f = decode(r#"{"type":"watch","users":["b","a","b"],"ref":"x"}"#, B).unwrap();
         let ids = |v: &[&str]| {
             v.iter()
@@ -631,6 +679,14 @@ mod tests {
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"type":"join","room":5}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"type":"join","room":"r","meta":[1]}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"r","meta":{"name":"a name far too long"}}"#),
+            ErrorCode::LimitExceeded
+        );
         assert_eq!(
             code(r#"{"type":"join","room":"a b"}"#),
             ErrorCode::InvalidRoom

@@ -1050,7 +1050,16 @@ impl PresenceRegistry {
         };
         let user = local.user.clone();
         let (op, then) = match request {
-            Request::Join(room) => {
+            Request::Join(room, meta) => {
+                if let Some(meta) = meta {
+                    // The snapshot below shows the joiner's new metadata.
+                    local.meta = Some(meta.clone());
+                    let attach = StoreOp::Attach(user.clone(), conn, Some(meta));
+                    self.queue(Some(attach), Then::Nothing);
+                }
+                let Some(local) = self.conns.get_mut(&conn) else {
+                    return;
+                };
                 let op = if local.rooms.insert(room.clone()) {
                     StoreOp::Join(room.clone(), user)
                 } else {
@@ -1264,10 +1273,14 @@ mod tests {
         let room = RoomName::parse("r").unwrap();
         let mut events = vec![
             ConnEvent::Connected(conn, user.clone(), None),
-            ConnEvent::Request(conn, None, Request::Join(room.clone())),
+            ConnEvent::Request(conn, None, Request::Join(room.clone(), None)),
         ];
         for _ in 0..100 {
-            events.push(ConnEvent::Request(conn, None, Request::Join(room.clone())));
+            events.push(ConnEvent::Request(
+                conn,
+                None,
+                Request::Join(room.clone(), None),
+            ));
             events.push(ConnEvent::Request(
                 conn,
                 None,

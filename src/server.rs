@@ -86,6 +86,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
         bounds: crate::protocol::Bounds {
             max_ids: config.max_ids,
             max_page: config.max_page,
+            max_meta_bytes: config.max_meta_bytes,
         },
         outbox_messages: config.outbox_messages,
         outbox_bytes: config.outbox_bytes,

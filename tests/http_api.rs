@@ -292,6 +292,51 @@ async fn a_users_record_shows_its_connections_and_metadata(backend: Backend) {
         json!([{"user": "alice", "meta": {"device": "phone"}}, {"user": "walter"}])
     );
 
+    // A join may carry metadata: it becomes the tab's (and the user's)
+    // metadata, shown to everyone joining later and in the record; the
+    // tab keeps its since_ms. Bad metadata is an error and changes nothing.
+    let laptop_since = conns
+        .iter()
+        .find(|c| c["conn"] == laptop.welcome()["conn"])
+        .map(|c| c["since_ms"].clone())
+        .expect("laptop recorded");
+    for (meta, code) in [
+        (json!([1, 2]), "bad_request"),
+        (json!({"x": "y".repeat(100)}), "limit_exceeded"),
+    ] {
+        let refused = laptop
+            .request(json!({"type": "join", "room": "doc:n", "meta": meta, "ref": "bad"}))
+            .await;
+        assert_eq!(
+            (refused["type"].as_str(), refused["code"].as_str()),
+            (Some("error"), Some(code))
+        );
+    }
+    laptop
+        .request_ok(
+            json!({"type": "join", "room": "doc:n", "meta": {"device": "laptop"}, "ref": "m"}),
+        )
+        .await;
+    let mut wendy = Client::connect(&d.gateway.ws_url("wendy")).await;
+    let snapshot = wendy
+        .request_ok(json!({"type": "join", "room": "doc:n", "ref": "s"}))
+        .await;
+    assert_eq!(
+        snapshot["members"],
+        json!([{"user": "alice", "meta": {"device": "laptop"}}, {"user": "wendy"}])
+    );
+    let record = ok(get(&d, "/v1/users/alice").await);
+    assert_eq!(record["meta"], json!({"device": "laptop"}));
+    let laptop_record = record["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .find(|c| c["conn"] == laptop.welcome()["conn"])
+        .cloned()
+        .expect("laptop recorded");
+    assert_eq!(laptop_record["meta"], json!({"device": "laptop"}));
+    assert_eq!(laptop_record["since_ms"], laptop_since);
+
     let mut watcher = Client::connect(&d.gateway.ws_url("watcher")).await;
     watcher.watch(&["alice"]).await;
     phone.close().await;
@@ -301,7 +346,7 @@ async fn a_users_record_shows_its_connections_and_metadata(backend: Backend) {
     assert_eq!(record["online"], false);
     assert_eq!(record["connections"], json!([]));
     assert_eq!(record["last_seen_ms"], offline["last_seen"]);
-    assert_eq!(record["meta"], json!({"device": "phone"}));
+    assert_eq!(record["meta"], json!({"device": "laptop"}));
 
     let never = ok(get(&d, "/v1/users/nobody").await);
     assert_eq!(

@@ -628,6 +628,41 @@ async fn user_records_follow_connections(b: Backend) {
     assert_eq!(out[2], Outcome::Members(with_meta.clone()));
     assert_eq!(out[1], Outcome::Joined(true, with_meta));
 
+    // New metadata for a recorded connection (a join carrying meta):
+    // replaced, since_ms kept, and snapshots show it.
+    let since = |r: &presenced::store::UserRecord, c: ConnId| {
+        r.connections
+            .iter()
+            .find(|x| x.conn == c.to_string())
+            .map(|x| (x.since_ms, x.meta.clone()))
+            .expect("recorded")
+    };
+    let (c2_since, _) = since(&s.user(u.clone()).await.unwrap(), c2);
+    let out = apply(
+        &s,
+        vec![
+            StoreOp::Attach(u.clone(), c2, Some(r#"{"tab":2}"#.into())),
+            StoreOp::Members(room("r")),
+        ],
+    )
+    .await;
+    let record = s.user(u.clone()).await.unwrap();
+    assert_eq!(
+        since(&record, c2),
+        (c2_since, Some(r#"{"tab":2}"#.to_owned()))
+    );
+    assert_eq!(record.meta.as_deref(), Some(r#"{"tab":2}"#));
+    assert_eq!(
+        out[1],
+        Outcome::Members(vec![
+            RoomMember {
+                user: u.clone(),
+                meta: Some(r#"{"tab":2}"#.into()),
+            },
+            RoomMember::plain(user("bob")),
+        ])
+    );
+
     apply(
         &s,
         vec![
@@ -644,7 +679,7 @@ async fn user_records_follow_connections(b: Backend) {
     assert!(record.last_seen_ms.is_some_and(|t| t > 1_700_000_000_000));
     assert_eq!(
         record.meta.as_deref(),
-        Some(r#"{"tab":1}"#),
+        Some(r#"{"tab":2}"#),
         "kept after offline"
     );
 }

@@ -122,11 +122,9 @@ impl State {
                 if let Some(m) = &meta {
                     self.meta.insert(user.clone(), m.clone());
                 }
-                let attached = Attached {
-                    since_ms: now,
-                    meta,
-                };
-                self.records.entry(user).or_default().insert(conn, attached);
+                let records = self.records.entry(user).or_default();
+                let since_ms = records.get(&conn).map_or(now, |a| a.since_ms);
+                records.insert(conn, Attached { since_ms, meta });
                 Outcome::Recorded
             }
             StoreOp::Detach(user, conn) => {

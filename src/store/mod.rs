@@ -41,7 +41,8 @@ pub enum StoreOp {
     /// Read these users' presence.
     Presence(Vec<UserId>),
     /// Record a connection of `user` on this node, with its metadata (a
-    /// JSON object, already validated), for `GET /v1/users/{id}`.
+    /// JSON object, already validated), for `GET /v1/users/{id}`. Again for
+    /// a recorded connection: replaces its metadata, keeps its `since_ms`.
     Attach(UserId, ConnId, Option<Arc<str>>),
     /// Forget that connection record.
     Detach(UserId, ConnId),

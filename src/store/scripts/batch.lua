@@ -14,7 +14,8 @@
 --   M room            read room's members
 --   P n user1..usern  read n users' presence
 --   A user conn meta  record connection conn of user on this node ("" = no
---                     metadata); a non-empty meta becomes the user's meta
+--                     metadata; again: new metadata, same since_ms); a
+--                     non-empty meta becomes the user's meta
 --   X user conn       forget that record
 --   R n (user conn meta)*n m (room user count)*m reason
 --                     make this node's contribution exactly that (see
@@ -205,12 +206,17 @@ while i <= #ARGV do
   elseif op == 'A' then
     local u, conn, meta = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     i = i + 4
-    local record = node .. ' ' .. now_ms
+    local ckey = p .. ':user:' .. u .. ':conns'
+    -- Attaching a recorded connection again (new metadata from a join)
+    -- keeps its since_ms.
+    local old = redis.call('HGET', ckey, conn)
+    local since = old and string.match(old, '^%S+ (%d+)') or now_ms
+    local record = node .. ' ' .. since
     if meta ~= '' then
       record = record .. ' ' .. meta
       redis.call('HSET', p .. ':user:' .. u, 'meta', meta)
     end
-    redis.call('HSET', p .. ':user:' .. u .. ':conns', conn, record)
+    redis.call('HSET', ckey, conn, record)
     out[#out + 1] = 1
   elseif op == 'X' then
     redis.call('HDEL', p .. ':user:' .. ARGV[i + 1] .. ':conns', ARGV[i + 2])
