@@ -288,7 +288,8 @@ impl PresenceRegistry {
         batching: Batching,
         health: Arc<Health>,
     ) -> Self {
-        health.set_store_ok(true);
+        // Connected at start-up (the Redis store took its lease).
+        health.store_ok.store(true, Ordering::Relaxed);
         Self {
             store,
             broadcasters,
