@@ -161,3 +161,43 @@ async fn refuses_to_start_without_dev_or_auth() {
         refusal.stdout
     );
 }
+
+/// `/readyz` on the memory store is ready from the start.
+#[tokio::test]
+async fn readyz_answers_200_on_the_memory_store() {
+    within_scenario_timeout(async {
+        let gateway = Gateway::memory(&[]).await;
+        let response = http::get(gateway.addr, "/readyz").await;
+        assert_eq!(response.status, 200, "{}", response.body_text());
+        assert_eq!(response.json()["status"], "ready");
+    })
+    .await
+}
+
+/// A single node on the memory store drains too: SIGTERM sends the
+/// `offline` with reason `shutdown` to a watcher, then closes every socket
+/// with 1012, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_memory_node() {
+    within_scenario_timeout(async {
+        let mut gateway = Gateway::memory(&[]).await;
+        let mut watcher = support::Client::connect(&gateway.ws_url("walter")).await;
+        watcher.watch(&["alice"]).await;
+        let mut alice = support::Client::connect(&gateway.ws_url("alice")).await;
+        watcher.expect_event(support::online("alice")).await;
+
+        let status = gateway.terminate().await;
+        assert!(status.success(), "exit status {status:?}");
+        let offline = watcher.expect_event(support::offline("alice")).await;
+        assert_eq!(offline["reason"], "shutdown", "{offline}");
+        for client in [&mut watcher, &mut alice] {
+            assert_eq!(
+                client.expect_close(support::EVENT_TIMEOUT).await,
+                Some(1012),
+                "{}",
+                client.label()
+            );
+        }
+    })
+    .await
+}
