@@ -278,6 +278,9 @@ pub struct PresenceRegistry {
     retry_delay: Duration,
     /// Set by a drain: fired once its removals are written.
     drained: Option<oneshot::Sender<()>>,
+    /// The queue overflowed since the last batch that went through (the
+    /// warning is logged once per episode).
+    overflowing: bool,
 }
 
 impl PresenceRegistry {
@@ -306,6 +309,7 @@ impl PresenceRegistry {
             retry_at: None,
             retry_delay: RETRY_MIN,
             drained: None,
+            overflowing: false,
         }
     }
 
@@ -317,10 +321,13 @@ impl PresenceRegistry {
         }
         if answers && self.waiting_requests >= self.batching.max_pending {
             metrics().store_queue_overflows.inc();
-            warn!(
-                limit = self.batching.max_pending,
-                "store queue full; answering `unavailable`"
-            );
+            if !self.overflowing {
+                self.overflowing = true;
+                warn!(
+                    limit = self.batching.max_pending,
+                    "store queue full; answering `unavailable` until the store catches up"
+                );
+            }
             if let Some(conn) = then.conn().copied() {
                 let frame = protocol::error_frame(
                     reference_of(&then),
@@ -341,7 +348,10 @@ impl PresenceRegistry {
             // The store is far behind: fold the queued writes into one
             // reassert instead of holding them one by one.
             metrics().store_queue_overflows.inc();
-            warn!("store write queue full; folding it into a reassert");
+            if !self.overflowing {
+                self.overflowing = true;
+                warn!("store write queue full; folding it into a reassert");
+            }
             self.reassert = true;
             return;
         }
@@ -472,6 +482,7 @@ impl PresenceRegistry {
                     metrics().batch_seconds.observe(elapsed.as_secs_f64());
                     debug!(ops = batch.len(), ?elapsed, "batch written");
                     this.health.set_store_ok(true);
+                    this.overflowing = false;
                     this.retry_at = None;
                     this.retry_delay = RETRY_MIN;
                     this.dispatch(batch, applied);
