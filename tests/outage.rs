@@ -83,3 +83,50 @@ async fn requests_past_the_bound_are_refused_while_redis_is_down() {
     })
     .await
 }
+
+/// When a node's event subscription breaks (here: Redis drops every
+/// pub/sub client), the node subscribes again and sends its clients a
+/// `sync` with the current state of what they follow, so events published
+/// in the gap are not lost on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_subscription_is_replaced_and_clients_resynced() {
+    support::within_scenario_timeout(async {
+        let redis = RedisServer::start().await;
+        let node_a = Gateway::redis(&redis, &[]).await;
+        let node_b = Gateway::redis(&redis, &[]).await;
+        let mut walter = Client::connect(&node_b.ws_url("walter")).await;
+        walter.watch(&["alice"]).await;
+        assert_eq!(walter.join("doc:gap").await, ["walter"]);
+        walter.expect_event(support::joined("doc:gap", "walter")).await;
+
+        let killed: i64 = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+        assert_eq!(killed, 2, "one subscription per node");
+        let mut alice = Client::connect(&node_a.ws_url("alice")).await;
+        alice.join("doc:gap").await;
+
+        // Whether or not walter's node was subscribed again in time for
+        // alice's events, it sends a sync once it is.
+        let is_sync = |f: &Value| f["type"] == "sync";
+        let mut syncs = Vec::new();
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while syncs.len() < 2 {
+            let frame = walter.next_json(deadline - Instant::now()).await;
+            if is_sync(&frame) {
+                syncs.push(frame);
+            }
+        }
+        syncs.sort_by_key(|f| f["room"].is_string());
+        assert_eq!(
+            syncs,
+            [
+                json!({"type": "sync", "users": [{"user": "alice", "online": true, "seq": 1}]}),
+                json!({"type": "sync", "room": "doc:gap", "members": [{"user": "alice"}, {"user": "walter"}]}),
+            ]
+        );
+        // Events flow again afterwards.
+        alice.close().await;
+        let offline = walter.expect_event(support::offline("alice")).await;
+        assert_eq!(offline["reason"], "closed");
+    })
+    .await
+}

@@ -37,6 +37,11 @@ const STATS_LUA: &str = include_str!("scripts/stats.lua");
 /// Longest wait between attempts to resubscribe to the event channel.
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
 
+/// How often the event subscription is pinged when no event arrives: a
+/// connection that died silently (no FIN, no RST: a partition) is noticed
+/// within this plus [`DEFAULT_RESPONSE_TIMEOUT`].
+const FEED_PING_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Reconnect attempts inside one call before it fails.
 const RECONNECT_RETRIES: usize = 2;
 
@@ -106,9 +111,9 @@ impl RedisStore {
         format!("{}:events", self.prefix)
     }
 
-    /// Subscribes to the event channel; returns the stream and the feed's
-    /// sequence number right after the subscription took effect.
-    async fn subscribe(&self) -> Result<(redis::aio::PubSubStream, u64), StoreError> {
+    /// Subscribes to the event channel; returns the connection and the
+    /// feed's sequence number right after the subscription took effect.
+    async fn subscribe(&self) -> Result<(redis::aio::PubSub, u64), StoreError> {
         let connect = self.client.get_async_pubsub();
         let mut pubsub = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, connect)
             .await
@@ -119,7 +124,7 @@ impl RedisStore {
             .arg(format!("{}:events:seq", self.prefix))
             .query_async(&mut conn)
             .await?;
-        Ok((pubsub.into_on_message(), floor.unwrap_or(0)))
+        Ok((pubsub, floor.unwrap_or(0)))
     }
 
     /// Keeps a subscription to the event channel, resubscribing after a
@@ -128,13 +133,35 @@ impl RedisStore {
         let mut delay = Duration::from_millis(50);
         loop {
             match self.subscribe().await {
-                Ok((mut messages, floor)) => {
+                Ok((pubsub, floor)) => {
                     info!(floor, "subscribed to presence events");
                     delay = Duration::from_millis(50);
                     if tx.send(FeedItem::Subscribed { floor }).is_err() {
                         return;
                     }
-                    while let Some(first) = messages.next().await {
+                    let (mut sink, mut messages) = pubsub.split();
+                    let quiet = tokio::time::sleep(FEED_PING_INTERVAL);
+                    tokio::pin!(quiet);
+                    loop {
+                        let first = tokio::select! {
+                            msg = messages.next() => match msg {
+                                Some(msg) => msg,
+                                None => break,
+                            },
+                            () = &mut quiet => {
+                                let ping = sink.ping::<Value>();
+                                match tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, ping).await {
+                                    Ok(Ok(_)) => {
+                                        quiet.as_mut().reset(tokio::time::Instant::now() + FEED_PING_INTERVAL);
+                                        continue;
+                                    }
+                                    _ => break,
+                                }
+                            }
+                        };
+                        quiet
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + FEED_PING_INTERVAL);
                         // Whatever else has already arrived goes along.
                         let mut events = Vec::new();
                         let mut next = Some(first);
