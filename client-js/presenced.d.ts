@@ -1,0 +1,146 @@
+// Types for presenced.js, the presenced gateway client (hand-written; keep in step with it).
+
+/** Connection state of a PresenceClient. */
+export type PresenceState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
+
+/** Why a user went offline or left a room (docs/protocol.md). */
+export type PresenceReason = "closed" | "timeout" | "node_lost" | "shutdown" | (string & {});
+
+/** A JSON object of connection metadata. */
+export type Meta = Record<string, unknown>;
+
+/** The minimal WebSocket surface the client uses (browser WebSocket, Node's, or `ws`). */
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: { code?: number; reason?: string }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+}
+
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+export interface ReconnectOptions {
+  /** Base of the exponential backoff, ms (default 250). */
+  minMs?: number;
+  /** Cap of the backoff, ms (default 10000). */
+  maxMs?: number;
+}
+
+export interface PresenceClientOptions {
+  /** --dev only: the user id, sent as ?user=. */
+  user?: string;
+  /** A token sent as ?token=. */
+  token?: string;
+  /** Called before every connection attempt; its result is sent as ?token=. */
+  getToken?: () => string | Promise<string>;
+  /** Connection metadata, sent as ?meta=<JSON>. */
+  meta?: Meta;
+  /** WebSocket implementation (default globalThis.WebSocket). */
+  WebSocket?: WebSocketConstructor | (new (url: string) => unknown);
+  /** Backoff bounds: delay = random(0, min(maxMs, minMs * 2 ** attempt)). */
+  reconnect?: ReconnectOptions;
+  /** How long a request waits for its reply, ms (default 10000). */
+  requestTimeoutMs?: number;
+  /** Random source in [0, 1) for the backoff jitter (default Math.random). */
+  random?: () => number;
+}
+
+export interface Member {
+  user: string;
+  meta?: Meta;
+}
+
+export interface UserState {
+  user: string;
+  online: boolean;
+  seq: number;
+}
+
+export interface PresenceEvent {
+  user: string;
+  seq: number;
+  /** Unix ms, on offline events from the gateway. */
+  last_seen?: number;
+  reason?: PresenceReason;
+  /** true when derived from a snapshot (reconnect or `sync`) rather than a live event. */
+  sync?: boolean;
+}
+
+export interface MemberEvent {
+  room: string;
+  user: string;
+  reason?: PresenceReason;
+  /** true when derived from a snapshot (reconnect or `sync`) rather than a live event. */
+  sync?: boolean;
+}
+
+export type ChangeInfo =
+  | { kind: "state"; state: PresenceState }
+  | { kind: "room"; room: string }
+  | { kind: "presence"; user?: string };
+
+export interface PresenceEvents {
+  online: PresenceEvent;
+  offline: PresenceEvent;
+  joined: MemberEvent;
+  left: MemberEvent;
+  state: PresenceState;
+  error: PresenceError | Error;
+  change: ChangeInfo;
+}
+
+/** An error from the gateway (code from docs/protocol.md) or the client ("timeout", "connection_lost", "closed", "cancelled", "unauthorized"). */
+export class PresenceError extends Error {
+  constructor(code: string, message: string);
+  readonly code: string;
+}
+
+/** A room as this client sees it. */
+export interface RoomView {
+  readonly name: string;
+  /** user → meta (undefined when the user has none or it is not known yet). */
+  readonly members: Map<string, Meta | undefined>;
+  on(event: "change", fn: (room: RoomView) => void): this;
+  off(event: "change", fn: (room: RoomView) => void): this;
+}
+
+export declare const DEFAULT_RECONNECT: Readonly<Required<ReconnectOptions>>;
+export declare const DEFAULT_REQUEST_TIMEOUT_MS: number;
+export declare const DRAIN_RECONNECT_MAX_MS: number;
+export declare const MAX_IDS_PER_FRAME: number;
+
+/** Full-jitter backoff delay for attempt `attempt` (0 for the first). */
+export declare function backoffDelay(
+  attempt: number,
+  bounds: Required<ReconnectOptions>,
+  random?: () => number,
+): number;
+
+export class PresenceClient {
+  constructor(url: string, options?: PresenceClientOptions);
+  readonly url: string;
+  readonly state: PresenceState;
+  /** From the last `welcome`. */
+  readonly user: string | undefined;
+  readonly node: string | undefined;
+  readonly conn: string | undefined;
+  readonly heartbeatMs: number | undefined;
+
+  connect(): void;
+  close(): void;
+  join(room: string, meta?: Meta): Promise<Member[]>;
+  leave(room: string): Promise<void>;
+  watch(users: string[]): Promise<UserState[]>;
+  unwatch(users: string[]): Promise<void>;
+  query(users: string[]): Promise<UserState[]>;
+  room(name: string): RoomView;
+  isOnline(user: string): boolean | undefined;
+
+  on<E extends keyof PresenceEvents>(event: E, fn: (payload: PresenceEvents[E]) => void): this;
+  off<E extends keyof PresenceEvents>(event: E, fn: (payload: PresenceEvents[E]) => void): this;
+}
+
+export default PresenceClient;

@@ -1,0 +1,756 @@
+/**
+ * presenced client: one WebSocket to a presenced gateway, kept alive.
+ *
+ * It owns the connection (backoff with full jitter, prompt reconnect when a
+ * node drains, an application ping so a silently dead socket is noticed in
+ * browsers too), the requests (numbered `ref`s matched to replies, with
+ * timeouts) and a local view of what the application follows: the members
+ * of its rooms and the online state of the users it watches. After a
+ * reconnect or a `sync` frame it rebuilds that view from fresh snapshots and
+ * tells the application only what really changed.
+ *
+ * It must never import anything: the gateway serves this exact file at
+ * GET /client.js, so it is the whole package, with no build step.
+ * Wire protocol: docs/protocol.md in the presenced repository.
+ */
+
+/** Default reconnect backoff bounds, milliseconds. */
+export const DEFAULT_RECONNECT = Object.freeze({ minMs: 250, maxMs: 10000 });
+/** Default time a request waits for its reply, milliseconds. */
+export const DEFAULT_REQUEST_TIMEOUT_MS = 10000;
+/** After close 1012 (node draining), reconnect within this many milliseconds. */
+export const DRAIN_RECONNECT_MAX_MS = 100;
+/** Longest `users` list the gateway accepts in one frame (`--max-ids`). */
+export const MAX_IDS_PER_FRAME = 1000;
+/**
+ * An auth close (1008/4001) this long after `welcome` counts as a fresh
+ * failure (an expired token), so getToken() may be asked again.
+ */
+const AUTH_STABLE_MS = 10000;
+/** WebSocket readyState OPEN. */
+const WS_OPEN = 1;
+
+/** An error from the gateway (`code` as in docs/protocol.md) or from the client. */
+export class PresenceError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   */
+  constructor(code, message) {
+    super(message);
+    this.name = "PresenceError";
+    this.code = code;
+  }
+}
+
+/**
+ * Delay before reconnect attempt number `attempt` (0 for the first):
+ * full jitter, uniform in [0, min(maxMs, minMs * 2^attempt)).
+ * @param {number} attempt
+ * @param {{minMs: number, maxMs: number}} bounds
+ * @param {() => number} [random]
+ */
+export function backoffDelay(attempt, bounds, random = Math.random) {
+  const cap = Math.min(bounds.maxMs, bounds.minMs * 2 ** attempt);
+  return random() * cap;
+}
+
+/** One room the application joined (or asked about): its members as this client knows them. */
+class Room {
+  constructor(name) {
+    this.name = name;
+    /** @type {Map<string, object|undefined>} user → meta */
+    this.members = new Map();
+    /** True while the application wants to be in it (re-joined after reconnects). */
+    this._desired = false;
+    this._meta = undefined;
+    /** Connection generation whose snapshot `members` reflects (0: none yet). */
+    this._gen = 0;
+    /** join() calls made while not connected, resolved by the next snapshot. */
+    this._waiters = [];
+    this._listeners = new Set();
+  }
+
+  /** Listen for "change" (members changed). */
+  on(event, fn) {
+    if (event === "change") this._listeners.add(fn);
+    return this;
+  }
+
+  off(event, fn) {
+    if (event === "change") this._listeners.delete(fn);
+    return this;
+  }
+
+  _changed() {
+    for (const fn of [...this._listeners]) {
+      try {
+        fn(this);
+      } catch (err) {
+        console.error("presenced: room change listener threw", err);
+      }
+    }
+  }
+}
+
+export class PresenceClient {
+  /**
+   * @param {string} url  ws:// or wss:// URL of the gateway's /ws (relative URLs resolve against location in browsers)
+   * @param {object} [options]
+   */
+  constructor(url, options = {}) {
+    this.url = url;
+    this._opts = options;
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this._random = options.random ?? Math.random;
+    this._reconnect = { ...DEFAULT_RECONNECT, ...(options.reconnect ?? {}) };
+    this._requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+
+    /** @type {"idle"|"connecting"|"open"|"reconnecting"|"closed"} */
+    this.state = "idle";
+    /** From the last `welcome`. */
+    this.user = undefined;
+    this.node = undefined;
+    this.conn = undefined;
+    this.heartbeatMs = undefined;
+
+    this._listeners = new Map();
+    this._ws = null;
+    /** Generation of the current socket; bumped for every socket created. */
+    this._gen = 0;
+    /** Bumped for every connection attempt, so a stale getToken() result is dropped. */
+    this._attemptSeq = 0;
+    /** Consecutive failed attempts since the last welcome (backoff exponent). */
+    this._attempt = 0;
+    this._everOpened = false;
+    this._authRetried = false;
+    this._welcomeAt = 0;
+    this._reconnectTimer = null;
+    this._pingTimer = null;
+    this._silenceTimer = null;
+
+    this._nextRef = 1;
+    /** ref → {resolve, reject, timer} for frames sent on the current socket. */
+    this._inflight = new Map();
+    /** Requests made while not open, sent after the next welcome. */
+    this._queue = [];
+
+    /** @type {Map<string, Room>} */
+    this._rooms = new Map();
+    /** @type {Map<string, {online: boolean|undefined, seq: number|undefined, gen: number}>} */
+    this._watched = new Map();
+    /** watch() calls made while not open, resolved once their users are confirmed. */
+    this._watchWaiters = [];
+    /** Presence events that arrived before their user's watch reply on this socket. */
+    this._held = [];
+  }
+
+  // ---- events -------------------------------------------------------------
+
+  on(event, fn) {
+    let set = this._listeners.get(event);
+    if (!set) this._listeners.set(event, (set = new Set()));
+    set.add(fn);
+    return this;
+  }
+
+  off(event, fn) {
+    this._listeners.get(event)?.delete(fn);
+    return this;
+  }
+
+  _emit(event, payload) {
+    const set = this._listeners.get(event);
+    if (!set) return;
+    for (const fn of [...set]) {
+      try {
+        fn(payload);
+      } catch (err) {
+        if (event === "error") console.error("presenced: error listener threw", err);
+        else this._emit("error", err);
+      }
+    }
+  }
+
+  _changed(what) {
+    this._emit("change", what);
+  }
+
+  _setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this._emit("state", state);
+    this._changed({ kind: "state", state });
+  }
+
+  // ---- public API ---------------------------------------------------------
+
+  /** Start connecting (no-op if already connecting or open). */
+  connect() {
+    if (this.state === "connecting" || this.state === "open" || this.state === "reconnecting") return;
+    this._attempt = 0;
+    this._authRetried = false;
+    this._setState("connecting");
+    this._openSocket();
+  }
+
+  /** Close for good: no reconnect; pending requests reject with code "closed". */
+  close() {
+    if (this.state === "closed") return;
+    this._clearTimers();
+    this._attemptSeq++;
+    const ws = this._detachSocket();
+    if (ws) {
+      try {
+        ws.close(1000);
+      } catch {
+        // already closing
+      }
+    }
+    this._failInflight("closed", "client closed");
+    const err = () => new PresenceError("closed", "client closed");
+    for (const req of this._queue.splice(0)) this._settle(req, null, err());
+    for (const room of this._rooms.values()) {
+      for (const w of room._waiters.splice(0)) this._settle(w, null, err());
+    }
+    for (const w of this._watchWaiters.splice(0)) this._settle(w, null, err());
+    this._setState("closed");
+  }
+
+  /**
+   * Join `room`; resolves with its members snapshot. Remembered: re-joined
+   * after every reconnect until leave().
+   * @returns {Promise<Array<{user: string, meta?: object}>>}
+   */
+  join(room, meta) {
+    const r = this._room(room);
+    r._desired = true;
+    if (meta !== undefined) r._meta = meta;
+    if (this.state !== "open") return this._waiter(r._waiters);
+    return this._request(this._joinFrame(r)).then((reply) => {
+      if (this._rooms.get(room) === r && r._desired) this._applyRoomSnapshot(r, reply.members ?? []);
+      return reply.members ?? [];
+    }, (err) => {
+      if (err.code !== "timeout" && err.code !== "connection_lost" && err.code !== "closed") r._desired = false;
+      throw err;
+    });
+  }
+
+  /** Leave `room` (and stop re-joining it). */
+  async leave(room) {
+    const r = this._rooms.get(room);
+    if (r) {
+      const wasDesired = r._desired;
+      r._desired = false;
+      r._gen = 0;
+      for (const w of r._waiters.splice(0)) this._settle(w, null, new PresenceError("cancelled", `left ${room}`));
+      if (r.members.size > 0) {
+        r.members.clear();
+        r._changed();
+        this._changed({ kind: "room", room });
+      }
+      if (!wasDesired && this.state !== "open") return;
+    }
+    if (this.state !== "open") return;
+    await this._request({ type: "leave", room });
+  }
+
+  /**
+   * Watch `users`: online/offline events for them from now on. Resolves with
+   * their current state. Remembered: re-watched after every reconnect.
+   * @returns {Promise<Array<{user: string, online: boolean, seq: number}>>}
+   */
+  watch(users) {
+    const list = [...new Set(users)];
+    for (const user of list) {
+      if (!this._watched.has(user)) this._watched.set(user, { online: undefined, seq: undefined, gen: 0 });
+    }
+    if (this.state !== "open") {
+      const p = this._waiter(this._watchWaiters);
+      this._watchWaiters[this._watchWaiters.length - 1].users = list;
+      return p;
+    }
+    return this._requestUsers("watch", list).then((states) => {
+      this._applyUserStates(states, false);
+      return states;
+    }, (err) => {
+      if (err.code !== "timeout" && err.code !== "connection_lost" && err.code !== "closed") {
+        for (const user of list) {
+          if (this._watched.get(user)?.gen === 0) this._watched.delete(user);
+        }
+      }
+      throw err;
+    });
+  }
+
+  /** Stop watching `users`. */
+  async unwatch(users) {
+    const list = [...new Set(users)];
+    let changed = false;
+    for (const user of list) changed = this._watched.delete(user) || changed;
+    this._held = this._held.filter((f) => this._watched.has(f.user));
+    if (changed) this._changed({ kind: "presence" });
+    if (this.state !== "open") return;
+    await this._requestUsers("unwatch", list);
+  }
+
+  /**
+   * One-off state of `users` (no watching).
+   * @returns {Promise<Array<{user: string, online: boolean, seq: number}>>}
+   */
+  query(users) {
+    return this._requestUsers("query", [...new Set(users)]);
+  }
+
+  /** The view of `name`: members (user → meta) and a "change" event. */
+  room(name) {
+    return this._room(name);
+  }
+
+  /** true/false for a watched user whose state is known, else undefined. */
+  isOnline(user) {
+    return this._watched.get(user)?.online;
+  }
+
+  // ---- requests -----------------------------------------------------------
+
+  _room(name) {
+    let r = this._rooms.get(name);
+    if (!r) this._rooms.set(name, (r = new Room(name)));
+    return r;
+  }
+
+  _joinFrame(r) {
+    const frame = { type: "join", room: r.name };
+    if (r._meta !== undefined) frame.meta = r._meta;
+    return frame;
+  }
+
+  /** A promise settled later by whoever owns `list`, or by its own timeout. */
+  _waiter(list) {
+    return new Promise((resolve, reject) => {
+      const w = { resolve, reject, timer: null };
+      w.timer = setTimeout(() => {
+        const i = list.indexOf(w);
+        if (i >= 0) list.splice(i, 1);
+        reject(new PresenceError("timeout", `no reply within ${this._requestTimeoutMs} ms`));
+      }, this._requestTimeoutMs);
+      list.push(w);
+    });
+  }
+
+  _settle(w, value, err) {
+    clearTimeout(w.timer);
+    if (err) w.reject(err);
+    else w.resolve(value);
+  }
+
+  /** Send `frame` with a fresh ref (or queue it until open); resolves with the reply. */
+  _request(frame) {
+    return new Promise((resolve, reject) => {
+      const req = { frame, resolve, reject, timer: null, ref: 0 };
+      req.timer = setTimeout(() => {
+        if (req.ref) this._inflight.delete(req.ref);
+        const i = this._queue.indexOf(req);
+        if (i >= 0) this._queue.splice(i, 1);
+        reject(new PresenceError("timeout", `no reply to ${frame.type} within ${this._requestTimeoutMs} ms`));
+      }, this._requestTimeoutMs);
+      if (this.state === "open") this._sendRequest(req);
+      else this._queue.push(req);
+    });
+  }
+
+  _sendRequest(req) {
+    req.ref = this._nextRef++;
+    this._inflight.set(req.ref, req);
+    this._send({ ...req.frame, ref: req.ref });
+  }
+
+  /** A users request split into frames of at most MAX_IDS_PER_FRAME; resolves with the joined `users`. */
+  async _requestUsers(type, users) {
+    const chunks = [];
+    for (let i = 0; i < users.length; i += MAX_IDS_PER_FRAME) chunks.push(users.slice(i, i + MAX_IDS_PER_FRAME));
+    if (chunks.length === 0) chunks.push([]);
+    const replies = await Promise.all(chunks.map((chunk) => this._request({ type, users: chunk })));
+    return replies.flatMap((r) => r.users ?? []);
+  }
+
+  _failInflight(code, message) {
+    const reqs = [...this._inflight.values()];
+    this._inflight.clear();
+    for (const req of reqs) this._settle(req, null, new PresenceError(code, message));
+  }
+
+  _send(frame) {
+    const ws = this._ws;
+    if (ws && ws.readyState === WS_OPEN) ws.send(JSON.stringify(frame));
+  }
+
+  // ---- connection ---------------------------------------------------------
+
+  async _openSocket() {
+    const attempt = ++this._attemptSeq;
+    const { getToken } = this._opts;
+    let token = this._opts.token;
+    if (getToken) {
+      try {
+        token = await getToken();
+      } catch (err) {
+        if (attempt !== this._attemptSeq || this.state === "closed") return;
+        this._emit("error", err instanceof Error ? err : new PresenceError("token", String(err)));
+        this._scheduleReconnect(this._nextBackoff());
+        return;
+      }
+      if (attempt !== this._attemptSeq || this.state === "closed") return;
+    }
+    let ws;
+    try {
+      if (!this._WebSocket) throw new PresenceError("no_websocket", "no WebSocket implementation: pass options.WebSocket");
+      ws = new this._WebSocket(this._buildUrl(token));
+    } catch (err) {
+      this._emit("error", err);
+      if (err instanceof PresenceError) {
+        this._setState("closed");
+        return;
+      }
+      this._scheduleReconnect(this._nextBackoff());
+      return;
+    }
+    const gen = ++this._gen;
+    this._ws = ws;
+    const info = { opened: false, usedToken: token !== undefined && token !== null };
+    ws.onopen = () => {
+      if (this._ws === ws) info.opened = true;
+    };
+    ws.onmessage = (ev) => {
+      if (this._ws === ws) this._onMessage(ev.data);
+    };
+    ws.onerror = () => {};
+    ws.onclose = (ev) => {
+      if (this._ws === ws && this._gen === gen) this._onClose(ev?.code ?? 1006, info);
+    };
+  }
+
+  _buildUrl(token) {
+    const base = globalThis.location?.href;
+    const url = base ? new URL(this.url, base) : new URL(this.url);
+    if (url.protocol === "http:") url.protocol = "ws:";
+    if (url.protocol === "https:") url.protocol = "wss:";
+    const { user, meta } = this._opts;
+    if (user !== undefined) url.searchParams.set("user", user);
+    if (token !== undefined && token !== null) url.searchParams.set("token", token);
+    if (meta !== undefined) url.searchParams.set("meta", JSON.stringify(meta));
+    return url.toString();
+  }
+
+  _detachSocket() {
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      ws.onopen = null;
+      ws.onmessage = null;
+      ws.onclose = null;
+      ws.onerror = () => {};
+    }
+    return ws;
+  }
+
+  _clearTimers() {
+    clearTimeout(this._reconnectTimer);
+    clearInterval(this._pingTimer);
+    clearTimeout(this._silenceTimer);
+    this._reconnectTimer = this._pingTimer = this._silenceTimer = null;
+  }
+
+  _nextBackoff() {
+    return backoffDelay(this._attempt++, this._reconnect, this._random);
+  }
+
+  _scheduleReconnect(delayMs) {
+    if (this.state === "closed") return;
+    this._setState("reconnecting");
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = setTimeout(() => {
+      this._reconnectTimer = null;
+      if (this.state !== "closed") this._openSocket();
+    }, delayMs);
+  }
+
+  /** The socket ended without close() from the application. */
+  _onClose(code, info) {
+    this._detachSocket();
+    clearInterval(this._pingTimer);
+    clearTimeout(this._silenceTimer);
+    this._pingTimer = this._silenceTimer = null;
+    this._failInflight("connection_lost", `connection closed (${code})`);
+    this._held = [];
+    if (this.state === "closed") return;
+
+    if (code === 1008 || code === 4001) {
+      if (Date.now() - this._welcomeAt > AUTH_STABLE_MS) this._authRetried = false;
+      this._authFailed(code, `gateway refused the credentials (close ${code})`);
+      return;
+    }
+    if (!info.opened && info.usedToken && !this._everOpened) {
+      // A refused handshake (HTTP 401) looks like this in browsers: closed
+      // before open. Only the very first connect can tell it from an outage.
+      this._authFailed(code, "connection refused before opening (bad token?)");
+      return;
+    }
+    if (code === 1012) {
+      this._attempt = 0;
+      this._scheduleReconnect(this._random() * DRAIN_RECONNECT_MAX_MS);
+      return;
+    }
+    this._scheduleReconnect(this._nextBackoff());
+  }
+
+  /** One more try with a fresh token if getToken can give one; otherwise stop. */
+  _authFailed(code, message) {
+    if (this._opts.getToken && !this._authRetried) {
+      this._authRetried = true;
+      this._scheduleReconnect(0);
+      return;
+    }
+    this._emit("error", new PresenceError("unauthorized", message));
+    this._clearTimers();
+    this._setState("closed");
+  }
+
+  /** Heartbeat silence: the socket is dead even if the browser has not noticed. */
+  _onSilence() {
+    const ws = this._ws;
+    if (!ws) return;
+    this._onClose(4000, { opened: true, usedToken: false });
+    try {
+      ws.close(4000, "heartbeat timeout");
+    } catch {
+      // closing a dead socket may throw in some implementations
+    }
+  }
+
+  _armSilence() {
+    if (!this.heartbeatMs) return;
+    clearTimeout(this._silenceTimer);
+    this._silenceTimer = setTimeout(() => this._onSilence(), this.heartbeatMs * 2);
+  }
+
+  // ---- frames -------------------------------------------------------------
+
+  _onMessage(data) {
+    let frame;
+    try {
+      frame = JSON.parse(typeof data === "string" ? data : new TextDecoder().decode(data));
+    } catch {
+      return;
+    }
+    if (!frame || typeof frame !== "object") return;
+    this._armSilence();
+    switch (frame.type) {
+      case "welcome":
+        return this._onWelcome(frame);
+      case "reply":
+      case "pong":
+        return this._onReply(frame);
+      case "error":
+        return this._onError(frame);
+      case "online":
+      case "offline":
+        return this._onPresence(frame);
+      case "joined":
+      case "left":
+        return this._onMember(frame);
+      case "sync":
+        return this._onSync(frame);
+      default:
+        return undefined;
+    }
+  }
+
+  _onWelcome(frame) {
+    this.user = frame.user;
+    this.node = frame.node;
+    this.conn = frame.conn;
+    this.heartbeatMs = frame.heartbeat_ms;
+    this._everOpened = true;
+    this._attempt = 0;
+    this._welcomeAt = Date.now();
+    clearInterval(this._pingTimer);
+    if (this.heartbeatMs > 0) {
+      this._pingTimer = setInterval(() => this._send({ type: "ping" }), this.heartbeatMs);
+      this._armSilence();
+    }
+    this._setState("open");
+    this._resync();
+    for (const req of this._queue.splice(0)) this._sendRequest(req);
+  }
+
+  /** Re-join every room and re-watch every user on the fresh socket. */
+  _resync() {
+    for (const r of this._rooms.values()) {
+      if (!r._desired) continue;
+      this._request(this._joinFrame(r)).then((reply) => {
+        if (this._rooms.get(r.name) !== r || !r._desired) return;
+        const members = reply.members ?? [];
+        this._applyRoomSnapshot(r, members);
+        for (const w of r._waiters.splice(0)) this._settle(w, members, null);
+      }, (err) => {
+        if (err.code === "connection_lost" || err.code === "closed") return;
+        if (err.code !== "timeout") {
+          r._desired = false;
+          for (const w of r._waiters.splice(0)) this._settle(w, null, err);
+        }
+        this._emit("error", err);
+      });
+    }
+    const users = [...this._watched.keys()];
+    if (users.length === 0) {
+      for (const w of this._watchWaiters.splice(0)) this._settle(w, [], null);
+      return;
+    }
+    this._requestUsers("watch", users).then((states) => {
+      this._applyUserStates(states, true);
+      this._resolveWatchWaiters();
+    }, (err) => {
+      if (err.code === "connection_lost" || err.code === "closed") return;
+      if (err.code !== "timeout") {
+        for (const w of this._watchWaiters.splice(0)) this._settle(w, null, err);
+      }
+      this._emit("error", err);
+    });
+  }
+
+  _resolveWatchWaiters() {
+    const pending = [];
+    for (const w of this._watchWaiters) {
+      const entries = w.users.map((user) => [user, this._watched.get(user)]);
+      if (entries.every(([, e]) => !e || e.gen === this._gen)) {
+        const states = entries.filter(([, e]) => e).map(([user, e]) => ({ user, online: e.online, seq: e.seq }));
+        this._settle(w, states, null);
+      } else {
+        pending.push(w);
+      }
+    }
+    this._watchWaiters = pending;
+  }
+
+  _onReply(frame) {
+    const req = frame.ref === undefined ? undefined : this._inflight.get(frame.ref);
+    if (!req) return;
+    this._inflight.delete(frame.ref);
+    this._settle(req, frame, null);
+  }
+
+  _onError(frame) {
+    const err = new PresenceError(frame.code ?? "error", frame.message ?? "error");
+    const req = frame.ref === undefined ? undefined : this._inflight.get(frame.ref);
+    if (req) {
+      this._inflight.delete(frame.ref);
+      this._settle(req, null, err);
+    } else {
+      this._emit("error", err);
+    }
+  }
+
+  _onPresence(frame) {
+    const entry = this._watched.get(frame.user);
+    if (!entry) return;
+    if (entry.gen !== this._gen) {
+      // Before this socket's watch reply: keep it until the reply says
+      // where the user's seq stands on this connection.
+      this._held.push(frame);
+      return;
+    }
+    if (typeof frame.seq === "number" && typeof entry.seq === "number" && frame.seq <= entry.seq) return;
+    if (typeof frame.seq === "number") entry.seq = frame.seq;
+    const online = frame.type === "online";
+    if (entry.online === online) return;
+    entry.online = online;
+    const event = { user: frame.user, seq: frame.seq };
+    if (frame.last_seen !== undefined) event.last_seen = frame.last_seen;
+    if (frame.reason !== undefined) event.reason = frame.reason;
+    this._emit(frame.type, event);
+    this._changed({ kind: "presence", user: frame.user });
+  }
+
+  _onMember(frame) {
+    const r = this._rooms.get(frame.room);
+    if (!r || !r._desired || r._gen !== this._gen) return;
+    if (frame.type === "joined") {
+      if (r.members.has(frame.user)) return;
+      r.members.set(frame.user, frame.meta);
+      this._emit("joined", { room: r.name, user: frame.user });
+    } else {
+      if (!r.members.has(frame.user)) return;
+      r.members.delete(frame.user);
+      const event = { room: r.name, user: frame.user };
+      if (frame.reason !== undefined) event.reason = frame.reason;
+      this._emit("left", event);
+    }
+    r._changed();
+    this._changed({ kind: "room", room: r.name });
+  }
+
+  _onSync(frame) {
+    if (Array.isArray(frame.users)) this._applyUserStates(frame.users, true);
+    if (typeof frame.room === "string" && Array.isArray(frame.members)) {
+      const r = this._rooms.get(frame.room);
+      if (r && r._desired) this._applyRoomSnapshot(r, frame.members);
+    }
+  }
+
+  /**
+   * Take `states` (a watch reply or a sync) as the truth for these users.
+   * `replace`: the seq baseline is reset even if lower (a new socket, or a
+   * store that restarted empty); otherwise an older reply does not undo a
+   * newer event. Emits online/offline only where the known state flips.
+   */
+  _applyUserStates(states, replace) {
+    let changed = false;
+    for (const s of states) {
+      const entry = this._watched.get(s.user);
+      if (!entry) continue;
+      const current = entry.gen === this._gen;
+      if (current && !replace && typeof entry.seq === "number" && s.seq < entry.seq) continue;
+      const known = entry.online !== undefined;
+      const flipped = known && entry.online !== s.online;
+      entry.online = s.online;
+      entry.seq = s.seq;
+      entry.gen = this._gen;
+      changed = true;
+      if (flipped) this._emit(s.online ? "online" : "offline", { user: s.user, seq: s.seq, sync: true });
+    }
+    if (changed) this._changed({ kind: "presence" });
+    this._replayHeld();
+  }
+
+  _replayHeld() {
+    if (this._held.length === 0) return;
+    const held = this._held;
+    this._held = [];
+    for (const frame of held) this._onPresence(frame);
+  }
+
+  /**
+   * Make `r.members` equal `members` (a join reply or a sync) and tell the
+   * application who joined or left since the previous snapshot; the first
+   * snapshot after join() is the starting point and fires no event.
+   */
+  _applyRoomSnapshot(r, members) {
+    const next = new Map(members.map((m) => [m.user, m.meta]));
+    const emit = r._gen !== 0;
+    const left = [...r.members.keys()].filter((u) => !next.has(u));
+    const joined = [...next.keys()].filter((u) => !r.members.has(u));
+    r.members.clear();
+    for (const [user, meta] of next) r.members.set(user, meta);
+    r._gen = this._gen;
+    if (emit) {
+      for (const user of left) this._emit("left", { room: r.name, user, sync: true });
+      for (const user of joined) this._emit("joined", { room: r.name, user, sync: true });
+    }
+    r._changed();
+    this._changed({ kind: "room", room: r.name });
+  }
+}
+
+export default PresenceClient;
