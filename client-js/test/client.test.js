@@ -1,0 +1,477 @@
+// Unit tests of PresenceClient against a fake WebSocket driven as the gateway.
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+
+import { PresenceClient, PresenceError, backoffDelay } from "../presenced.js";
+import { fakeWebSocket, flush, recordEvents, summary } from "./fake-gateway.js";
+
+const URL_ = "ws://gateway.test/ws";
+
+/** A client on a fake gateway, with mocked timers; `random` fixed unless given. */
+function setup(t, options = {}) {
+  t.mock.timers.enable({ apis: ["setTimeout", "setInterval"] });
+  const fake = fakeWebSocket();
+  const client = new PresenceClient(URL_, { user: "me", WebSocket: fake.WebSocket, random: () => 0.5, ...options });
+  const log = recordEvents(client);
+  const states = [];
+  client.on("state", (s) => states.push(s));
+  t.after(() => client.close());
+  return { client, log, states, sockets: fake.sockets, tick: (ms) => t.mock.timers.tick(ms) };
+}
+
+/** Connect and welcome; returns the socket. */
+async function connected(env, fields) {
+  env.client.connect();
+  const ws = env.sockets.at(-1);
+  ws.welcome(fields);
+  await flush();
+  return ws;
+}
+
+/** Connected, in room doc:1 with `members`, watching `users` with `states`. */
+async function followed(env, { members = ["me", "bob"], states = { bob: [true, 1] } } = {}) {
+  const ws = await connected(env);
+  const joined = env.client.join("doc:1", { device: "phone" });
+  ws.reply("join", { room: "doc:1", members: members.map((user) => ({ user })) });
+  await joined;
+  const watched = env.client.watch(Object.keys(states));
+  ws.replyWatch(states);
+  await watched;
+  return ws;
+}
+
+describe("backoff", () => {
+  test("full jitter: uniform in [0, min(maxMs, minMs * 2^attempt))", () => {
+    const bounds = { minMs: 250, maxMs: 10000 };
+    assert.equal(backoffDelay(0, bounds, () => 0), 0);
+    assert.equal(backoffDelay(0, bounds, () => 0.999999), 0.999999 * 250);
+    assert.equal(backoffDelay(3, bounds, () => 0.5), 1000);
+    assert.equal(backoffDelay(6, bounds, () => 0.5), 5000);
+    assert.equal(backoffDelay(7, bounds, () => 0.5), 5000, "capped at maxMs");
+    assert.equal(backoffDelay(40, bounds, () => 1 - Number.EPSILON) < 10000, true);
+    for (let attempt = 0; attempt < 20; attempt++) {
+      const d = backoffDelay(attempt, bounds);
+      assert.ok(d >= 0 && d < Math.min(10000, 250 * 2 ** attempt), `attempt ${attempt}: ${d}`);
+    }
+  });
+
+  test("the client waits the jittered delay, doubling the cap per failed attempt", async (t) => {
+    const env = setup(t, { reconnect: { minMs: 100, maxMs: 1000 }, random: () => 0.5 });
+    const ws = await connected(env);
+    ws.drop(1006);
+    assert.equal(env.client.state, "reconnecting");
+    const expected = [50, 100, 200, 400, 500, 500];
+    for (const delay of expected) {
+      const before = env.sockets.length;
+      env.tick(delay - 1);
+      await flush();
+      assert.equal(env.sockets.length, before, `not before ${delay} ms`);
+      env.tick(1);
+      await flush();
+      assert.equal(env.sockets.length, before + 1, `after ${delay} ms`);
+      env.sockets.at(-1).drop(1006); // refused: the gateway is down
+    }
+    env.sockets.at(-1).welcome();
+  });
+
+  test("a welcome resets the backoff", async (t) => {
+    const env = setup(t, { reconnect: { minMs: 100, maxMs: 1000 }, random: () => 0.5 });
+    const ws = await connected(env);
+    ws.drop();
+    env.tick(50);
+    env.sockets.at(-1).drop();
+    env.tick(100);
+    env.sockets.at(-1).welcome();
+    await flush();
+    env.sockets.at(-1).drop();
+    env.tick(50);
+    assert.equal(env.sockets.length, 4);
+  });
+});
+
+describe("requests", () => {
+  test("replies are matched by ref, whatever their order", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env);
+    const a = env.client.query(["alice"]);
+    const b = env.client.query(["bob"]);
+    const [qa, qb] = ws.sentOf("query");
+    assert.notEqual(qa.ref, qb.ref);
+    ws.frame({ type: "reply", ref: qb.ref, ok: true, users: [{ user: "bob", online: true, seq: 3 }] });
+    ws.frame({ type: "reply", ref: qa.ref, ok: true, users: [{ user: "alice", online: false, seq: 0 }] });
+    assert.deepEqual(await a, [{ user: "alice", online: false, seq: 0 }]);
+    assert.deepEqual(await b, [{ user: "bob", online: true, seq: 3 }]);
+  });
+
+  test("an error frame rejects its request with the gateway's code", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env);
+    const p = env.client.join("bad room");
+    const req = ws.sentOf("join").at(-1);
+    ws.frame({ type: "error", ref: req.ref, code: "invalid_room", message: "room name must be ..." });
+    await assert.rejects(p, (err) => err instanceof PresenceError && err.code === "invalid_room");
+    // A refused join is not re-joined after a reconnect.
+    ws.drop();
+    env.tick(1000);
+    env.sockets.at(-1).welcome();
+    await flush();
+    assert.equal(env.sockets.at(-1).sentOf("join").length, 0);
+  });
+
+  test("an error without a known ref surfaces as an error event", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env);
+    ws.frame({ type: "error", code: "bad_request", message: "not JSON" });
+    assert.equal(env.log.length, 1);
+    assert.equal(env.log[0][0], "error");
+    assert.equal(env.log[0][1].code, "bad_request");
+  });
+
+  test("a request without a reply times out", async (t) => {
+    const env = setup(t, { requestTimeoutMs: 500 });
+    await connected(env);
+    const p = env.client.query(["bob"]);
+    env.tick(500);
+    await assert.rejects(p, { code: "timeout" });
+  });
+
+  test("a lost connection rejects the requests in flight", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env);
+    const p = env.client.query(["bob"]);
+    ws.drop();
+    await assert.rejects(p, { code: "connection_lost" });
+  });
+
+  test("requests made before the welcome are sent after it", async (t) => {
+    const env = setup(t);
+    const joined = env.client.join("doc:1");
+    const watched = env.client.watch(["bob"]);
+    const queried = env.client.query(["carol"]);
+    env.client.connect();
+    const ws = env.sockets[0];
+    assert.deepEqual(ws.sent, []);
+    ws.welcome();
+    assert.deepEqual(ws.sent.map((f) => f.type), ["join", "watch", "query"]);
+    ws.reply("join", { room: "doc:1", members: [{ user: "me" }] });
+    ws.replyWatch({ bob: [true, 4] });
+    ws.reply("query", { users: [{ user: "carol", online: false, seq: 0 }] });
+    assert.deepEqual(await joined, [{ user: "me" }]);
+    assert.deepEqual(await watched, [{ user: "bob", online: true, seq: 4 }]);
+    assert.deepEqual(await queried, [{ user: "carol", online: false, seq: 0 }]);
+    assert.equal(env.client.isOnline("bob"), true);
+    assert.deepEqual([...env.client.room("doc:1").members.keys()], ["me"]);
+  });
+
+  test("user, token and meta go into the URL", async (t) => {
+    const env = setup(t, { token: "t0k&n", meta: { device: "phone" } });
+    env.client.connect();
+    const url = new URL(env.sockets[0].url);
+    assert.equal(url.pathname, "/ws");
+    assert.equal(url.searchParams.get("user"), "me");
+    assert.equal(url.searchParams.get("token"), "t0k&n");
+    assert.deepEqual(JSON.parse(url.searchParams.get("meta")), { device: "phone" });
+  });
+
+  test("connect is idempotent and close stops for good", async (t) => {
+    const env = setup(t);
+    env.client.connect();
+    env.client.connect();
+    assert.equal(env.sockets.length, 1);
+    env.sockets[0].welcome();
+    env.client.connect();
+    assert.equal(env.sockets.length, 1);
+    assert.equal(env.client.state, "open");
+    assert.deepEqual([env.client.user, env.client.node, env.client.conn], ["me", "n1", "c1"]);
+    env.client.close();
+    assert.equal(env.sockets[0].closedByClient, 1000);
+    env.tick(60000);
+    assert.equal(env.sockets.length, 1);
+    assert.deepEqual(env.states, ["connecting", "open", "closed"]);
+  });
+});
+
+describe("events", () => {
+  test("events reach the application in the order their frames arrived", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { members: ["me"], states: { bob: [false, 0], carol: [false, 2] } });
+    ws.frame({ type: "online", user: "bob", seq: 1 });
+    ws.frame({ type: "joined", room: "doc:1", user: "bob" });
+    ws.frame({ type: "online", user: "carol", seq: 3 });
+    ws.frame({ type: "left", room: "doc:1", user: "bob", reason: "closed" });
+    ws.frame({ type: "offline", user: "bob", seq: 2, last_seen: 1795000000000, reason: "closed" });
+    assert.deepEqual(summary(env.log), [
+      "online bob",
+      "joined doc:1 bob",
+      "online carol",
+      "left doc:1 bob closed",
+      "offline bob closed",
+    ]);
+    assert.deepEqual(env.log[4][1], { user: "bob", seq: 2, last_seen: 1795000000000, reason: "closed" });
+    assert.equal(env.client.isOnline("bob"), false);
+    assert.equal(env.client.isOnline("carol"), true);
+    assert.equal(env.client.isOnline("dave"), undefined);
+  });
+
+  test("an event whose seq is not above the known one is dropped", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { states: { bob: [true, 7] } });
+    ws.frame({ type: "online", user: "bob", seq: 7 });
+    ws.frame({ type: "offline", user: "bob", seq: 6, reason: "closed" });
+    assert.deepEqual(summary(env.log), []);
+    ws.frame({ type: "offline", user: "bob", seq: 8, reason: "timeout" });
+    ws.frame({ type: "offline", user: "bob", seq: 8, reason: "timeout" });
+    ws.frame({ type: "online", user: "bob", seq: 9 });
+    assert.deepEqual(summary(env.log), ["offline bob timeout", "online bob"]);
+  });
+
+  test("an event that arrives before the watch reply is held, then applied by seq", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env);
+    const watched = env.client.watch(["bob", "carol"]);
+    ws.frame({ type: "online", user: "bob", seq: 5 }); // already in the reply: stale
+    ws.frame({ type: "offline", user: "carol", seq: 3, reason: "closed" }); // newer than the reply
+    ws.replyWatch({ bob: [true, 5], carol: [true, 2] });
+    await watched;
+    assert.deepEqual(summary(env.log), ["offline carol closed"]);
+    assert.equal(env.client.isOnline("carol"), false);
+  });
+
+  test("membership follows joined/left; duplicates and unknown rooms change nothing", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { members: ["me"] });
+    const room = env.client.room("doc:1");
+    let changes = 0;
+    room.on("change", () => changes++);
+    ws.frame({ type: "joined", room: "doc:1", user: "bob" });
+    ws.frame({ type: "joined", room: "doc:1", user: "bob" });
+    ws.frame({ type: "joined", room: "doc:2", user: "bob" });
+    assert.deepEqual([...room.members.keys()], ["me", "bob"]);
+    ws.frame({ type: "left", room: "doc:1", user: "bob", reason: "closed" });
+    ws.frame({ type: "left", room: "doc:1", user: "bob", reason: "closed" });
+    assert.deepEqual([...room.members.keys()], ["me"]);
+    assert.equal(changes, 2);
+    assert.deepEqual(summary(env.log), ["joined doc:1 bob", "left doc:1 bob closed"]);
+  });
+
+  test("leave and unwatch stop the events and the re-join/re-watch", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env);
+    const left = env.client.leave("doc:1");
+    ws.reply("leave", { room: "doc:1" });
+    await left;
+    const unwatched = env.client.unwatch(["bob"]);
+    ws.reply("unwatch");
+    await unwatched;
+    assert.equal(env.client.room("doc:1").members.size, 0);
+    assert.equal(env.client.isOnline("bob"), undefined);
+    ws.frame({ type: "offline", user: "bob", seq: 2 });
+    ws.frame({ type: "left", room: "doc:1", user: "bob" });
+    ws.drop();
+    env.tick(1000);
+    env.sockets.at(-1).welcome();
+    assert.deepEqual(env.sockets.at(-1).sent, []);
+    assert.deepEqual(summary(env.log), []);
+  });
+});
+
+describe("reconnect", () => {
+  test("re-joins every room (with its meta) and re-watches every user", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { states: { bob: [true, 1], carol: [false, 0] } });
+    ws.drop(1006);
+    assert.equal(env.client.state, "reconnecting");
+    env.tick(125);
+    const ws2 = env.sockets.at(-1);
+    assert.notEqual(ws2, ws);
+    ws2.welcome();
+    assert.deepEqual(ws2.sentOf("join").map(({ room, meta }) => ({ room, meta })), [
+      { room: "doc:1", meta: { device: "phone" } },
+    ]);
+    assert.deepEqual(ws2.sentOf("watch").map((f) => f.users), [["bob", "carol"]]);
+    assert.deepEqual(env.states, ["connecting", "open", "reconnecting", "open"]);
+  });
+
+  test("a reconnect that changes nothing emits nothing", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { members: ["me", "bob"], states: { bob: [true, 1] } });
+    ws.drop();
+    env.tick(125);
+    const ws2 = env.sockets.at(-1);
+    ws2.welcome();
+    // A memory gateway restarted: same truth, seq counted afresh.
+    ws2.reply("join", { room: "doc:1", members: [{ user: "bob" }, { user: "me" }] });
+    ws2.replyWatch({ bob: [true, 1] });
+    await flush();
+    assert.deepEqual(summary(env.log), []);
+    assert.equal(env.client.isOnline("bob"), true);
+    ws2.frame({ type: "offline", user: "bob", seq: 2, reason: "closed" });
+    assert.deepEqual(summary(env.log), ["offline bob closed"]);
+  });
+
+  test("a user who went offline during the gap gives exactly one offline, and one left", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { members: ["me", "bob"], states: { bob: [true, 5], carol: [true, 1] } });
+    ws.drop();
+    env.tick(125);
+    const ws2 = env.sockets.at(-1);
+    ws2.welcome();
+    ws2.reply("join", { room: "doc:1", members: [{ user: "me" }] });
+    ws2.replyWatch({ bob: [false, 6], carol: [true, 1] });
+    await flush();
+    assert.deepEqual(summary(env.log), ["left doc:1 bob", "offline bob"]);
+    assert.equal(env.log[1][1].seq, 6);
+    assert.equal(env.log[1][1].sync, true);
+    assert.equal(env.client.isOnline("bob"), false);
+    // The live event for that transition, arriving late, is stale now.
+    ws2.frame({ type: "offline", user: "bob", seq: 6, reason: "closed" });
+    assert.equal(summary(env.log).length, 2);
+  });
+
+  test("a member event before the new snapshot is left to the snapshot", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { members: ["me", "bob"] });
+    ws.drop();
+    env.tick(125);
+    const ws2 = env.sockets.at(-1);
+    ws2.welcome();
+    ws2.frame({ type: "left", room: "doc:1", user: "bob", reason: "closed" });
+    ws2.reply("join", { room: "doc:1", members: [{ user: "me" }, { user: "bob" }] });
+    await flush();
+    assert.deepEqual(summary(env.log), []);
+    assert.deepEqual([...env.client.room("doc:1").members.keys()], ["me", "bob"]);
+  });
+
+  test("close 1012 (node draining) reconnects within 100 ms, not after the backoff", async (t) => {
+    const env = setup(t, { reconnect: { minMs: 5000, maxMs: 60000 }, random: () => 0.999 });
+    const ws = await connected(env);
+    ws.drop(1012);
+    env.tick(100);
+    assert.equal(env.sockets.length, 2);
+  });
+
+  test("heartbeat: the client pings every heartbeat_ms and reconnects after 2x silence", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env, { heartbeat_ms: 1000 });
+    env.tick(1000);
+    assert.equal(ws.sentOf("ping").length, 1);
+    ws.frame({ type: "pong" }); // traffic: the silence clock restarts
+    env.tick(1999);
+    assert.equal(env.sockets.length, 1);
+    assert.equal(env.client.state, "open");
+    env.tick(1);
+    assert.equal(env.client.state, "reconnecting");
+    assert.equal(ws.closedByClient, 4000);
+    env.tick(125);
+    assert.equal(env.sockets.length, 2);
+  });
+
+  test("heartbeat: any frame counts as traffic", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env);
+    ws.frame({ type: "welcome", conn: "c1", user: "me", node: "n1", heartbeat_ms: 1000 });
+    for (let i = 0; i < 10; i++) {
+      env.tick(1500);
+      ws.frame({ type: "joined", room: "doc:1", user: `u${i}` });
+    }
+    assert.equal(env.client.state, "open");
+    assert.equal(env.sockets.length, 1);
+  });
+});
+
+describe("sync", () => {
+  test("a users sync replaces the watched state and resets the seq baseline", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { states: { bob: [true, 41], carol: [false, 12] } });
+    // Redis restarted empty: seqs start again from 1.
+    ws.frame({ type: "sync", users: [{ user: "bob", online: true, seq: 1 }, { user: "carol", online: true, seq: 1 }] });
+    assert.deepEqual(summary(env.log), ["online carol"]);
+    assert.equal(env.log[0][1].sync, true);
+    ws.frame({ type: "offline", user: "bob", seq: 1 });
+    ws.frame({ type: "offline", user: "bob", seq: 2, reason: "closed" });
+    assert.deepEqual(summary(env.log), ["online carol", "offline bob closed"]);
+  });
+
+  test("a room sync emits joined/left only for real differences", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { members: ["me", "bob", "carol"] });
+    ws.frame({ type: "sync", room: "doc:1", members: [{ user: "carol" }, { user: "dave" }, { user: "me" }] });
+    assert.deepEqual(summary(env.log), ["left doc:1 bob", "joined doc:1 dave"]);
+    assert.deepEqual([...env.client.room("doc:1").members.keys()], ["carol", "dave", "me"]);
+    ws.frame({ type: "sync", room: "doc:1", members: [{ user: "carol" }, { user: "dave" }, { user: "me" }] });
+    assert.equal(summary(env.log).length, 2);
+  });
+});
+
+describe("auth", () => {
+  test("close 4001 without getToken: one error, state closed, no reconnect", async (t) => {
+    const env = setup(t, { token: "expired" });
+    const ws = await connected(env);
+    ws.drop(4001);
+    env.tick(60000);
+    assert.equal(env.sockets.length, 1);
+    assert.equal(env.client.state, "closed");
+    assert.deepEqual(env.log.map(([e, p]) => [e, p.code]), [["error", "unauthorized"]]);
+  });
+
+  test("close 1008 with getToken: one fresh token and one retry, then stop", async (t) => {
+    let calls = 0;
+    const env = setup(t, { getToken: async () => `token${++calls}` });
+    env.client.connect();
+    await flush();
+    env.sockets[0].welcome();
+    env.sockets[0].drop(1008);
+    await flush();
+    env.tick(0);
+    await flush();
+    assert.equal(calls, 2);
+    assert.equal(env.sockets.length, 2);
+    assert.equal(new URL(env.sockets[1].url).searchParams.get("token"), "token2");
+    env.sockets[1].welcome();
+    env.sockets[1].drop(1008);
+    env.tick(60000);
+    await flush();
+    assert.equal(calls, 2);
+    assert.equal(env.sockets.length, 2);
+    assert.equal(env.client.state, "closed");
+    assert.equal(env.log.filter(([e]) => e === "error").length, 1);
+  });
+
+  test("a first handshake refused (closed before open) with a static token stops", async (t) => {
+    const env = setup(t, { token: "bad" });
+    env.client.connect();
+    env.sockets[0].drop(1006);
+    env.tick(60000);
+    assert.equal(env.sockets.length, 1);
+    assert.equal(env.client.state, "closed");
+    assert.equal(env.log[0][1].code, "unauthorized");
+  });
+
+  test("a first handshake refused with getToken: one more token, one retry, then stop", async (t) => {
+    let calls = 0;
+    const env = setup(t, { getToken: () => `token${++calls}` });
+    env.client.connect();
+    await flush();
+    env.sockets[0].drop(1006);
+    env.tick(0);
+    await flush();
+    assert.equal(env.sockets.length, 2);
+    env.sockets[1].drop(1006);
+    env.tick(60000);
+    await flush();
+    assert.equal(calls, 2);
+    assert.equal(env.sockets.length, 2);
+    assert.equal(env.client.state, "closed");
+  });
+
+  test("without a token, a gateway that is not up yet is retried with backoff", async (t) => {
+    const env = setup(t);
+    env.client.connect();
+    env.sockets[0].drop(1006);
+    assert.equal(env.client.state, "reconnecting");
+    env.tick(125);
+    assert.equal(env.sockets.length, 2);
+    env.sockets[1].welcome();
+    assert.equal(env.client.state, "open");
+  });
+});
