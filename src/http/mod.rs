@@ -6,8 +6,11 @@
 //! WebSocket. An accepted one is answered `101`, then the upgraded stream
 //! is wrapped by tokio-tungstenite and a [`Conn`] is started on the same
 //! worker. No extension is ever negotiated (permessage-deflate stays off).
+//! `GET /client.js` and, with `--dev`, the demo page at `GET /` are static
+//! files built into the binary ([`assets`]).
 
 mod api;
+mod assets;
 mod error;
 
 use std::{convert::Infallible, rc::Rc, sync::Arc, time::Duration};
@@ -95,6 +98,14 @@ async fn route(req: Request<Incoming>, state: &Rc<WorkerState>) -> Response<Body
         return api::serve(req, state)
             .await
             .unwrap_or_else(HttpError::into_response);
+    }
+    if let Some(result) = assets::serve(
+        req.method(),
+        req.uri().path(),
+        req.headers(),
+        state.config.dev,
+    ) {
+        return result.unwrap_or_else(HttpError::into_response);
     }
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),

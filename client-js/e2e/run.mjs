@@ -1,0 +1,292 @@
+// Browser end-to-end test: the real gateway, a real Chromium, the demo page
+// the gateway serves at / (which imports the client from /client.js).
+//
+//   node e2e/run.mjs                  from client-js/, after `npm ci`
+//   node e2e/run.mjs --update-docs    also copies the screenshot to ../docs/demo.png
+//
+// The gateway binary is $PRESENCED_BIN, else ../target/debug/presenced; the
+// browser is /usr/bin/chromium (never downloaded). Every wait is bounded;
+// the gateway and the browser are killed on any exit. Exit code 0 only when
+// every check passed. Output (screenshot, gateway logs) goes to e2e/output/.
+
+import { spawn } from "node:child_process";
+import { copyFileSync, createWriteStream, existsSync, mkdirSync } from "node:fs";
+import { createServer } from "node:net";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const outputDir = join(here, "output");
+const repoRoot = resolve(here, "..", "..");
+const CHROMIUM = "/usr/bin/chromium";
+const BIN = process.env.PRESENCED_BIN || join(repoRoot, "target", "debug", "presenced");
+
+/** How long anything the protocol promises may take to show up. */
+const EVENT_TIMEOUT_MS = 10_000;
+/** How long "nothing happens" is watched for. */
+const QUIET_WINDOW_MS = 1_000;
+/** The whole run, so a hang fails instead of blocking CI. */
+const RUN_TIMEOUT_MS = 120_000;
+
+const started = Date.now();
+const elapsed = () => `${((Date.now() - started) / 1000).toFixed(1)}s`;
+const step = (message) => console.log(`[${elapsed()}] ${message}`);
+
+function fail(message) {
+  throw new Error(message);
+}
+
+// --- prerequisites ------------------------------------------------------
+
+if (!existsSync(BIN)) {
+  console.error(`e2e: gateway binary not found at ${BIN}: run \`cargo build\` or set PRESENCED_BIN`);
+  process.exit(2);
+}
+if (!existsSync(CHROMIUM)) {
+  console.error(`e2e: ${CHROMIUM} not found: apt-get install chromium`);
+  process.exit(2);
+}
+let chromium;
+try {
+  ({ chromium } = await import("playwright-core"));
+} catch (error) {
+  console.error(`e2e: cannot load playwright-core (${error.message}): cd client-js && npm ci`);
+  process.exit(2);
+}
+
+// --- processes ----------------------------------------------------------
+
+mkdirSync(outputDir, { recursive: true });
+const cleanups = [];
+let gateway = null;
+
+async function freePort() {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.unref();
+    server.on("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => resolvePort(port));
+    });
+  });
+}
+
+/** Starts `presenced --dev` on `port`; resolves once it prints its listen line. */
+function startGateway(port, run) {
+  const log = createWriteStream(join(outputDir, `gateway-${run}.log`));
+  const env = { ...process.env };
+  for (const key of Object.keys(env)) if (key.startsWith("PRESENCED_")) delete env[key];
+  const child = spawn(BIN, ["--dev", "--listen", `127.0.0.1:${port}`], {
+    env,
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  child.stderr.pipe(log);
+  const ready = new Promise((resolveReady, reject) => {
+    let stdout = "";
+    const timer = setTimeout(() => reject(new Error(`gateway did not listen within ${EVENT_TIMEOUT_MS} ms`)), EVENT_TIMEOUT_MS);
+    child.stdout.on("data", (chunk) => {
+      stdout += chunk;
+      if (stdout.includes("presenced listening on ")) {
+        clearTimeout(timer);
+        resolveReady();
+      }
+    });
+    child.on("exit", (code, signal) => {
+      clearTimeout(timer);
+      reject(new Error(`gateway exited before listening (code ${code}, signal ${signal}); see ${log.path}`));
+    });
+  });
+  const exited = new Promise((resolveExit) => child.on("exit", resolveExit));
+  gateway = { child, exited, port };
+  return ready.then(() => gateway);
+}
+
+async function killGateway() {
+  if (!gateway || gateway.child.exitCode !== null || gateway.child.signalCode !== null) return;
+  gateway.child.kill("SIGKILL");
+  await withTimeout(gateway.exited, 5_000, "killed gateway did not exit");
+}
+
+function withTimeout(promise, ms, message) {
+  let timer;
+  return Promise.race([
+    promise,
+    new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(message)), ms); }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+process.on("exit", () => {
+  if (gateway && gateway.child.exitCode === null && gateway.child.signalCode === null) {
+    gateway.child.kill("SIGKILL");
+  }
+});
+for (const signal of ["SIGINT", "SIGTERM"]) {
+  process.on(signal, () => process.exit(130));
+}
+
+// --- page helpers -------------------------------------------------------
+
+let base;
+
+/** Opens the demo page as `user`, and waits until its client is open. */
+async function openAs(context, user, { rooms = [], watch = [] } = {}) {
+  const page = await context.newPage();
+  page.on("pageerror", (error) => console.error(`  [${user}] page error: ${error.message}`));
+  page.on("console", (message) => {
+    if (message.type() === "error") console.error(`  [${user}] console: ${message.text()}`);
+  });
+  const query = new URLSearchParams({ user });
+  if (rooms.length) query.set("rooms", rooms.join(","));
+  if (watch.length) query.set("watch", watch.join(","));
+  await page.goto(`${base}/?${query}`, { timeout: EVENT_TIMEOUT_MS });
+  await waitForState(page, "open");
+  return page;
+}
+
+async function waitForState(page, state) {
+  await page.waitForSelector(`body[data-state="${state}"]`, { timeout: EVENT_TIMEOUT_MS, state: "attached" });
+}
+
+/** Waits until `fn(arg)`, evaluated in `page`, is true. */
+async function until(page, what, fn, arg) {
+  try {
+    await page.waitForFunction(fn, arg, { timeout: EVENT_TIMEOUT_MS, polling: 50 });
+  } catch (error) {
+    fail(`timed out after ${EVENT_TIMEOUT_MS} ms waiting for: ${what}`);
+  }
+}
+
+/** The events of `type` about `user` that `page` received so far. */
+function eventsOf(page, type, user) {
+  return page.evaluate(
+    ([type, user]) => window.presenceLog.filter((e) => e.type === type && e.user === user).length,
+    [type, user],
+  );
+}
+
+async function expectCount(page, type, user, expected) {
+  const count = await eventsOf(page, type, user);
+  if (count !== expected) fail(`expected ${expected} "${type}" event(s) for ${user}, saw ${count}`);
+}
+
+const isOnline = (user) => window.presence.isOnline(user) === true;
+const isOffline = (user) => window.presence.isOnline(user) === false;
+const roomIs = ([room, users]) => {
+  const members = [...window.presence.room(room).members.keys()].sort();
+  const shown = [...document.querySelectorAll(`[data-room="${room}"] [data-user]`)]
+    .map((li) => li.dataset.user).sort();
+  const want = [...users].sort();
+  return JSON.stringify(members) === JSON.stringify(want) && JSON.stringify(shown) === JSON.stringify(want);
+};
+const dotIs = ([user, online]) =>
+  document.querySelector(`#people [data-user="${user}"]`)?.dataset.online === String(online);
+
+// --- the scenario -------------------------------------------------------
+
+async function manyTabsOneUser(browser) {
+  step("three tabs of one user: one online, one offline");
+  const context = await browser.newContext();
+  const observer = await openAs(context, "observer", { watch: ["alice"] });
+  await until(observer, "observer knows alice is offline", isOffline, "alice");
+
+  const alice = [];
+  for (let i = 0; i < 3; i++) alice.push(await openAs(context, "alice"));
+  await until(observer, "observer sees alice online", isOnline, "alice");
+  await until(observer, "the dot of alice turns green", dotIs, ["alice", true]);
+  await sleep(QUIET_WINDOW_MS);
+  await expectCount(observer, "online", "alice", 1);
+
+  await alice[0].close();
+  await alice[1].close();
+  await sleep(QUIET_WINDOW_MS);
+  await expectCount(observer, "offline", "alice", 0);
+  if (!(await observer.evaluate(isOnline, "alice"))) fail("alice went offline with a tab still open");
+
+  await alice[2].close();
+  await until(observer, "observer sees alice offline", isOffline, "alice");
+  await sleep(QUIET_WINDOW_MS);
+  await expectCount(observer, "offline", "alice", 1);
+  await expectCount(observer, "online", "alice", 1);
+  await context.close();
+}
+
+async function gatewayRestart(browser, port) {
+  step("a room, a kill -9 and a restart on the same port");
+  const context = await browser.newContext({ viewport: { width: 1000, height: 470 } });
+  const observer = await openAs(context, "observer", { rooms: ["lobby", "doc:1"], watch: ["ann", "ben"] });
+  const ann = await openAs(context, "ann", { rooms: ["lobby", "doc:1"] });
+  const ben = await openAs(context, "ben", { rooms: ["lobby"] });
+  const everyone = ["ann", "ben", "observer"];
+  await until(observer, "ann and ben online", (users) => users.every((u) => window.presence.isOnline(u) === true), ["ann", "ben"]);
+  await until(observer, "lobby shows all three", roomIs, ["lobby", everyone]);
+  await until(ann, "ann's lobby shows all three", roomIs, ["lobby", everyone]);
+
+  step("screenshot of the demo page");
+  const shot = join(outputDir, "demo.png");
+  await observer.screenshot({ path: shot });
+  if (process.argv.includes("--update-docs")) {
+    copyFileSync(shot, join(repoRoot, "docs", "demo.png"));
+    step("copied to docs/demo.png");
+  }
+
+  step("SIGKILL the gateway");
+  await killGateway();
+  for (const [name, page] of [["observer", observer], ["ann", ann], ["ben", ben]]) {
+    await until(page, `${name} notices the gateway is gone`, () => window.presence.state === "reconnecting");
+  }
+
+  step(`restart on port ${port}`);
+  await startGateway(port, 2);
+  for (const page of [observer, ann, ben]) await waitForState(page, "open");
+  await until(observer, "ann and ben online again", (users) => users.every((u) => window.presence.isOnline(u) === true), ["ann", "ben"]);
+  await until(observer, "the lobby is whole again", roomIs, ["lobby", everyone]);
+  await until(ann, "ann's lobby is whole again", roomIs, ["lobby", everyone]);
+  await until(observer, "ann's and ben's dots are green", (users) => users.every((u) =>
+    document.querySelector(`#people [data-user="${u}"]`)?.dataset.online === "true"), ["ann", "ben"]);
+
+  step("live events still flow after the restart");
+  await ben.close();
+  await until(observer, "observer sees ben offline", isOffline, "ben");
+  await until(observer, "ben left the lobby", roomIs, ["lobby", ["ann", "observer"]]);
+  await until(ann, "ann sees ben leave", roomIs, ["lobby", ["ann", "observer"]]);
+  await context.close();
+}
+
+async function main() {
+  const port = await freePort();
+  base = `http://127.0.0.1:${port}`;
+  step(`gateway ${BIN} on ${base}`);
+  await startGateway(port, 1);
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+    timeout: 30_000,
+  });
+  cleanups.push(() => browser.close());
+  await manyTabsOneUser(browser);
+  await gatewayRestart(browser, port);
+}
+
+const deadline = setTimeout(() => {
+  console.error(`e2e: FAILED: the run took longer than ${RUN_TIMEOUT_MS} ms`);
+  process.exit(1);
+}, RUN_TIMEOUT_MS);
+
+let code = 0;
+try {
+  await main();
+  step("e2e: all checks passed");
+} catch (error) {
+  console.error(`e2e: FAILED after ${elapsed()}: ${error.stack || error}`);
+  console.error(`gateway logs: ${outputDir}/gateway-*.log`);
+  code = 1;
+}
+for (const cleanup of cleanups.reverse()) {
+  await withTimeout(Promise.resolve().then(cleanup), 10_000, "cleanup timed out").catch(() => {});
+}
+await killGateway().catch(() => {});
+clearTimeout(deadline);
+process.exit(code);
