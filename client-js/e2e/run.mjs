@@ -262,7 +262,11 @@ async function main() {
   await startGateway(port, 1);
   const browser = await chromium.launch({
     executablePath: CHROMIUM,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+    // The machine's network is closed: no background calls home.
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+      "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync",
+    ],
     timeout: 30_000,
   });
   cleanups.push(() => browser.close());
