@@ -126,6 +126,7 @@ export class PresenceClient {
     this._authRetried = false;
     this._welcomeAt = 0;
     this._reconnectTimer = null;
+    this._connectTimer = null;
     this._pingTimer = null;
     this._silenceTimer = null;
 
@@ -418,17 +419,40 @@ export class PresenceClient {
     }
     const gen = ++this._gen;
     this._ws = ws;
-    const info = { opened: false, usedToken: token !== undefined && token !== null };
+    const info = { opened: false, timedOut: false, usedToken: token !== undefined && token !== null };
+    // A handshake that neither opens nor fails (a black-holed address) is
+    // given up after the request timeout.
+    this._connectTimer = setTimeout(() => {
+      info.timedOut = true;
+      this._abandon(ws, gen, info);
+    }, this._requestTimeoutMs);
     ws.onopen = () => {
-      if (this._ws === ws) info.opened = true;
+      if (this._ws !== ws) return;
+      info.opened = true;
+      clearTimeout(this._connectTimer);
     };
     ws.onmessage = (ev) => {
       if (this._ws === ws) this._onMessage(ev.data);
     };
-    ws.onerror = () => {};
+    // Browsers follow an error with a close; some Node versions do not when
+    // the connection is refused, so an error before open ends the attempt.
+    ws.onerror = () => {
+      if (this._ws === ws && this._gen === gen && !info.opened) this._abandon(ws, gen, info);
+    };
     ws.onclose = (ev) => {
       if (this._ws === ws && this._gen === gen) this._onClose(ev?.code ?? 1006, info);
     };
+  }
+
+  /** Give up on a socket that never opened, as if it closed with 1006. */
+  _abandon(ws, gen, info) {
+    if (this._ws !== ws || this._gen !== gen || info.opened) return;
+    this._onClose(1006, info);
+    try {
+      ws.close();
+    } catch {
+      // a socket still connecting may refuse close() in some implementations
+    }
   }
 
   _buildUrl(token) {
@@ -457,9 +481,10 @@ export class PresenceClient {
 
   _clearTimers() {
     clearTimeout(this._reconnectTimer);
+    clearTimeout(this._connectTimer);
     clearInterval(this._pingTimer);
     clearTimeout(this._silenceTimer);
-    this._reconnectTimer = this._pingTimer = this._silenceTimer = null;
+    this._reconnectTimer = this._connectTimer = this._pingTimer = this._silenceTimer = null;
   }
 
   _nextBackoff() {
@@ -479,9 +504,10 @@ export class PresenceClient {
   /** The socket ended without close() from the application. */
   _onClose(code, info) {
     this._detachSocket();
+    clearTimeout(this._connectTimer);
     clearInterval(this._pingTimer);
     clearTimeout(this._silenceTimer);
-    this._pingTimer = this._silenceTimer = null;
+    this._connectTimer = this._pingTimer = this._silenceTimer = null;
     this._failInflight("connection_lost", `connection closed (${code})`);
     this._held = [];
     if (this.state === "closed") return;
@@ -491,7 +517,7 @@ export class PresenceClient {
       this._authFailed(code, `gateway refused the credentials (close ${code})`);
       return;
     }
-    if (!info.opened && info.usedToken && !this._everOpened) {
+    if (!info.opened && !info.timedOut && info.usedToken && !this._everOpened) {
       // A refused handshake (HTTP 401) looks like this in browsers: closed
       // before open. Only the very first connect can tell it from an outage.
       this._authFailed(code, "connection refused before opening (bad token?)");

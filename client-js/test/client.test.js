@@ -464,6 +464,29 @@ describe("auth", () => {
     assert.equal(env.client.state, "closed");
   });
 
+  test("an error before open ends the attempt even if no close follows (Node's refused connect)", async (t) => {
+    const env = setup(t);
+    env.client.connect();
+    env.sockets[0].onerror({}); // and never a close
+    assert.equal(env.client.state, "reconnecting");
+    env.tick(125);
+    assert.equal(env.sockets.length, 2);
+    env.sockets[0].drop(1006); // a late close of the abandoned socket changes nothing
+    assert.equal(env.sockets.length, 2);
+  });
+
+  test("a handshake that hangs is given up after requestTimeoutMs", async (t) => {
+    const env = setup(t, { requestTimeoutMs: 3000 });
+    env.client.connect();
+    env.tick(2999);
+    assert.equal(env.client.state, "connecting");
+    env.tick(1);
+    assert.equal(env.client.state, "reconnecting");
+    assert.equal(env.sockets[0].closedByClient, 1000);
+    env.tick(125);
+    assert.equal(env.sockets.length, 2);
+  });
+
   test("without a token, a gateway that is not up yet is retried with backoff", async (t) => {
     const env = setup(t);
     env.client.connect();

@@ -1,0 +1,257 @@
+// Integration tests: PresenceClient against the real presenced binary
+// (--dev, in-memory store), with Node's WebSocket (--experimental-websocket).
+// The binary is $PRESENCED_BIN, else ../target/debug/presenced (cargo build).
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { once } from "node:events";
+import { describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import { PresenceClient } from "../presenced.js";
+import { recordEvents, summary } from "./fake-gateway.js";
+
+const BIN = process.env.PRESENCED_BIN || fileURLToPath(new URL("../../target/debug/presenced", import.meta.url));
+const WAIT_MS = 10000;
+const TEST = { timeout: 60000 };
+const FAST_RECONNECT = { minMs: 50, maxMs: 200 };
+
+/** Start a gateway (--dev) on `port` (0: any); killed when the test ends. */
+async function startGateway(t, port = 0) {
+  assert.ok(
+    existsSync(BIN),
+    `presenced binary not found at ${BIN}: run \`cargo build\` in the repository root or set PRESENCED_BIN`,
+  );
+  assert.equal(typeof globalThis.WebSocket, "function", "run with node --experimental-websocket (npm test does)");
+  // The port of a gateway just killed can take a moment to be free again.
+  const deadline = Date.now() + WAIT_MS;
+  for (;;) {
+    try {
+      return await spawnGateway(t, port);
+    } catch (err) {
+      if (port === 0 || Date.now() > deadline) throw err;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
+}
+
+async function spawnGateway(t, port) {
+  const child = spawn(BIN, ["--dev", "--listen", `127.0.0.1:${port}`], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, PRESENCED_LOG: process.env.PRESENCED_LOG ?? "warn" },
+  });
+  const exited = once(child, "exit");
+  const gateway = {
+    child,
+    addr: "",
+    port: 0,
+    async kill() {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill("SIGKILL");
+        await exited;
+      }
+    },
+  };
+  t.after(() => gateway.kill());
+  let stderr = "";
+  child.stderr.on("data", (d) => {
+    stderr = (stderr + d).slice(-4000);
+  });
+  gateway.addr = await new Promise((resolve, reject) => {
+    let out = "";
+    const timer = setTimeout(() => reject(new Error(`gateway did not start within ${WAIT_MS} ms:\n${stderr}`)), WAIT_MS);
+    child.stdout.on("data", (d) => {
+      out += d;
+      const m = /presenced listening on (\S+)/.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]);
+      }
+    });
+    child.on("exit", (code, signal) => {
+      clearTimeout(timer);
+      reject(new Error(`gateway exited (${code ?? signal}) before listening:\n${stderr}`));
+    });
+  });
+  gateway.port = Number(gateway.addr.split(":").at(-1));
+  return gateway;
+}
+
+/** A client of `gateway` as `user`; closed when the test ends. */
+function client(t, gateway, user, options = {}) {
+  const c = new PresenceClient(`ws://127.0.0.1:${gateway.port}/ws`, {
+    user,
+    WebSocket: globalThis.WebSocket,
+    reconnect: FAST_RECONNECT,
+    requestTimeoutMs: WAIT_MS,
+    ...options,
+  });
+  t.after(() => c.close());
+  return c;
+}
+
+/** Resolve when `check()` holds, re-checked on every `event` of the emitters; fail after WAIT_MS. */
+function until(what, emitters, check, event = "change") {
+  return new Promise((resolve, reject) => {
+    const listeners = [];
+    const done = (err) => {
+      clearTimeout(timer);
+      for (const [em, fn] of listeners) em.off(event, fn);
+      if (err) reject(err);
+      else resolve();
+    };
+    const timer = setTimeout(() => done(new Error(`timed out after ${WAIT_MS} ms waiting for ${what}`)), WAIT_MS);
+    for (const em of emitters) {
+      const fn = () => {
+        if (check()) done();
+      };
+      listeners.push([em, fn]);
+      em.on(event, fn);
+    }
+    if (check()) done();
+  });
+}
+
+/** Connect and wait for the welcome. */
+async function open(c) {
+  c.connect();
+  await until(`${c.url} open`, [c], () => c.state === "open");
+}
+
+/** Poll a /v1 endpoint of `gateway` until `check(body)` holds (the HTTP API has no push). */
+async function untilApi(gateway, path, check) {
+  const deadline = Date.now() + WAIT_MS;
+  let body;
+  while (Date.now() < deadline) {
+    body = await (await fetch(`http://${gateway.addr}${path}`)).json();
+    if (check(body)) return body;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  throw new Error(`timed out waiting on ${path}; last answer ${JSON.stringify(body)}`);
+}
+
+describe("against the real gateway", () => {
+  test("three tabs of one user are one online; only the last close is an offline (reason closed)", TEST, async (t) => {
+    const gw = await startGateway(t);
+    const observer = client(t, gw, "observer");
+    const log = recordEvents(observer);
+    await open(observer);
+    assert.deepEqual(await observer.watch(["alice"]), [{ user: "alice", online: false, seq: 0 }]);
+    assert.equal(observer.isOnline("alice"), false);
+
+    const tabs = [client(t, gw, "alice"), client(t, gw, "alice"), client(t, gw, "alice")];
+    for (const tab of tabs) await open(tab);
+    await until("alice online", [observer], () => observer.isOnline("alice") === true);
+    await untilApi(gw, "/v1/users/alice", (u) => u.connections.length === 3);
+
+    tabs[0].close();
+    tabs[1].close();
+    await untilApi(gw, "/v1/users/alice", (u) => u.connections.length === 1);
+    assert.equal(observer.isOnline("alice"), true);
+
+    tabs[2].close();
+    await until("alice offline", [observer], () => observer.isOnline("alice") === false);
+    assert.deepEqual(summary(log), ["online alice", "offline alice closed"]);
+    const offline = log[1][1];
+    assert.equal(offline.seq, 2);
+    assert.equal(typeof offline.last_seen, "number");
+  });
+
+  test("a room's members Map follows joined and left", TEST, async (t) => {
+    const gw = await startGateway(t);
+    const observer = client(t, gw, "observer");
+    const log = recordEvents(observer);
+    await open(observer);
+    const room = observer.room("doc:1");
+    assert.deepEqual(await observer.join("doc:1", { device: "desk" }), [{ user: "observer", meta: { device: "desk" } }]);
+    assert.deepEqual([...room.members], [["observer", { device: "desk" }]]);
+
+    const alice = client(t, gw, "alice", { meta: { device: "phone" } });
+    await open(alice);
+    const snapshot = await alice.join("doc:1");
+    assert.deepEqual(snapshot, [{ user: "alice", meta: { device: "phone" } }, { user: "observer", meta: { device: "desk" } }]);
+    assert.deepEqual([...alice.room("doc:1").members.keys()], ["alice", "observer"]);
+    await until("alice in doc:1", [room], () => room.members.has("alice"));
+
+    const bob = client(t, gw, "bob");
+    await open(bob);
+    await bob.join("doc:1");
+    await until("bob in doc:1", [room], () => room.members.has("bob"));
+    await until("observer sees bob", [alice.room("doc:1")], () => alice.room("doc:1").members.has("bob"));
+
+    await alice.leave("doc:1");
+    await until("alice gone from doc:1", [room], () => !room.members.has("alice"));
+    assert.equal(alice.room("doc:1").members.size, 0);
+    bob.close();
+    await until("bob gone from doc:1", [room], () => !room.members.has("bob"));
+    assert.deepEqual([...room.members.keys()], ["observer"]);
+    assert.deepEqual(summary(log), [
+      "joined doc:1 alice",
+      "joined doc:1 bob",
+      "left doc:1 alice closed",
+      "left doc:1 bob closed",
+    ]);
+    await assert.rejects(observer.leave("doc:1").then(() => observer.leave("doc:1")), { code: "not_joined" });
+    await assert.rejects(observer.join("bad room!"), { code: "invalid_room" });
+  });
+
+  test("gateway killed and restarted on the same port: clients come back, only real changes are reported", TEST, async (t) => {
+    const gw1 = await startGateway(t);
+    // The observer reconnects only when the test lets it, so that the others
+    // are back first and what it sees is settled, not a race.
+    const gate = { open: true };
+    class GatedWebSocket extends globalThis.WebSocket {
+      constructor(url) {
+        super(gate.open ? url : "ws://127.0.0.1:1/ws");
+      }
+    }
+    const observer = client(t, gw1, "observer", { WebSocket: GatedWebSocket });
+    const alice = client(t, gw1, "alice");
+    const bob = client(t, gw1, "bob");
+    for (const c of [observer, alice, bob]) await open(c);
+    await alice.join("doc:1");
+    await bob.join("doc:1");
+    await observer.join("doc:1");
+    const room = observer.room("doc:1");
+    assert.deepEqual([...room.members.keys()], ["alice", "bob", "observer"]);
+    const states = await observer.watch(["alice", "bob", "carol", "dave"]);
+    assert.deepEqual(states.map((s) => [s.user, s.online]), [["alice", true], ["bob", true], ["carol", false], ["dave", false]]);
+
+    const log = recordEvents(observer);
+    gate.open = false;
+    const down = Promise.all(
+      [observer, alice, bob].map((c) => until("reconnecting", [c], () => c.state === "reconnecting", "state")),
+    );
+    await gw1.kill();
+    await down;
+
+    // While the gateway is away: bob quits for good, dave arrives.
+    bob.close();
+    const gw2 = await startGateway(t, gw1.port);
+    const dave = client(t, gw2, "dave");
+    await open(dave);
+    await until("alice back", [alice], () => alice.state === "open", "state");
+    await untilApi(gw2, "/v1/rooms/doc%3A1", (r) => r.users.includes("alice"));
+    await untilApi(gw2, "/v1/users/alice", (u) => u.online);
+
+    gate.open = true;
+    await until("observer back", [observer], () => observer.state === "open", "state");
+    await until("observer reconciled", [observer, room], () =>
+      observer.isOnline("bob") === false && observer.isOnline("dave") === true && !room.members.has("bob"),
+    );
+    // One more round trip: anything still in flight for the observer has arrived.
+    assert.deepEqual((await observer.query(["alice"]))[0].online, true);
+
+    assert.equal(observer.isOnline("alice"), true);
+    assert.equal(observer.isOnline("carol"), false);
+    assert.deepEqual([...room.members.keys()], ["alice", "observer"]);
+    assert.deepEqual(summary(log).sort(), ["left doc:1 bob", "offline bob", "online dave"]);
+    assert.ok(log.every(([, e]) => e.sync === true), "all three come from the reconnect's snapshots");
+    assert.notEqual(observer.node, undefined);
+
+    // Live events flow again after the reconcile.
+    alice.close();
+    await until("alice offline", [observer], () => observer.isOnline("alice") === false);
+    assert.deepEqual(summary(log).slice(3), ["left doc:1 alice closed", "offline alice closed"]);
+  });
+});
