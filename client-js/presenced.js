@@ -27,6 +27,8 @@ export const MAX_IDS_PER_FRAME = 1000;
  * failure (an expired token), so getToken() may be asked again.
  */
 const AUTH_STABLE_MS = 10000;
+/** Most presence events kept while waiting for a watch reply (a reply that never comes must not grow it forever). */
+const MAX_HELD_EVENTS = 10000;
 /** WebSocket readyState OPEN. */
 const WS_OPEN = 1;
 
@@ -225,14 +227,24 @@ export class PresenceClient {
    */
   join(room, meta) {
     const r = this._room(room);
+    const wasIn = r._desired && r._gen === this._gen;
     r._desired = true;
-    if (meta !== undefined) r._meta = meta;
-    if (this.state !== "open") return this._waiter(r._waiters);
-    return this._request(this._joinFrame(r)).then((reply) => {
+    if (this.state !== "open") {
+      if (meta !== undefined) r._meta = meta;
+      return this._waiter(r._waiters);
+    }
+    const frame = this._joinFrame(r);
+    if (meta !== undefined) frame.meta = meta;
+    return this._request(frame).then((reply) => {
+      if (meta !== undefined) r._meta = meta;
       if (this._rooms.get(room) === r && r._desired) this._applyRoomSnapshot(r, reply.members ?? []);
       return reply.members ?? [];
     }, (err) => {
-      if (err.code !== "timeout" && err.code !== "connection_lost" && err.code !== "closed") r._desired = false;
+      // A refused join changes nothing on the gateway: a room we were in
+      // (with its old meta) stays, one we were not in is forgotten.
+      if (!wasIn && err.code !== "timeout" && err.code !== "connection_lost" && err.code !== "closed") {
+        r._desired = false;
+      }
       throw err;
     });
   }
@@ -420,16 +432,20 @@ export class PresenceClient {
     const gen = ++this._gen;
     this._ws = ws;
     const info = { opened: false, timedOut: false, usedToken: token !== undefined && token !== null };
-    // A handshake that neither opens nor fails (a black-holed address) is
-    // given up after the request timeout.
+    // A handshake that brings no welcome (a black-holed address, a stuck
+    // proxy) is given up after the request timeout.
     this._connectTimer = setTimeout(() => {
+      if (this._ws !== ws || this._gen !== gen) return;
       info.timedOut = true;
-      this._abandon(ws, gen, info);
+      this._onClose(1006, info);
+      try {
+        ws.close();
+      } catch {
+        // a socket still connecting may refuse close() in some implementations
+      }
     }, this._requestTimeoutMs);
     ws.onopen = () => {
-      if (this._ws !== ws) return;
-      info.opened = true;
-      clearTimeout(this._connectTimer);
+      if (this._ws === ws) info.opened = true;
     };
     ws.onmessage = (ev) => {
       if (this._ws === ws) this._onMessage(ev.data);
@@ -601,6 +617,8 @@ export class PresenceClient {
     this._everOpened = true;
     this._attempt = 0;
     this._welcomeAt = Date.now();
+    clearTimeout(this._connectTimer);
+    this._connectTimer = null;
     clearInterval(this._pingTimer);
     if (this.heartbeatMs > 0) {
       this._pingTimer = setInterval(() => this._send({ type: "ping" }), this.heartbeatMs);
@@ -684,6 +702,7 @@ export class PresenceClient {
     if (entry.gen !== this._gen) {
       // Before this socket's watch reply: keep it until the reply says
       // where the user's seq stands on this connection.
+      if (this._held.length >= MAX_HELD_EVENTS) this._held.shift();
       this._held.push(frame);
       return;
     }

@@ -118,6 +118,22 @@ describe("requests", () => {
     assert.equal(env.sockets.at(-1).sentOf("join").length, 0);
   });
 
+  test("a refused join of a room already joined keeps the room and its old meta", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env);
+    const p = env.client.join("doc:1", { huge: "x".repeat(2000) });
+    const req = ws.sentOf("join").at(-1);
+    assert.equal(req.meta.huge.length, 2000);
+    ws.frame({ type: "error", ref: req.ref, code: "limit_exceeded", message: "meta over 1024 bytes" });
+    await assert.rejects(p, { code: "limit_exceeded" });
+    ws.frame({ type: "joined", room: "doc:1", user: "carol" });
+    assert.deepEqual(summary(env.log), ["joined doc:1 carol"]);
+    ws.drop();
+    env.tick(125);
+    env.sockets.at(-1).welcome();
+    assert.deepEqual(env.sockets.at(-1).sentOf("join").map((f) => f.meta), [{ device: "phone" }]);
+  });
+
   test("an error without a known ref surfaces as an error event", async (t) => {
     const env = setup(t);
     const ws = await connected(env);
@@ -484,6 +500,19 @@ describe("auth", () => {
     assert.equal(env.client.state, "reconnecting");
     assert.equal(env.sockets[0].closedByClient, 1000);
     env.tick(125);
+    assert.equal(env.sockets.length, 2);
+  });
+
+  test("a socket that opens but never sends welcome is given up too", async (t) => {
+    const env = setup(t, { requestTimeoutMs: 3000 });
+    env.client.connect();
+    env.sockets[0].open();
+    env.tick(3000);
+    assert.equal(env.client.state, "reconnecting");
+    env.tick(125);
+    env.sockets[1].welcome();
+    env.tick(10000); // past the handshake timeout, within the heartbeat
+    assert.equal(env.client.state, "open");
     assert.equal(env.sockets.length, 2);
   });
 
