@@ -42,8 +42,14 @@ export interface PresenceClientOptions {
   WebSocket?: WebSocketConstructor | (new (url: string) => unknown);
   /** Backoff bounds: delay = random(0, min(maxMs, minMs * 2 ** attempt)). */
   reconnect?: ReconnectOptions;
-  /** How long a request waits for its reply, ms (default 10000). */
+  /** How long a request waits for its reply (and a handshake for its welcome), ms (default 10000). */
   requestTimeoutMs?: number;
+  /**
+   * How long an offline/left seen only in a snapshot (reconnect or `sync`)
+   * waits to be reported, ms (default 2000; 0: at once). A user back within
+   * it was never reported gone.
+   */
+  reconcileGraceMs?: number;
   /** Random source in [0, 1) for the backoff jitter (default Math.random). */
   random?: () => number;
 }
@@ -109,6 +115,7 @@ export interface RoomView {
 
 export declare const DEFAULT_RECONNECT: Readonly<Required<ReconnectOptions>>;
 export declare const DEFAULT_REQUEST_TIMEOUT_MS: number;
+export declare const DEFAULT_RECONCILE_GRACE_MS: number;
 export declare const DRAIN_RECONNECT_MAX_MS: number;
 export declare const MAX_IDS_PER_FRAME: number;
 

@@ -18,6 +18,13 @@
 export const DEFAULT_RECONNECT = Object.freeze({ minMs: 250, maxMs: 10000 });
 /** Default time a request waits for its reply, milliseconds. */
 export const DEFAULT_REQUEST_TIMEOUT_MS = 10000;
+/**
+ * Default time a disappearance seen only in a snapshot (reconnect or `sync`)
+ * waits before it is reported, milliseconds: after a gateway restart every
+ * client reconnects at its own jittered moment, and a user whose tabs are
+ * simply not back yet is not news.
+ */
+export const DEFAULT_RECONCILE_GRACE_MS = 2000;
 /** After close 1012 (node draining), reconnect within this many milliseconds. */
 export const DRAIN_RECONNECT_MAX_MS = 100;
 /** Longest `users` list the gateway accepts in one frame (`--max-ids`). */
@@ -70,6 +77,10 @@ class Room {
     this._gen = 0;
     /** join() calls made while not connected, resolved by the next snapshot. */
     this._waiters = [];
+    /** user → timer: gone from a snapshot, reported as left when the grace ends. */
+    this._pendingLeft = new Map();
+    /** joined/left that arrived on this socket before its snapshot (merged into it). */
+    this._held = [];
     this._listeners = new Set();
   }
 
@@ -82,6 +93,18 @@ class Room {
   off(event, fn) {
     if (event === "change") this._listeners.delete(fn);
     return this;
+  }
+
+  _cancelLeft(user) {
+    const timer = this._pendingLeft.get(user);
+    if (timer === undefined) return;
+    clearTimeout(timer);
+    this._pendingLeft.delete(user);
+  }
+
+  _cancelAllLeft() {
+    for (const timer of this._pendingLeft.values()) clearTimeout(timer);
+    this._pendingLeft.clear();
   }
 
   _changed() {
@@ -107,6 +130,7 @@ export class PresenceClient {
     this._random = options.random ?? Math.random;
     this._reconnect = { ...DEFAULT_RECONNECT, ...(options.reconnect ?? {}) };
     this._requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+    this._graceMs = options.reconcileGraceMs ?? DEFAULT_RECONCILE_GRACE_MS;
 
     /** @type {"idle"|"connecting"|"open"|"reconnecting"|"closed"} */
     this.state = "idle";
@@ -146,6 +170,8 @@ export class PresenceClient {
     this._watchWaiters = [];
     /** Presence events that arrived before their user's watch reply on this socket. */
     this._held = [];
+    /** user → timer: offline seen in a snapshot, reported when the grace ends. */
+    this._pendingOffline = new Map();
   }
 
   // ---- events -------------------------------------------------------------
@@ -217,6 +243,9 @@ export class PresenceClient {
       for (const w of room._waiters.splice(0)) this._settle(w, null, err());
     }
     for (const w of this._watchWaiters.splice(0)) this._settle(w, null, err());
+    for (const timer of this._pendingOffline.values()) clearTimeout(timer);
+    this._pendingOffline.clear();
+    for (const room of this._rooms.values()) room._cancelAllLeft();
     this._setState("closed");
   }
 
@@ -256,6 +285,8 @@ export class PresenceClient {
       const wasDesired = r._desired;
       r._desired = false;
       r._gen = 0;
+      r._held = [];
+      r._cancelAllLeft();
       for (const w of r._waiters.splice(0)) this._settle(w, null, new PresenceError("cancelled", `left ${room}`));
       if (r.members.size > 0) {
         r.members.clear();
@@ -300,7 +331,10 @@ export class PresenceClient {
   async unwatch(users) {
     const list = [...new Set(users)];
     let changed = false;
-    for (const user of list) changed = this._watched.delete(user) || changed;
+    for (const user of list) {
+      this._cancelOffline(user);
+      changed = this._watched.delete(user) || changed;
+    }
     this._held = this._held.filter((f) => this._watched.has(f.user));
     if (changed) this._changed({ kind: "presence" });
     if (this.state !== "open") return;
@@ -526,6 +560,7 @@ export class PresenceClient {
     this._connectTimer = this._pingTimer = this._silenceTimer = null;
     this._failInflight("connection_lost", `connection closed (${code})`);
     this._held = [];
+    for (const r of this._rooms.values()) r._held = [];
     if (this.state === "closed") return;
 
     if (code === 1008 || code === 4001) {
@@ -708,6 +743,9 @@ export class PresenceClient {
     }
     if (typeof frame.seq === "number" && typeof entry.seq === "number" && frame.seq <= entry.seq) return;
     if (typeof frame.seq === "number") entry.seq = frame.seq;
+    // A live event supersedes an offline still in its grace: online means it
+    // was never news; offline is reported now, with its real reason.
+    this._cancelOffline(frame.user);
     const online = frame.type === "online";
     if (entry.online === online) return;
     entry.online = online;
@@ -720,7 +758,15 @@ export class PresenceClient {
 
   _onMember(frame) {
     const r = this._rooms.get(frame.room);
-    if (!r || !r._desired || r._gen !== this._gen) return;
+    if (!r || !r._desired) return;
+    if (r._gen !== this._gen) {
+      // Before this socket's snapshot of the room: the snapshot may or may
+      // not include it, so it is merged in after the snapshot.
+      if (r._held.length >= MAX_HELD_EVENTS) r._held.shift();
+      r._held.push(frame);
+      return;
+    }
+    r._cancelLeft(frame.user);
     if (frame.type === "joined") {
       if (r.members.has(frame.user)) return;
       r.members.set(frame.user, frame.meta);
@@ -746,9 +792,11 @@ export class PresenceClient {
 
   /**
    * Take `states` (a watch reply or a sync) as the truth for these users.
-   * `replace`: the seq baseline is reset even if lower (a new socket, or a
-   * store that restarted empty); otherwise an older reply does not undo a
-   * newer event. Emits online/offline only where the known state flips.
+   * `replace`: a resync (new socket or `sync` frame): the seq baseline is
+   * reset even if lower (a store that restarted empty), and an online user
+   * now seen offline is reported only if still offline after the grace;
+   * otherwise an older reply does not undo a newer event. Emits
+   * online/offline only where the known state flips.
    */
   _applyUserStates(states, replace) {
     let changed = false;
@@ -757,16 +805,43 @@ export class PresenceClient {
       if (!entry) continue;
       const current = entry.gen === this._gen;
       if (current && !replace && typeof entry.seq === "number" && s.seq < entry.seq) continue;
-      const known = entry.online !== undefined;
-      const flipped = known && entry.online !== s.online;
-      entry.online = s.online;
       entry.seq = s.seq;
       entry.gen = this._gen;
       changed = true;
-      if (flipped) this._emit(s.online ? "online" : "offline", { user: s.user, seq: s.seq, sync: true });
+      if (s.online) this._cancelOffline(s.user);
+      if (entry.online === undefined) {
+        entry.online = s.online;
+      } else if (entry.online !== s.online) {
+        if (!s.online && replace && this._graceMs > 0) {
+          this._deferOffline(s.user);
+        } else {
+          entry.online = s.online;
+          this._emit(s.online ? "online" : "offline", { user: s.user, seq: s.seq, sync: true });
+        }
+      }
     }
     if (changed) this._changed({ kind: "presence" });
     this._replayHeld();
+  }
+
+  _deferOffline(user) {
+    if (this._pendingOffline.has(user)) return;
+    const timer = setTimeout(() => {
+      this._pendingOffline.delete(user);
+      const entry = this._watched.get(user);
+      if (!entry || entry.online !== true) return;
+      entry.online = false;
+      this._emit("offline", { user, seq: entry.seq, sync: true });
+      this._changed({ kind: "presence", user });
+    }, this._graceMs);
+    this._pendingOffline.set(user, timer);
+  }
+
+  _cancelOffline(user) {
+    const timer = this._pendingOffline.get(user);
+    if (timer === undefined) return;
+    clearTimeout(timer);
+    this._pendingOffline.delete(user);
   }
 
   _replayHeld() {
@@ -777,24 +852,67 @@ export class PresenceClient {
   }
 
   /**
-   * Make `r.members` equal `members` (a join reply or a sync) and tell the
-   * application who joined or left since the previous snapshot; the first
-   * snapshot after join() is the starting point and fires no event.
+   * Make `r.members` equal `members` (a join reply or a sync), plus the
+   * joined/left that arrived before it on this socket (events come in store
+   * order, so replaying them over the snapshot ends in the truth), and tell
+   * the application who joined or left since the previous view; the first
+   * snapshot after join() is the starting point and fires no event. A member
+   * missing from the snapshot stays for the grace and is reported as left
+   * only if no snapshot or event brings them back meanwhile.
    */
   _applyRoomSnapshot(r, members) {
     const next = new Map(members.map((m) => [m.user, m.meta]));
-    const emit = r._gen !== 0;
-    const left = [...r.members.keys()].filter((u) => !next.has(u));
-    const joined = [...next.keys()].filter((u) => !r.members.has(u));
-    r.members.clear();
-    for (const [user, meta] of next) r.members.set(user, meta);
-    r._gen = this._gen;
-    if (emit) {
-      for (const user of left) this._emit("left", { room: r.name, user, sync: true });
-      for (const user of joined) this._emit("joined", { room: r.name, user, sync: true });
+    const liveLeft = new Map();
+    for (const f of r._held.splice(0)) {
+      if (f.type === "joined") {
+        if (!next.has(f.user)) next.set(f.user, f.meta);
+        liveLeft.delete(f.user);
+      } else {
+        next.delete(f.user);
+        liveLeft.set(f.user, f.reason);
+      }
     }
+    const diff = r._gen !== 0;
+    const before = new Map(r.members);
+    const gone = diff ? [...before.keys()].filter((u) => !next.has(u)) : [];
+    const joined = diff ? [...next.keys()].filter((u) => !before.has(u)) : [];
+    r.members.clear();
+    for (const [user, meta] of next) {
+      r._cancelLeft(user);
+      r.members.set(user, meta);
+    }
+    r._gen = this._gen;
+    const left = [];
+    for (const user of gone) {
+      if (liveLeft.has(user)) {
+        r._cancelLeft(user);
+        const event = { room: r.name, user };
+        if (liveLeft.get(user) !== undefined) event.reason = liveLeft.get(user);
+        left.push(event);
+      } else if (this._graceMs > 0) {
+        r.members.set(user, before.get(user));
+        this._deferLeft(r, user);
+      } else {
+        left.push({ room: r.name, user, sync: true });
+      }
+    }
+    for (const event of left) this._emit("left", event);
+    for (const user of joined) this._emit("joined", { room: r.name, user, sync: true });
     r._changed();
     this._changed({ kind: "room", room: r.name });
+  }
+
+  _deferLeft(r, user) {
+    if (r._pendingLeft.has(user)) return;
+    const timer = setTimeout(() => {
+      r._pendingLeft.delete(user);
+      if (!r._desired || !r.members.has(user)) return;
+      r.members.delete(user);
+      this._emit("left", { room: r.name, user, sync: true });
+      r._changed();
+      this._changed({ kind: "room", room: r.name });
+    }, this._graceMs);
+    r._pendingLeft.set(user, timer);
   }
 }
 

@@ -335,27 +335,103 @@ describe("reconnect", () => {
     ws2.reply("join", { room: "doc:1", members: [{ user: "me" }] });
     ws2.replyWatch({ bob: [false, 6], carol: [true, 1] });
     await flush();
+    // Reported once the reconcile grace is over (bob's tabs might just be slower to come back).
+    assert.deepEqual(summary(env.log), []);
+    assert.equal(env.client.isOnline("bob"), true);
+    env.tick(1999);
+    assert.deepEqual(summary(env.log), []);
+    env.tick(1);
     assert.deepEqual(summary(env.log), ["left doc:1 bob", "offline bob"]);
     assert.equal(env.log[1][1].seq, 6);
     assert.equal(env.log[1][1].sync, true);
     assert.equal(env.client.isOnline("bob"), false);
+    assert.deepEqual([...env.client.room("doc:1").members.keys()], ["me"]);
     // The live event for that transition, arriving late, is stale now.
     ws2.frame({ type: "offline", user: "bob", seq: 6, reason: "closed" });
+    env.tick(10000);
     assert.equal(summary(env.log).length, 2);
   });
 
-  test("a member event before the new snapshot is left to the snapshot", async (t) => {
+  test("a user missing from the snapshot who is back within the grace was never news", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { members: ["me", "bob"], states: { bob: [true, 5] } });
+    ws.drop();
+    env.tick(125);
+    const ws2 = env.sockets.at(-1);
+    ws2.welcome();
+    // The gateway restarted (memory store): bob's tab has not reconnected yet.
+    ws2.reply("join", { room: "doc:1", members: [{ user: "me" }] });
+    ws2.replyWatch({ bob: [false, 0] });
+    await flush();
+    env.tick(800);
+    ws2.frame({ type: "online", user: "bob", seq: 1 });
+    ws2.frame({ type: "joined", room: "doc:1", user: "bob" });
+    env.tick(10000);
+    assert.deepEqual(summary(env.log), []);
+    assert.equal(env.client.isOnline("bob"), true);
+    assert.deepEqual([...env.client.room("doc:1").members.keys()], ["me", "bob"]);
+    // Live events after that are reported as usual.
+    ws2.frame({ type: "offline", user: "bob", seq: 2, reason: "closed" });
+    assert.deepEqual(summary(env.log), ["offline bob closed"]);
+  });
+
+  test("a live offline during the grace is reported at once, with its reason, and only once", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { members: ["me", "bob"], states: { bob: [true, 5] } });
+    ws.drop();
+    env.tick(125);
+    const ws2 = env.sockets.at(-1);
+    ws2.welcome();
+    ws2.reply("join", { room: "doc:1", members: [{ user: "me" }] });
+    ws2.replyWatch({ bob: [false, 0] });
+    await flush();
+    ws2.frame({ type: "online", user: "bob", seq: 1 });
+    ws2.frame({ type: "offline", user: "bob", seq: 2, reason: "timeout" });
+    ws2.frame({ type: "left", room: "doc:1", user: "bob", reason: "timeout" });
+    env.tick(10000);
+    assert.deepEqual(summary(env.log), ["offline bob timeout", "left doc:1 bob timeout"]);
+  });
+
+  test("reconcileGraceMs: 0 reports snapshot differences at once", async (t) => {
+    const env = setup(t, { reconcileGraceMs: 0 });
+    const ws = await followed(env, { members: ["me", "bob"], states: { bob: [true, 5] } });
+    ws.drop();
+    env.tick(125);
+    const ws2 = env.sockets.at(-1);
+    ws2.welcome();
+    ws2.reply("join", { room: "doc:1", members: [{ user: "me" }] });
+    ws2.replyWatch({ bob: [false, 6] });
+    await flush();
+    assert.deepEqual(summary(env.log), ["left doc:1 bob", "offline bob"]);
+  });
+
+  test("member events that arrive before the new snapshot are merged into it", async (t) => {
     const env = setup(t);
     const ws = await followed(env, { members: ["me", "bob"] });
     ws.drop();
     env.tick(125);
     const ws2 = env.sockets.at(-1);
     ws2.welcome();
+    // Both happened after the gateway registered the join: the snapshot was
+    // read before bob's leave and after carol's join.
+    ws2.frame({ type: "joined", room: "doc:1", user: "carol" });
     ws2.frame({ type: "left", room: "doc:1", user: "bob", reason: "closed" });
-    ws2.reply("join", { room: "doc:1", members: [{ user: "me" }, { user: "bob" }] });
+    ws2.reply("join", { room: "doc:1", members: [{ user: "bob" }, { user: "carol" }, { user: "me" }] });
     await flush();
-    assert.deepEqual(summary(env.log), []);
-    assert.deepEqual([...env.client.room("doc:1").members.keys()], ["me", "bob"]);
+    assert.deepEqual(summary(env.log), ["left doc:1 bob closed", "joined doc:1 carol"]);
+    assert.deepEqual([...env.client.room("doc:1").members.keys()], ["carol", "me"]);
+    env.tick(10000);
+    assert.equal(env.log.length, 2);
+  });
+
+  test("a member joining while the first join is in flight is in the members", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env);
+    const joined = env.client.join("doc:1");
+    ws.frame({ type: "joined", room: "doc:1", user: "dan" });
+    ws.reply("join", { room: "doc:1", members: [{ user: "me" }] });
+    await joined;
+    assert.deepEqual([...env.client.room("doc:1").members.keys()], ["me", "dan"]);
   });
 
   test("close 1012 (node draining) reconnects within 100 ms, not after the backoff", async (t) => {
@@ -412,7 +488,9 @@ describe("sync", () => {
     const env = setup(t);
     const ws = await followed(env, { members: ["me", "bob", "carol"] });
     ws.frame({ type: "sync", room: "doc:1", members: [{ user: "carol" }, { user: "dave" }, { user: "me" }] });
-    assert.deepEqual(summary(env.log), ["left doc:1 bob", "joined doc:1 dave"]);
+    assert.deepEqual(summary(env.log), ["joined doc:1 dave"]);
+    env.tick(2000); // the reconcile grace
+    assert.deepEqual(summary(env.log), ["joined doc:1 dave", "left doc:1 bob"]);
     assert.deepEqual([...env.client.room("doc:1").members.keys()], ["carol", "dave", "me"]);
     ws.frame({ type: "sync", room: "doc:1", members: [{ user: "carol" }, { user: "dave" }, { user: "me" }] });
     assert.equal(summary(env.log).length, 2);

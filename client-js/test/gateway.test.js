@@ -254,4 +254,32 @@ describe("against the real gateway", () => {
     await until("alice offline", [observer], () => observer.isOnline("alice") === false);
     assert.deepEqual(summary(log).slice(3), ["left doc:1 alice closed", "offline alice closed"]);
   });
+  test("gateway restarted, everyone back at their own jittered moment: no offline/online for those who stayed", TEST, async (t) => {
+    const gw1 = await startGateway(t);
+    const observer = client(t, gw1, "observer");
+    const users = ["ann", "ben", "cid", "dot"];
+    const tabs = users.map((u) => client(t, gw1, u));
+    for (const c of [observer, ...tabs]) await open(c);
+    for (const c of [observer, ...tabs]) await c.join("team");
+    await observer.watch(users);
+    const room = observer.room("team");
+    await until("everyone in team", [room], () => room.members.size === 5);
+    assert.ok(users.every((u) => observer.isOnline(u) === true));
+
+    const log = recordEvents(observer);
+    const everyone = [observer, ...tabs];
+    const down = Promise.all(everyone.map((c) => until("reconnecting", [c], () => c.state === "reconnecting", "state")));
+    await gw1.kill();
+    await down;
+    tabs[3].close(); // dot quits while the gateway is away
+    const gw2 = await startGateway(t, gw1.port);
+    await Promise.all(everyone.slice(0, 4).map((c) => until("back", [c], () => c.state === "open", "state")));
+    await untilApi(gw2, "/v1/rooms/team", (r) => r.count === 4);
+    await until("dot reported gone", [observer, room], () => observer.isOnline("dot") === false && !room.members.has("dot"));
+    await observer.query(users);
+
+    assert.deepEqual(summary(log).sort(), ["left team dot", "offline dot"]);
+    assert.deepEqual([...room.members.keys()].sort(), ["ann", "ben", "cid", "observer"]);
+    assert.ok(["ann", "ben", "cid"].every((u) => observer.isOnline(u) === true));
+  });
 });
