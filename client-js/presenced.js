@@ -689,7 +689,7 @@ export class PresenceClient {
     }
     this._requestUsers("watch", users).then((states) => {
       this._applyUserStates(states, true);
-      this._resolveWatchWaiters();
+      this._resolveWatchWaiters(new Map(states.map((st) => [st.user, st])));
     }, (err) => {
       if (err.code === "connection_lost" || err.code === "closed") return;
       if (err.code !== "timeout") {
@@ -699,13 +699,13 @@ export class PresenceClient {
     });
   }
 
-  _resolveWatchWaiters() {
+  /** Settle the watch() calls made while not open with this reconnect's reply. */
+  _resolveWatchWaiters(replied) {
     const pending = [];
     for (const w of this._watchWaiters) {
-      const entries = w.users.map((user) => [user, this._watched.get(user)]);
-      if (entries.every(([, e]) => !e || e.gen === this._gen)) {
-        const states = entries.filter(([, e]) => e).map(([user, e]) => ({ user, online: e.online, seq: e.seq }));
-        this._settle(w, states, null);
+      const watched = w.users.filter((user) => this._watched.has(user));
+      if (watched.every((user) => replied.has(user))) {
+        this._settle(w, watched.map((user) => replied.get(user)), null);
       } else {
         pending.push(w);
       }

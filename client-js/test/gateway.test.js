@@ -16,6 +16,13 @@ const WAIT_MS = 10000;
 const TEST = { timeout: 60000 };
 const FAST_RECONNECT = { minMs: 50, maxMs: 200 };
 
+// Gateways still running when this process ends for any reason (a crash
+// included) are killed; t.after() does it for each test that finishes.
+const running = new Set();
+process.on("exit", () => {
+  for (const child of running) child.kill("SIGKILL");
+});
+
 /** Start a gateway (--dev) on `port` (0: any); killed when the test ends. */
 async function startGateway(t, port = 0) {
   assert.ok(
@@ -40,7 +47,8 @@ async function spawnGateway(t, port) {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, PRESENCED_LOG: process.env.PRESENCED_LOG ?? "warn" },
   });
-  const exited = once(child, "exit");
+  running.add(child);
+  const exited = once(child, "exit").then(() => running.delete(child));
   const gateway = {
     child,
     addr: "",
