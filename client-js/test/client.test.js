@@ -471,6 +471,69 @@ describe("reconnect", () => {
   });
 });
 
+describe("local view", () => {
+  test("change fires for the client and the room on every local change", async (t) => {
+    const env = setup(t);
+    const changes = [];
+    env.client.on("change", (c) => changes.push(c.kind));
+    const ws = await followed(env, { members: ["me"], states: { bob: [false, 0] } });
+    const room = env.client.room("doc:1");
+    assert.equal(env.client.room("doc:1"), room, "one view per room name");
+    let roomChanges = 0;
+    const onRoom = () => roomChanges++;
+    room.on("change", onRoom);
+    ws.frame({ type: "joined", room: "doc:1", user: "bob" });
+    ws.frame({ type: "online", user: "bob", seq: 1 });
+    room.off("change", onRoom);
+    ws.frame({ type: "left", room: "doc:1", user: "bob" });
+    assert.equal(roomChanges, 1);
+    assert.deepEqual(changes, ["state", "state", "room", "presence", "room", "presence", "room"]);
+  });
+
+  test("a watch made while reconnecting resolves with the reply, the offline itself after the grace", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { states: { bob: [true, 3] } });
+    ws.drop();
+    const p = env.client.watch(["bob", "carol"]);
+    env.tick(125);
+    const ws2 = env.sockets.at(-1);
+    ws2.welcome();
+    assert.deepEqual(ws2.sentOf("watch").map((f) => f.users), [["bob", "carol"]]);
+    ws2.replyWatch({ bob: [false, 4], carol: [true, 9] });
+    assert.deepEqual(await p, [
+      { user: "bob", online: false, seq: 4 },
+      { user: "carol", online: true, seq: 9 },
+    ]);
+    assert.equal(env.client.isOnline("carol"), true);
+    assert.deepEqual(summary(env.log), []);
+    env.tick(2000);
+    assert.deepEqual(summary(env.log), ["offline bob"]);
+  });
+
+  test("more than 1,000 users go out in frames of at most 1,000", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env);
+    const users = Array.from({ length: 2500 }, (_, i) => `u${i}`);
+    const p = env.client.query(users);
+    const frames = ws.sentOf("query");
+    assert.deepEqual(frames.map((f) => f.users.length), [1000, 1000, 500]);
+    for (const f of frames) {
+      ws.frame({ type: "reply", ref: f.ref, ok: true, users: f.users.map((user) => ({ user, online: false, seq: 0 })) });
+    }
+    assert.deepEqual((await p).map((s) => s.user), users);
+  });
+
+  test("a relative URL resolves against the page, http becoming ws", async (t) => {
+    globalThis.location = { href: "https://app.example/chat/index.html" };
+    t.after(() => delete globalThis.location);
+    const fake = fakeWebSocket();
+    const client = new PresenceClient("/ws", { user: "me", WebSocket: fake.WebSocket });
+    t.after(() => client.close());
+    client.connect();
+    assert.equal(fake.sockets[0].url, "wss://app.example/ws?user=me");
+  });
+});
+
 describe("sync", () => {
   test("a users sync replaces the watched state and resets the seq baseline", async (t) => {
     const env = setup(t);
@@ -592,6 +655,28 @@ describe("auth", () => {
     env.tick(10000); // past the handshake timeout, within the heartbeat
     assert.equal(env.client.state, "open");
     assert.equal(env.sockets.length, 2);
+  });
+
+  test("after a first success, a failed handshake with getToken is an outage: backoff, a fresh token each time", async (t) => {
+    let calls = 0;
+    const env = setup(t, { getToken: async () => `token${++calls}` });
+    env.client.connect();
+    await flush();
+    env.sockets[0].welcome();
+    env.sockets[0].drop(1006);
+    for (let i = 1; i <= 4; i++) {
+      env.tick(10000);
+      await flush();
+      assert.equal(env.sockets.length, i + 1);
+      env.sockets[i].drop(1006); // refused while the gateway is away
+    }
+    assert.equal(env.client.state, "reconnecting");
+    assert.equal(calls, 5);
+    env.tick(10000);
+    await flush();
+    env.sockets.at(-1).welcome();
+    assert.equal(env.client.state, "open");
+    assert.equal(new URL(env.sockets.at(-1).url).searchParams.get("token"), "token6");
   });
 
   test("without a token, a gateway that is not up yet is retried with backoff", async (t) => {
