@@ -146,6 +146,22 @@ async function openAs(context, user, { rooms = [], watch = [] } = {}) {
   return page;
 }
 
+/** Opens the demo page's sign-in form, signs in as `user`, watches `watch` through the form. */
+async function signInThroughTheForm(context, user, watch) {
+  const page = await context.newPage();
+  page.on("pageerror", (error) => console.error(`  [${user}] page error: ${error.message}`));
+  await page.goto(`${base}/`, { timeout: EVENT_TIMEOUT_MS });
+  await page.fill("#signin-user", user, { timeout: EVENT_TIMEOUT_MS });
+  await Promise.all([
+    page.waitForURL(`${base}/?user=${user}`, { timeout: EVENT_TIMEOUT_MS }),
+    page.click("#signin-form button", { timeout: EVENT_TIMEOUT_MS }),
+  ]);
+  await waitForState(page, "open");
+  await page.fill("#watch-user", watch, { timeout: EVENT_TIMEOUT_MS });
+  await page.press("#watch-user", "Enter", { timeout: EVENT_TIMEOUT_MS });
+  return page;
+}
+
 async function waitForState(page, state) {
   await page.waitForSelector(`body[data-state="${state}"]`, { timeout: EVENT_TIMEOUT_MS, state: "attached" });
 }
@@ -189,8 +205,9 @@ const dotIs = ([user, online]) =>
 async function manyTabsOneUser(browser) {
   step("three tabs of one user: one online, one offline");
   const context = await browser.newContext();
-  const observer = await openAs(context, "observer", { watch: ["alice"] });
+  const observer = await signInThroughTheForm(context, "observer", "alice");
   await until(observer, "observer knows alice is offline", isOffline, "alice");
+  await until(observer, "the dot of alice is grey", dotIs, ["alice", false]);
 
   const alice = [];
   for (let i = 0; i < 3; i++) alice.push(await openAs(context, "alice"));
