@@ -27,6 +27,8 @@ async fn client_js_is_the_bundled_client_as_javascript() {
             Some("text/javascript; charset=utf-8")
         );
         assert_eq!(response.header("cache-control"), Some("no-cache"));
+        // Importable as a module from a page on another origin.
+        assert_eq!(response.header("access-control-allow-origin"), Some("*"));
         assert!(
             response.body_text() == client_source(),
             "/client.js differs from client-js/presenced.js (rebuild the gateway)"

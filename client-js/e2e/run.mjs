@@ -272,6 +272,22 @@ async function gatewayRestart(browser, port) {
   await context.close();
 }
 
+async function importFromAnotherOrigin(browser, port) {
+  step("a page on another origin imports /client.js");
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(`${base}/`, { timeout: EVENT_TIMEOUT_MS });
+  // localhost and 127.0.0.1 are two origins: this import is cross-origin.
+  const url = `http://localhost:${port}/client.js`;
+  const exported = await withTimeout(
+    page.evaluate(async (url) => typeof (await import(url)).PresenceClient, url),
+    EVENT_TIMEOUT_MS,
+    `import(${url}) did not settle`,
+  );
+  if (exported !== "function") fail(`import(${url}) gave PresenceClient of type ${exported}`);
+  await context.close();
+}
+
 async function main() {
   const port = await freePort();
   base = `http://127.0.0.1:${port}`;
@@ -287,6 +303,7 @@ async function main() {
     timeout: 30_000,
   });
   cleanups.push(() => browser.close());
+  await importFromAnotherOrigin(browser, port);
   await manyTabsOneUser(browser);
   await gatewayRestart(browser, port);
 }

@@ -12,6 +12,7 @@
 //! but asks every time, and gets `304 Not Modified` with no body while the
 //! gateway is the same build. After an upgrade the ETag changes and the new
 //! client arrives on the next page load, never a stale one for minutes.
+//! `Access-Control-Allow-Origin: *` lets pages on other origins import it.
 
 use std::sync::LazyLock;
 
@@ -73,6 +74,13 @@ fn client_js(headers: &HeaderMap) -> Response<Full<Bytes>> {
     let h = res.headers_mut();
     h.insert(header::ETAG, etag.clone());
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Module scripts load in CORS mode: an application served from its own
+    // origin imports the client from the gateway's. A public file sent
+    // without credentials, so any origin may read it.
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
     res
 }
 
