@@ -264,6 +264,14 @@ async function gatewayRestart(browser, port) {
   await until(observer, "ann's and ben's dots are green", (users) => users.every((u) =>
     document.querySelector(`#people [data-user="${u}"]`)?.dataset.online === "true"), ["ann", "ben"]);
 
+  step("leave and join again through the page");
+  await observer.click(`[data-room="doc:1"] header button`, { timeout: EVENT_TIMEOUT_MS });
+  await until(ann, "ann sees the observer leave doc:1", roomIs, ["doc:1", ["ann"]]);
+  await observer.fill("#join-room", "doc:1", { timeout: EVENT_TIMEOUT_MS });
+  await observer.press("#join-room", "Enter", { timeout: EVENT_TIMEOUT_MS });
+  await until(ann, "ann sees the observer back in doc:1", roomIs, ["doc:1", ["ann", "observer"]]);
+  await until(observer, "the observer's doc:1 card is back", roomIs, ["doc:1", ["ann", "observer"]]);
+
   step("live events still flow after the restart");
   await ben.close();
   await until(observer, "observer sees ben offline", isOffline, "ben");
