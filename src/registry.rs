@@ -40,6 +40,7 @@ use std::{
 };
 
 use actix::prelude::*;
+use futures_util::stream::BoxStream;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -281,6 +282,8 @@ pub struct PresenceRegistry {
     /// The queue overflowed since the last batch that went through (the
     /// warning is logged once per episode).
     overflowing: bool,
+    /// The shared store's event feed, until the actor starts reading it.
+    feed: Option<BoxStream<'static, FeedItem>>,
 }
 
 impl PresenceRegistry {
@@ -310,7 +313,15 @@ impl PresenceRegistry {
             retry_delay: RETRY_MIN,
             drained: None,
             overflowing: false,
+            feed: None,
         }
+    }
+
+    /// Takes the shared store's event feed ([`Store::feed`]), already
+    /// subscribed: events come from it instead of from batch outcomes.
+    pub fn with_feed(mut self, feed: BoxStream<'static, FeedItem>) -> Self {
+        self.feed = Some(feed);
+        self
     }
 
     fn queue(&mut self, op: Option<StoreOp>, then: Then) {
@@ -820,7 +831,7 @@ impl Actor for PresenceRegistry {
         ctx.run_interval(USERS_ONLINE_REFRESH, |this, ctx| {
             this.refresh_users_online(ctx);
         });
-        if let Some(feed) = self.store.feed() {
+        if let Some(feed) = self.feed.take() {
             self.events = Events::Feed {
                 delivered: None,
                 waiting: VecDeque::new(),

@@ -10,6 +10,7 @@
 use std::{cell::RefCell, io::Write, net::SocketAddr, rc::Rc, sync::Arc, time::Duration};
 
 use actix::prelude::*;
+use futures_util::StreamExt;
 use tokio::{
     net::{TcpListener, TcpSocket},
     sync::{oneshot, watch},
@@ -26,8 +27,11 @@ use crate::{
     metrics::metrics,
     outbox::close_frame,
     registry::{Batching, Drain, Health, PresenceRegistry, RegistryLink},
-    store::{MemoryStore, RedisStore, Store, StoreError},
+    store::{FeedItem, MemoryStore, RedisStore, Store, StoreError},
 };
+
+/// Longest start-up wait for the subscription to the cluster's events.
+const FEED_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Close code for the sockets of a draining node: reconnect elsewhere.
 pub const SERVICE_RESTART: u16 = 1012;
@@ -110,6 +114,24 @@ async fn serve(config: Config) -> Result<(), StartError> {
             .ok_or(StartError::Worker(index))?;
         broadcasters.push(broadcaster);
     }
+    // Subscribe to the cluster's events before accepting anyone: an event
+    // published before the subscription would never reach this node.
+    let feed = match store.feed() {
+        Some(mut feed) => match tokio::time::timeout(FEED_START_TIMEOUT, feed.next()).await {
+            Ok(Some(first @ FeedItem::Subscribed { .. })) => Some(
+                futures_util::stream::once(std::future::ready(first))
+                    .chain(feed)
+                    .boxed(),
+            ),
+            _ => {
+                return Err(StartError::Store(
+                    config.redis_for_log(),
+                    StoreError::Protocol("could not subscribe to the presence events".into()),
+                ));
+            }
+        },
+        None => None,
+    };
     let batching = Batching {
         max: config.batch_max,
         linger: Duration::from_millis(config.batch_linger_ms),
@@ -117,12 +139,11 @@ async fn serve(config: Config) -> Result<(), StartError> {
         max_pending: config.max_pending,
     };
     let broadcasters_len = broadcasters.len();
-    registry_ctx.run(PresenceRegistry::new(
-        store,
-        broadcasters.clone(),
-        batching,
-        health,
-    ));
+    let mut presence = PresenceRegistry::new(store, broadcasters.clone(), batching, health);
+    if let Some(feed) = feed {
+        presence = presence.with_feed(feed);
+    }
+    registry_ctx.run(presence);
 
     info!(
         %node,
