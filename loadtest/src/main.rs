@@ -1,0 +1,22 @@
+//! `presenced-load`: parse the command line, run, print; nothing else.
+
+use std::{io::IsTerminal, process::ExitCode};
+
+use clap::Parser;
+use presenced_load::options::Cli;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    let (scenario, opts) = Cli::parse().scenario.split();
+    let report = presenced_load::run(scenario, &opts, std::io::stderr().is_terminal()).await?;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(if report.correct() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,158 @@
+//! Command-line options: one struct shared by every scenario, so a storm
+//! and a churn against the same cluster differ only in the subcommand.
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default users per run.
+pub const DEFAULT_USERS: usize = 100;
+/// Default tabs (connections) per user.
+pub const DEFAULT_TABS: usize = 1;
+/// Default users per room when `--rooms` is set.
+pub const DEFAULT_ROOM_SIZE: usize = 10;
+/// Default seconds a `churn` or `hold` run lasts.
+pub const DEFAULT_DURATION_S: f64 = 10.0;
+/// Default observers.
+pub const DEFAULT_OBSERVERS: usize = 1;
+/// Default tab opens+closes a second for `churn`.
+pub const DEFAULT_CHURN_RATE: f64 = 500.0;
+/// Default tab opens a second for `hold` (a storm defaults to unpaced).
+pub const DEFAULT_HOLD_RATE: f64 = 1000.0;
+
+/// `presenced-load`: drives a presenced gateway or cluster with WebSocket
+/// tabs and checks every event the observers see.
+#[derive(Debug, Parser)]
+#[command(name = "presenced-load", version, about)]
+pub struct Cli {
+    /// What load to apply.
+    #[command(subcommand)]
+    pub scenario: ScenarioCommand,
+}
+
+/// The subcommands; each carries the common options.
+#[derive(Debug, Subcommand)]
+pub enum ScenarioCommand {
+    /// Open every tab as fast as --rate allows (unpaced by default), wait
+    /// until the observers saw every user online, then close them all.
+    Storm(Options),
+    /// For --duration seconds, open and close random tabs at --rate
+    /// actions a second in total.
+    Churn(Options),
+    /// Open every tab at --rate, hold them --duration seconds while the
+    /// gateways' memory is sampled, then close them all.
+    Hold(Options),
+}
+
+impl ScenarioCommand {
+    /// The scenario and its options.
+    pub fn split(self) -> (Scenario, Options) {
+        match self {
+            Self::Storm(o) => (Scenario::Storm, o),
+            Self::Churn(o) => (Scenario::Churn, o),
+            Self::Hold(o) => (Scenario::Hold, o),
+        }
+    }
+}
+
+/// Which load shape a run applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Everything opens at once, then closes at once.
+    Storm,
+    /// Random opens and closes at a steady rate.
+    Churn,
+    /// Everything opens, stays, then closes.
+    Hold,
+}
+
+/// Options common to every scenario.
+#[derive(Debug, Clone, Args)]
+pub struct Options {
+    /// Gateway WebSocket URLs, comma-separated (`ws://HOST:PORT/ws`); the
+    /// tabs of one user are spread across them. The gateways must run with
+    /// `--dev` (identity from `?user=`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub targets: Vec<String>,
+    /// Distinct users.
+    #[arg(long, default_value_t = DEFAULT_USERS)]
+    pub users: usize,
+    /// Tabs (connections) per user.
+    #[arg(long, default_value_t = DEFAULT_TABS)]
+    pub tabs: usize,
+    /// Rooms; the first rooms × room-size users each join one room with
+    /// every tab.
+    #[arg(long, default_value_t = 0)]
+    pub rooms: usize,
+    /// Users per room.
+    #[arg(long, default_value_t = DEFAULT_ROOM_SIZE)]
+    pub room_size: usize,
+    /// Actions a second: tab opens+closes for churn, opens for storm and
+    /// hold (0 = as fast as possible). Default: 500 for churn, 1000 for
+    /// hold, unpaced for storm.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seconds of churn, or of holding in `hold`.
+    #[arg(long, default_value_t = DEFAULT_DURATION_S)]
+    pub duration: f64,
+    /// Connections that watch every user and join every room, and check
+    /// each event they receive.
+    #[arg(long, default_value_t = DEFAULT_OBSERVERS)]
+    pub observers: usize,
+    /// Print the report as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Options {
+    /// Options for `users` users with `tabs` tabs each on `targets`, the
+    /// rest at their defaults: what a test or a library caller starts from.
+    pub fn new(targets: Vec<String>, users: usize, tabs: usize) -> Self {
+        Self {
+            targets,
+            users,
+            tabs,
+            rooms: 0,
+            room_size: DEFAULT_ROOM_SIZE,
+            rate: None,
+            duration: DEFAULT_DURATION_S,
+            observers: DEFAULT_OBSERVERS,
+            json: false,
+        }
+    }
+
+    /// The pacing this scenario uses, in actions a second (0 = unpaced).
+    pub fn rate_for(&self, scenario: Scenario) -> f64 {
+        self.rate.unwrap_or(match scenario {
+            Scenario::Storm => 0.0,
+            Scenario::Churn => DEFAULT_CHURN_RATE,
+            Scenario::Hold => DEFAULT_HOLD_RATE,
+        })
+    }
+
+    /// Refuses option combinations that cannot run.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.targets.is_empty(), "--targets needs at least one URL");
+        anyhow::ensure!(self.users > 0, "--users must be at least 1");
+        anyhow::ensure!(self.tabs > 0, "--tabs must be at least 1");
+        anyhow::ensure!(
+            self.observers > 0,
+            "--observers must be at least 1: correctness checks are always on"
+        );
+        anyhow::ensure!(
+            self.rooms == 0 || self.room_size > 0,
+            "--room-size must be at least 1"
+        );
+        anyhow::ensure!(
+            self.duration >= 0.0 && self.duration.is_finite(),
+            "--duration must be a number of seconds"
+        );
+        anyhow::ensure!(
+            self.rate.is_none_or(|r| r >= 0.0 && r.is_finite()),
+            "--rate must be 0 or more"
+        );
+        for t in &self.targets {
+            crate::target::Target::parse(t)?;
+        }
+        Ok(())
+    }
+}

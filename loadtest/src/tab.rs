@@ -1,0 +1,119 @@
+//! One tab: a WebSocket of a user on one gateway. Once welcomed, a reader
+//! task drains it (room events, server pings) so the gateway never sees a
+//! slow consumer, and counts error frames; the tool keeps only the sink.
+
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use serde_json::json;
+use tokio::{net::TcpStream, task::JoinHandle, time::timeout};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async, tungstenite::Message};
+
+use crate::stats::Shared;
+
+/// A client WebSocket.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Bound on anything the protocol says must happen (welcome, reply, close).
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An open, welcomed tab.
+#[derive(Debug)]
+pub struct Tab {
+    sink: SplitSink<Ws, Message>,
+    reader: JoinHandle<()>,
+    /// Whether this tab sent a `join`.
+    pub joined: bool,
+}
+
+/// Connects to `url` and waits for the `welcome`; on failure returns the
+/// error's kind for the report.
+pub async fn open_ws(url: &str) -> Result<Ws, &'static str> {
+    let (mut ws, _) = match timeout(STEP_TIMEOUT, connect_async(url)).await {
+        Err(_) => return Err("connect_timeout"),
+        Ok(Err(_)) => return Err("connect"),
+        Ok(Ok(ok)) => ok,
+    };
+    loop {
+        match timeout(STEP_TIMEOUT, ws.next()).await {
+            Err(_) => return Err("welcome_timeout"),
+            Ok(Some(Ok(Message::Text(t)))) if t.contains("\"welcome\"") => return Ok(ws),
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => return Err("closed_before_welcome"),
+        }
+    }
+}
+
+impl Tab {
+    /// Opens a tab at `url`; records the connect latency or the error.
+    pub async fn open(url: &str, shared: &Arc<Shared>) -> Option<Tab> {
+        let started = Instant::now();
+        let ws = match open_ws(url).await {
+            Ok(ws) => ws,
+            Err(kind) => {
+                shared.error(kind);
+                return None;
+            }
+        };
+        shared.connected(started.elapsed());
+        let (sink, mut stream) = ws.split();
+        let reader_shared = Arc::clone(shared);
+        let reader = tokio::spawn(async move {
+            while let Some(frame) = stream.next().await {
+                match frame {
+                    Ok(Message::Text(t)) if t.starts_with("{\"type\":\"error\"") => {
+                        reader_shared.error("error_frame_at_tab");
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        reader_shared.error("tab_read");
+                        break;
+                    }
+                }
+            }
+        });
+        Some(Tab {
+            sink,
+            reader,
+            joined: false,
+        })
+    }
+
+    /// Sends a `join` of `room` without waiting for the reply (the reader
+    /// counts an error reply).
+    pub async fn join(&mut self, room: &str, shared: &Shared) {
+        let frame = json!({"type": "join", "room": room, "ref": 1}).to_string();
+        if self.sink.send(Message::Text(frame.into())).await.is_err() {
+            shared.error("join_send");
+        }
+        self.joined = true;
+    }
+
+    /// Whether the gateway ended this tab before the tool closed it.
+    pub fn ended_by_server(&self) -> bool {
+        self.reader.is_finished()
+    }
+
+    /// Sends a Close and waits for the gateway's close reply.
+    pub async fn close(mut self, shared: &Shared) {
+        shared.closes.fetch_add(1, Relaxed);
+        shared.open.fetch_sub(1, Relaxed);
+        if self.ended_by_server() {
+            shared.error("closed_by_server");
+            return;
+        }
+        if self.sink.send(Message::Close(None)).await.is_err() {
+            shared.error("close_send");
+        }
+        match timeout(STEP_TIMEOUT, &mut self.reader).await {
+            Ok(_) => {}
+            Err(_) => {
+                self.reader.abort();
+                shared.error("close_timeout");
+            }
+        }
+    }
+}
