@@ -229,7 +229,8 @@ pub struct GatewayReport {
     /// (Σ held RSS − Σ before RSS) / tabs held, in KiB.
     pub kib_per_tab: Option<f64>,
     /// (Σ after CPU − Σ before CPU) / cycles, in µs; includes the
-    /// observers' events and the checks.
+    /// observers' events and the checks. `None` below one CPU second of
+    /// difference: `process_cpu_seconds_total` counts whole seconds.
     pub cpu_us_per_cycle: Option<f64>,
 }
 
@@ -249,7 +250,9 @@ impl GatewayReport {
             _ => None,
         };
         let cpu_us_per_cycle = match (cpu_before, cpu_after) {
-            (Some(b), Some(a)) if cycles > 0 => Some((a - b) * 1e6 / cycles as f64),
+            // The gateway exports whole CPU seconds: below one second of
+            // difference the figure would be noise (usually 0).
+            (Some(b), Some(a)) if cycles > 0 && a - b >= 1.0 => Some((a - b) * 1e6 / cycles as f64),
             _ => None,
         };
         Self {

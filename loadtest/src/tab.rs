@@ -3,7 +3,10 @@
 //! slow consumer, and counts error frames; the tool keeps only the sink.
 
 use std::{
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -25,6 +28,9 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Tab {
     sink: SplitSink<Ws, Message>,
     reader: JoinHandle<()>,
+    /// Set before the Close is sent, so the reader can tell a read error
+    /// during the closing handshake from one on a live tab.
+    closing: Arc<AtomicBool>,
     /// Whether this tab sent a `join`.
     pub joined: bool,
 }
@@ -47,6 +53,20 @@ pub async fn open_ws(url: &str) -> Result<Ws, &'static str> {
     }
 }
 
+/// A short, stable label for a read error, e.g. `tab_read_io_ConnectionReset`.
+fn read_error_kind(e: &tokio_tungstenite::tungstenite::Error) -> String {
+    use tokio_tungstenite::tungstenite::Error;
+    match e {
+        Error::Io(io) => format!("tab_read_io_{:?}", io.kind()),
+        Error::Protocol(p) => format!("tab_read_protocol_{p:?}")
+            .chars()
+            .take_while(|c| *c != '(')
+            .collect(),
+        Error::ConnectionClosed | Error::AlreadyClosed => "tab_read_closed".to_owned(),
+        _ => "tab_read_other".to_owned(),
+    }
+}
+
 impl Tab {
     /// Opens a tab at `url`; records the connect latency or the error.
     pub async fn open(url: &str, shared: &Arc<Shared>) -> Option<Tab> {
@@ -61,6 +81,8 @@ impl Tab {
         shared.connected(started.elapsed());
         let (sink, mut stream) = ws.split();
         let reader_shared = Arc::clone(shared);
+        let closing = Arc::new(AtomicBool::new(false));
+        let reader_closing = Arc::clone(&closing);
         let reader = tokio::spawn(async move {
             while let Some(frame) = stream.next().await {
                 match frame {
@@ -68,8 +90,13 @@ impl Tab {
                         reader_shared.error("error_frame_at_tab");
                     }
                     Ok(_) => {}
-                    Err(_) => {
-                        reader_shared.error("tab_read");
+                    Err(e) => {
+                        let when = if reader_closing.load(Relaxed) {
+                            "after_close_"
+                        } else {
+                            ""
+                        };
+                        reader_shared.error(&format!("{when}{}", read_error_kind(&e)));
                         break;
                     }
                 }
@@ -78,6 +105,7 @@ impl Tab {
         Some(Tab {
             sink,
             reader,
+            closing,
             joined: false,
         })
     }
@@ -105,6 +133,7 @@ impl Tab {
             shared.error("closed_by_server");
             return;
         }
+        self.closing.store(true, Relaxed);
         if self.sink.send(Message::Close(None)).await.is_err() {
             shared.error("close_send");
         }

@@ -116,6 +116,11 @@ impl Gateway {
         format!("ws://{}/ws?user={user}", self.addr)
     }
 
+    /// `ws://…/ws` without a user: a load tool target.
+    pub fn ws_url_base(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
     pub fn http_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
