@@ -32,13 +32,13 @@
 //! runs it. A tool, so failures just panic.
 
 use std::{
-    collections::{HashMap, HashSet, hash_map::RandomState},
-    hash::{BuildHasher, Hasher},
+    collections::{HashMap, HashSet},
     process::Stdio,
     time::{Duration, Instant},
 };
 
 use futures_util::{SinkExt, StreamExt, future::join_all, stream::SplitSink};
+use presenced_load::rng::Rng;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -248,22 +248,6 @@ impl Watcher {
             .await
             .ok()
             .flatten()
-    }
-}
-
-/// xorshift64, seeded by the std hasher's per-process random keys.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded() -> Self {
-        Self(RandomState::new().build_hasher().finish() | 1)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
     }
 }
 
