@@ -126,7 +126,7 @@ impl Observer {
         users: usize,
         shared: Arc<Shared>,
     ) -> anyhow::Result<Self> {
-        let ws = open_ws(&target.tab_url(name))
+        let ws = open_ws(&target.tab_url(name), None)
             .await
             .map_err(|kind| anyhow::anyhow!("observer {name} on {}: {kind}", target.ws))?;
         let (sink, mut stream) = ws.split();

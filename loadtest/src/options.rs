@@ -98,6 +98,12 @@ pub struct Options {
     /// each event they receive.
     #[arg(long, default_value_t = DEFAULT_OBSERVERS)]
     pub observers: usize,
+    /// Local addresses the tabs connect from, comma-separated (e.g.
+    /// `127.0.0.2,127.0.0.3`), used in turn: each address has its own
+    /// ~28k ephemeral ports towards one target. Default: the system's
+    /// choice.
+    #[arg(long, value_delimiter = ',')]
+    pub source_addrs: Vec<std::net::IpAddr>,
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -116,6 +122,7 @@ impl Options {
             rate: None,
             duration: DEFAULT_DURATION_S,
             observers: DEFAULT_OBSERVERS,
+            source_addrs: Vec::new(),
             json: false,
         }
     }

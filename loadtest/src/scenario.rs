@@ -118,6 +118,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
                 names.room_of(i, opts.room_size),
                 opts.tabs,
                 &targets,
+                &opts.source_addrs,
                 Arc::clone(&shared),
             )
         })

@@ -3,6 +3,7 @@
 //! slow consumer, and counts error frames; the tool keeps only the sink.
 
 use std::{
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering::Relaxed},
@@ -12,8 +13,15 @@ use std::{
 
 use futures_util::{SinkExt, StreamExt, stream::SplitSink};
 use serde_json::json;
-use tokio::{net::TcpStream, task::JoinHandle, time::timeout};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async, tungstenite::Message};
+use tokio::{
+    net::{TcpSocket, TcpStream, lookup_host},
+    task::JoinHandle,
+    time::timeout,
+};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream, client_async, connect_async,
+    tungstenite::{Error as WsError, Message},
+};
 
 use crate::stats::Shared;
 
@@ -35,10 +43,19 @@ pub struct Tab {
     pub joined: bool,
 }
 
-/// Connects to `url` and waits for the `welcome`; on failure returns the
-/// error's kind for the report.
-pub async fn open_ws(url: &str) -> Result<Ws, &'static str> {
-    let (mut ws, _) = match timeout(STEP_TIMEOUT, connect_async(url)).await {
+/// Connects to `url` (from `source` when given) and waits for the
+/// `welcome`; on failure returns the error's kind for the report.
+pub async fn open_ws(url: &str, source: Option<IpAddr>) -> Result<Ws, &'static str> {
+    let connect = async {
+        match source {
+            None => connect_async(url).await,
+            Some(ip) => {
+                let stream = connect_from(url, ip).await?;
+                client_async(url, MaybeTlsStream::Plain(stream)).await
+            }
+        }
+    };
+    let (mut ws, _) = match timeout(STEP_TIMEOUT, connect).await {
         Err(_) => return Err("connect_timeout"),
         Ok(Err(_)) => return Err("connect"),
         Ok(Ok(ok)) => ok,
@@ -51,6 +68,29 @@ pub async fn open_ws(url: &str) -> Result<Ws, &'static str> {
             Ok(Some(Err(_)) | None) => return Err("closed_before_welcome"),
         }
     }
+}
+
+/// A TCP connection to the host of `ws://HOST:PORT/...` bound to `source`,
+/// so one load process can use more than one address's ephemeral ports.
+async fn connect_from(url: &str, source: IpAddr) -> Result<TcpStream, WsError> {
+    let authority = url
+        .strip_prefix("ws://")
+        .and_then(|r| r.split(['/', '?']).next())
+        .unwrap_or_default();
+    let mut last = std::io::Error::other("no address");
+    for addr in lookup_host(authority).await? {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(WsError::Io(last))
 }
 
 /// A short, stable label for a read error, e.g. `tab_read_io_ConnectionReset`.
@@ -69,9 +109,9 @@ fn read_error_kind(e: &tokio_tungstenite::tungstenite::Error) -> String {
 
 impl Tab {
     /// Opens a tab at `url`; records the connect latency or the error.
-    pub async fn open(url: &str, shared: &Arc<Shared>) -> Option<Tab> {
+    pub async fn open(url: &str, source: Option<IpAddr>, shared: &Arc<Shared>) -> Option<Tab> {
         let started = Instant::now();
-        let ws = match open_ws(url).await {
+        let ws = match open_ws(url, source).await {
             Ok(ws) => ws,
             Err(kind) => {
                 shared.error(kind);

@@ -7,7 +7,7 @@
 //! started, Close sent), which is before the gateway can act on it; an
 //! observer's event latency is measured from that stamp.
 
-use std::{sync::Arc, time::Instant};
+use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use crate::{stats::Shared, tab::Tab, target::Target};
 
@@ -40,6 +40,7 @@ pub struct User {
     /// The room every tab joins, if the user is a room member.
     pub room: Option<String>,
     urls: Vec<String>,
+    sources: Vec<Option<IpAddr>>,
     tabs: Vec<Option<Tab>>,
     /// The truth so far.
     pub log: TruthLog,
@@ -48,22 +49,29 @@ pub struct User {
 
 impl User {
     /// User number `index` of a run: tab `i` goes to target
-    /// `(index + i) % targets`, so one user's tabs spread over the nodes.
+    /// `(index + i) % targets`, so one user's tabs spread over the nodes,
+    /// and connects from source address `(index * tabs + i) % sources`
+    /// (the system's choice when `sources` is empty).
     pub fn new(
         index: usize,
         name: String,
         room: Option<String>,
         tabs: usize,
         targets: &[Target],
+        sources: &[IpAddr],
         shared: Arc<Shared>,
     ) -> Self {
         let urls = (0..tabs)
             .map(|i| targets[(index + i) % targets.len()].tab_url(&name))
             .collect();
+        let sources = (0..tabs)
+            .map(|i| (!sources.is_empty()).then(|| sources[(index * tabs + i) % sources.len()]))
+            .collect();
         Self {
             name,
             room,
             urls,
+            sources,
             tabs: (0..tabs).map(|_| None).collect(),
             log: TruthLog::default(),
             shared,
@@ -100,7 +108,7 @@ impl User {
         let started = Instant::now();
         let was_online = self.online();
         let was_in_room = self.in_room();
-        let Some(mut tab) = Tab::open(&self.urls[i], &self.shared).await else {
+        let Some(mut tab) = Tab::open(&self.urls[i], self.sources[i], &self.shared).await else {
             return;
         };
         if !was_online {
