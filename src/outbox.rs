@@ -224,10 +224,18 @@ impl Outbox {
                         }
                         Ok::<_, WsError>(())
                     };
-                    tokio::select! {
+                    let failed = tokio::select! {
                         biased;
-                        () = self.aborted() => {}
-                        result = write => if result.is_err() { return },
+                        () = self.aborted() => false,
+                        result = write => result.is_err(),
+                    };
+                    if failed {
+                        // Typically the peer's Close was read meanwhile
+                        // (tungstenite refuses data after it): closing
+                        // still sends the queued reply to that Close, so
+                        // the peer sees a clean handshake, not a reset.
+                        let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
+                        return;
                     }
                 }
                 Step::Close(frame) => {
@@ -303,6 +311,51 @@ mod tests {
         let out = Outbox::new(100, 10);
         assert_eq!(out.push(Message::text("x".repeat(1000))), Ok(()));
         assert!(!out.is_closing());
+    }
+
+    /// A sink like a tungstenite socket whose peer has sent Close: data is
+    /// refused; closing is what flushes the reply.
+    #[derive(Default)]
+    struct PeerClosed {
+        closed: bool,
+    }
+
+    impl Sink<Message> for PeerClosed {
+        type Error = WsError;
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn start_send(self: std::pin::Pin<&mut Self>, _: Message) -> Result<(), WsError> {
+            Err(WsError::Protocol(
+                tokio_tungstenite::tungstenite::error::ProtocolError::SendAfterClosing,
+            ))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
+            self.closed = true;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_frame_still_closes_the_socket() {
+        let out = Outbox::new(10, 1000);
+        out.push(Message::text("an event after the peer's Close"))
+            .unwrap();
+        let mut sink = PeerClosed::default();
+        out.write_to(&mut sink, || panic!("not aborted")).await;
+        assert!(sink.closed, "the reply to the peer's Close is flushed");
     }
 
     #[tokio::test]
