@@ -200,9 +200,7 @@ impl Then {
             | Then::Reply(c, ..) => Some(c),
         }
     }
-}
 
-impl Then {
     /// Whether something waits for this op's outcome (it is not a bare
     /// write).
     fn answers(&self) -> bool {
@@ -464,13 +462,13 @@ impl PresenceRegistry {
         // Answers for a connection that is gone have nobody to go to: drop
         // its reads and local replies rather than make everyone wait for
         // them. Its writes stay, in order, so its counts stay exact.
+        let drained: Vec<Pending> = self.pending.drain(..n).collect();
+        self.waiting_requests -= drained.iter().filter(|p| p.then.answers()).count();
         let conns = &self.conns;
-        let batch: Vec<Pending> = self
-            .pending
-            .drain(..n)
+        let batch: Vec<Pending> = drained
+            .into_iter()
             .filter(|p| p.is_write() || p.then.conn().is_none_or(|c| conns.contains_key(c)))
             .collect();
-        self.waiting_requests = self.pending.iter().filter(|p| p.then.answers()).count();
         if batch.is_empty() {
             // Nothing left to write from this slice; the rest may still wait.
             self.maybe_flush(ctx);

@@ -155,10 +155,10 @@ while i <= #ARGV do
   elseif op == 'D' then
     local u, reason = ARGV[i + 1], ARGV[i + 2]
     i = i + 3
-    decr(node_users, u)
+    add(node_users, u, -1)
     -- Below zero means the store lost this user's count (Redis restarted
     -- empty): there is no online to undo, so no event.
-    local left = decr(users, u)
+    local _, left = add(users, u, -1)
     if left >= 0 then
       redis.call('DECR', p .. ':connections')
     end
@@ -183,8 +183,9 @@ while i <= #ARGV do
   elseif op == 'L' then
     local room, u, reason = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     i = i + 4
-    decr(node_rooms, room .. ' ' .. u)
-    if decr(p .. ':room:' .. room, u) == 0 then
+    add(node_rooms, room .. ' ' .. u, -1)
+    local _, left_in_room = add(p .. ':room:' .. room, u, -1)
+    if left_in_room == 0 then
       publish('left ' .. room .. ' ' .. u .. ' ' .. reason)
       out[#out + 1] = 1
     else

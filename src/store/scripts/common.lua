@@ -28,15 +28,6 @@ local function published()
   end
 end
 
--- Decrements field in hash; deletes it at or below zero. Returns the new count.
-local function decr(key, field)
-  local n = redis.call('HINCRBY', key, field, -1)
-  if n <= 0 then
-    redis.call('HDEL', key, field)
-  end
-  return n
-end
-
 -- Adds delta to field in hash, deleting it at or below zero; returns the
 -- count before and after.
 local function add(key, field, delta)
