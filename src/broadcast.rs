@@ -5,7 +5,9 @@
 //! every frame already serialized. The broadcaster walks it once: a reply
 //! goes to its connection (if it lives on this worker) and applies that
 //! request's subscription change; an event goes to the room's members or the
-//! user's watchers on this worker, each getting a clone of the same bytes.
+//! user's watchers on this worker, each getting a clone of the same bytes;
+//! `online`/`offline` also go to the worker's feed subscribers (connections
+//! whose token allows `subscribe_feed`), once each.
 //! Because replies and events travel in one ordered stream, a joiner sees its
 //! snapshot before any event that follows it, and a subscription starts
 //! exactly at the snapshot. It never talks to the store.
@@ -103,6 +105,8 @@ pub struct Hub {
     conns: HashMap<ConnId, Subscriber>,
     rooms: HashMap<RoomName, HashSet<ConnId>>,
     watchers: HashMap<UserId, HashSet<ConnId>>,
+    /// Connections subscribed to every user's online/offline.
+    feed: HashSet<ConnId>,
     /// Set by a drain: every connection, even one registering later, is
     /// closed with this frame.
     closing: Option<CloseFrame>,
@@ -157,6 +161,19 @@ impl Hub {
         }
         for user in &sub.watching {
             unlink(&mut self.watchers, user, conn);
+        }
+        self.feed.remove(conn);
+    }
+
+    /// Starts (`true`) or stops a connection's global online/offline feed.
+    pub fn set_feed(&mut self, conn: ConnId, on: bool) {
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        if on {
+            self.feed.insert(conn);
+        } else {
+            self.feed.remove(&conn);
         }
     }
 
@@ -233,13 +250,20 @@ impl Hub {
                     frame,
                     kind,
                 } => {
-                    let targets = match audience {
-                        Audience::Watchers(user) => self.watchers.get(user),
-                        Audience::Room(room) => self.rooms.get(room),
+                    let (targets, feed) = match audience {
+                        Audience::Watchers(user) => (self.watchers.get(user), Some(&self.feed)),
+                        Audience::Room(room) => (self.rooms.get(room), None),
                     };
+                    // A feed subscriber that also watches the user hears
+                    // the event once.
+                    let feed_only = feed
+                        .into_iter()
+                        .flatten()
+                        .filter(|conn| !targets.is_some_and(|t| t.contains(*conn)));
                     let sent = targets
                         .into_iter()
                         .flatten()
+                        .chain(feed_only)
                         .filter_map(|conn| self.conns.get(conn))
                         .filter(|sub| sub.outbox.push(WsMessage::Text(frame.clone())).is_ok())
                         .count();
@@ -384,5 +408,49 @@ mod tests {
         hub.deliver(&[reply(SubChange::Unwatch(vec![user("u")])), ev("u")]);
         assert_eq!(oa.len(), 3);
         assert!(hub.watchers.is_empty());
+    }
+
+    #[test]
+    fn the_feed_hears_every_user_once_and_no_room_event() {
+        let mut hub = Hub::default();
+        let (a, b) = (ConnId::new(), ConnId::new());
+        let (oa, ob) = (Outbox::new(10, 1000), Outbox::new(10, 1000));
+        hub.register(a, oa.clone());
+        hub.register(b, ob.clone());
+        hub.set_feed(a, true);
+        hub.deliver(&[
+            Delivery::Reply {
+                conn: a,
+                frame: "r".into(),
+                change: SubChange::Watch(vec![user("u")]),
+                kind: FrameKind::Reply,
+            },
+            Delivery::Event {
+                audience: Audience::Watchers(user("u")),
+                frame: "e".into(),
+                kind: FrameKind::Online,
+            },
+            Delivery::Event {
+                audience: Audience::Watchers(user("v")),
+                frame: "e".into(),
+                kind: FrameKind::Online,
+            },
+            Delivery::Event {
+                audience: Audience::Room(room("r")),
+                frame: "e".into(),
+                kind: FrameKind::Joined,
+            },
+        ]);
+        assert_eq!((oa.len(), ob.len()), (3, 0), "reply + u once + v");
+        hub.set_feed(a, false);
+        hub.deliver(&[Delivery::Event {
+            audience: Audience::Watchers(user("v")),
+            frame: "e".into(),
+            kind: FrameKind::Online,
+        }]);
+        assert_eq!(oa.len(), 3);
+        hub.set_feed(a, true);
+        hub.unregister(&a);
+        assert!(hub.feed.is_empty(), "unregister leaves the feed");
     }
 }

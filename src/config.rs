@@ -1,7 +1,7 @@
 //! Configuration: one struct, parsed from flags and `PRESENCED_*` env vars,
 //! validated in one place, logged once at start.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
@@ -35,6 +35,24 @@ pub const DEFAULT_NODE_LEASE_MS: u64 = 5_000;
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// Default bound on requests waiting for the store.
 pub const DEFAULT_MAX_PENDING: usize = 10_000;
+/// Default clock leeway for token `exp`, `nbf` and `iat`, seconds.
+pub const DEFAULT_JWT_LEEWAY_S: u64 = 30;
+/// Default sustained client messages per connection per second.
+pub const DEFAULT_RATE_LIMIT: u32 = 20;
+/// Default client messages a connection may send at once above the rate.
+pub const DEFAULT_RATE_BURST: u32 = 50;
+/// Default most rooms one connection may be in.
+pub const DEFAULT_MAX_ROOMS: usize = 100;
+/// Default most users one connection may watch.
+pub const DEFAULT_MAX_WATCH: usize = 1000;
+/// Default most connections of one user on one node.
+pub const DEFAULT_MAX_CONNS_PER_USER: usize = 50;
+/// Default most WebSocket connections on one node: under the 20,000 open
+/// files a process may hold here, leaving room for handshakes in progress,
+/// the listeners and the Redis connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 19_000;
+/// Default longest time a client may take to send its HTTP request head.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 /// presenced: a WebSocket presence gateway.
 #[derive(Debug, Clone, Parser)]
@@ -121,6 +139,75 @@ pub struct Config {
     /// an outage); past it they are answered `unavailable` at once.
     #[arg(long, env = "PRESENCED_MAX_PENDING", default_value_t = DEFAULT_MAX_PENDING)]
     pub max_pending: usize,
+
+    /// HS256 secret that signs client tokens (JWT). Prefer
+    /// --jwt-secret-file: a command line is visible to other local users.
+    #[arg(long, env = "PRESENCED_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// File holding the HS256 secret (surrounding whitespace is trimmed).
+    #[arg(long, env = "PRESENCED_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// PEM public key that verifies client tokens: an RSA key accepts
+    /// RS256 tokens only, a P-256 EC key ES256 tokens only.
+    #[arg(long, env = "PRESENCED_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Required `aud` of client tokens.
+    #[arg(long, env = "PRESENCED_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` of client tokens.
+    #[arg(long, env = "PRESENCED_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock leeway for token `exp`, `nbf` and `iat`, seconds.
+    #[arg(long, env = "PRESENCED_JWT_LEEWAY_S", default_value_t = DEFAULT_JWT_LEEWAY_S)]
+    pub jwt_leeway_s: u64,
+
+    /// Origin allowed to open a WebSocket (repeatable): exact
+    /// (`https://app.example.com`) or a subdomain wildcard
+    /// (`https://*.example.com`, `*.example.com` for any scheme). When any
+    /// is set, a handshake with another or no Origin gets 403.
+    #[arg(
+        long = "allowed-origin",
+        env = "PRESENCED_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Sustained client messages per connection per second; past it and
+    /// the burst, messages are refused with `rate_limited`.
+    #[arg(long, env = "PRESENCED_RATE_LIMIT", default_value_t = DEFAULT_RATE_LIMIT)]
+    pub rate_limit: u32,
+
+    /// Client messages a connection may send at once above the rate; a
+    /// client that goes on sending this many more while refused is closed
+    /// with 4029.
+    #[arg(long, env = "PRESENCED_RATE_BURST", default_value_t = DEFAULT_RATE_BURST)]
+    pub rate_burst: u32,
+
+    /// Most rooms one connection may be in.
+    #[arg(long, env = "PRESENCED_MAX_ROOMS", default_value_t = DEFAULT_MAX_ROOMS)]
+    pub max_rooms: usize,
+
+    /// Most users one connection may watch.
+    #[arg(long, env = "PRESENCED_MAX_WATCH", default_value_t = DEFAULT_MAX_WATCH)]
+    pub max_watch: usize,
+
+    /// Most WebSocket connections of one user on this node (more: 429).
+    #[arg(long, env = "PRESENCED_MAX_CONNS_PER_USER", default_value_t = DEFAULT_MAX_CONNS_PER_USER)]
+    pub max_conns_per_user: usize,
+
+    /// Most WebSocket connections on this node (more: 503).
+    #[arg(long, env = "PRESENCED_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Longest time a client may take to send its HTTP request head
+    /// (slowloris), milliseconds.
+    #[arg(long, env = "PRESENCED_HANDSHAKE_TIMEOUT_MS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT_MS)]
+    pub handshake_timeout_ms: u64,
 }
 
 /// A secret from the command line or environment. Its `Debug` says only
@@ -160,8 +247,9 @@ pub enum ConfigError {
     DevNotLoopback(SocketAddr),
     /// No way to tell who a connection is.
     #[error(
-        "no identity source configured: pass --dev for local development (user id from \
-         ?user=, loopback only); token authentication is not available yet"
+        "no identity source configured: pass --jwt-secret-file, --jwt-secret or \
+         --jwt-public-key-file to verify client tokens, or --dev for local development \
+         (user id from ?user=, loopback only)"
     )]
     NoIdentity,
     /// A value out of its range.
@@ -176,8 +264,38 @@ impl Config {
         if self.dev && !self.listen.ip().is_loopback() {
             return Err(ConfigError::DevNotLoopback(self.listen));
         }
-        if !self.dev {
+        let keys = usize::from(self.jwt_secret.is_some())
+            + usize::from(self.jwt_secret_file.is_some())
+            + usize::from(self.jwt_public_key_file.is_some());
+        if keys > 1 {
+            return invalid(
+                "give one token key: --jwt-secret, --jwt-secret-file or --jwt-public-key-file",
+            );
+        }
+        if !self.dev && keys == 0 {
             return Err(ConfigError::NoIdentity);
+        }
+        if self.rate_limit == 0 || self.rate_burst == 0 {
+            return invalid("--rate-limit and --rate-burst must be at least 1");
+        }
+        if self.max_rooms == 0 || self.max_watch == 0 {
+            return invalid("--max-rooms and --max-watch must be at least 1");
+        }
+        if self.max_conns_per_user == 0 || self.max_connections == 0 {
+            return invalid("--max-conns-per-user and --max-connections must be at least 1");
+        }
+        if let Some(bad) = self
+            .allowed_origins
+            .iter()
+            .find(|o| crate::auth::OriginPattern::parse(o).is_none())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--allowed-origin {bad:?} is not an origin: give scheme://host[:port], \
+                 optionally with *. before the host (https://*.example.com)"
+            )));
+        }
+        if self.handshake_timeout_ms == 0 {
+            return invalid("--handshake-timeout-ms must be at least 1");
         }
         if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
             return invalid("--prefix must be non-empty and without spaces");
@@ -247,6 +365,11 @@ impl Config {
         Duration::from_millis(self.drain_timeout_ms)
     }
 
+    /// Longest time a client may take to send its request head.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
     /// Whether the `/v1` API may answer: with a key, or on loopback only.
     pub fn api_open(&self) -> bool {
         self.api_key.is_some() || self.listen.ip().is_loopback()
@@ -285,6 +408,11 @@ mod tests {
     #[test]
     fn no_identity_source_is_refused() {
         assert_eq!(parse(&[]).validate(), Err(ConfigError::NoIdentity));
+        assert_eq!(parse(&["--jwt-secret", "s"]).validate(), Ok(()));
+        assert!(matches!(
+            parse(&["--jwt-secret", "s", "--jwt-public-key-file", "k.pem"]).validate(),
+            Err(ConfigError::Invalid(_))
+        ));
     }
 
     #[test]

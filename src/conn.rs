@@ -3,12 +3,16 @@
 //! The socket's read half is the actor's stream; its write half belongs to
 //! a writer task draining the connection's bounded [`Outbox`]. A `Conn`
 //! parses client frames (bad ones get an error frame and change nothing),
-//! answers pings, keeps the heartbeat, and tells the registry what changed.
+//! enforces what the connection's token allows (rooms, watched users, the
+//! feed), its rate limit and its room and watch bounds, answers pings and
+//! token refreshes, closes it when its token expires, keeps the heartbeat,
+//! and tells the registry what changed.
 //! Every way a connection ends (clean close, EOF, error, idle timeout,
 //! oversize frame, slow consumer) goes through [`Actor::stopped`], the one
 //! disconnect path. A `Conn` never talks to the store.
 
 use std::{
+    collections::HashSet,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,11 +24,13 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use crate::{
+    auth::{Grants, Identity, Slot, Verifier, now_s},
     broadcast::SharedHub,
-    ids::{ConnId, NodeId, UserId},
+    ids::{ConnId, NodeId, RoomName, UserId},
     metrics::{CloseReason, FrameKind, metrics},
     outbox::{Outbox, close_frame},
-    protocol::{self, ErrorCode, Reason, Request},
+    protocol::{self, ClientFrame, ErrorCode, Reason, ReplyBody, Request},
+    rate::{RateLimiter, Verdict},
     registry::{ConnEvent, RegistryLink},
 };
 
@@ -34,6 +40,13 @@ pub const IDLE_TIMEOUT: u16 = 1001;
 pub const TOO_BIG: u16 = 1009;
 /// Close code for a WebSocket protocol violation.
 pub const PROTOCOL_ERROR: u16 = 1002;
+/// Close code when the connection's token expired and was not refreshed.
+pub const TOKEN_EXPIRED: u16 = 4001;
+/// Close code for a client that kept sending past its rate limit.
+pub const RATE_LIMITED: u16 = 4029;
+
+/// Longest single wait of the expiry timer; it re-arms past that.
+const EXPIRY_CHECK_MAX: Duration = Duration::from_secs(3600);
 
 /// What a `Conn` needs from its worker, fixed for its life.
 #[derive(Clone)]
@@ -50,6 +63,16 @@ pub struct ConnSettings {
     pub outbox_messages: usize,
     /// Outbox bound in bytes.
     pub outbox_bytes: usize,
+    /// Verifies `refresh` tokens (`None`: `--dev` without a key).
+    pub verifier: Option<Arc<Verifier>>,
+    /// Most rooms one connection may be in.
+    pub max_rooms: usize,
+    /// Most users one connection may watch.
+    pub max_watch: usize,
+    /// Sustained client messages per second.
+    pub rate_limit: u32,
+    /// Client messages at once above the rate.
+    pub rate_burst: u32,
 }
 
 /// One WebSocket connection.
@@ -57,6 +80,20 @@ pub struct Conn {
     id: ConnId,
     user: UserId,
     meta: Option<Arc<str>>,
+    /// The token set the metadata: the client may not replace it.
+    meta_locked: bool,
+    grants: Arc<Grants>,
+    /// The token's `exp`, Unix seconds.
+    expires_at: Option<u64>,
+    /// The timer that closes the connection at `expires_at` + leeway.
+    expiry: Option<SpawnHandle>,
+    /// Rooms asked for (joins sent, not left), for `--max-rooms`.
+    rooms: HashSet<RoomName>,
+    /// Users asked to watch, for `--max-watch`.
+    watching: HashSet<UserId>,
+    rate: RateLimiter,
+    /// This connection's place in the node's connection bounds.
+    _slot: Option<Slot>,
     settings: ConnSettings,
     registry: RegistryLink,
     hub: SharedHub,
@@ -77,8 +114,8 @@ impl Conn {
     /// Starts a `Conn` on the current worker for an upgraded socket.
     pub fn start<S>(
         socket: S,
-        user: UserId,
-        meta: Option<Arc<str>>,
+        identity: Identity,
+        slot: Option<Slot>,
         settings: ConnSettings,
         registry: RegistryLink,
         hub: SharedHub,
@@ -103,8 +140,16 @@ impl Conn {
             });
             Conn {
                 id: ConnId::new(),
-                user,
-                meta,
+                user: identity.user,
+                meta: identity.meta,
+                meta_locked: identity.meta_locked,
+                grants: identity.grants,
+                expires_at: identity.expires_at,
+                expiry: None,
+                rooms: HashSet::new(),
+                watching: HashSet::new(),
+                rate: RateLimiter::new(settings.rate_limit, settings.rate_burst, Instant::now()),
+                _slot: slot,
                 settings,
                 registry,
                 hub,
@@ -146,27 +191,216 @@ impl Conn {
         ctx.stop();
     }
 
-    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
-        let received = &metrics().frames_received;
-        match protocol::decode(text, self.settings.bounds) {
-            Ok(frame) if frame.request == Request::Ping => {
-                received.get(FrameKind::Ping).inc();
-                self.send(
-                    FrameKind::Pong,
-                    protocol::pong_frame(frame.reference.as_ref()),
-                    ctx,
+    /// Counts a client message against the rate limit; false when it
+    /// must be dropped (an error was sent, or the connection is closing).
+    fn within_rate(
+        &mut self,
+        reference: Option<&serde_json::Value>,
+        ctx: &mut Context<Self>,
+    ) -> bool {
+        match self.rate.check(Instant::now()) {
+            Verdict::Allow => true,
+            Verdict::Refuse => {
+                metrics().frames_received.get(FrameKind::RateLimited).inc();
+                let message = format!(
+                    "over {} messages per second (burst {}): this message was dropped",
+                    self.settings.rate_limit, self.settings.rate_burst
                 );
+                let frame = protocol::error_frame(reference, ErrorCode::RateLimited, &message);
+                self.send_error(ErrorCode::RateLimited, frame, ctx);
+                false
             }
+            Verdict::Close => {
+                metrics().frames_received.get(FrameKind::RateLimited).inc();
+                self.close(CloseReason::RateLimited, RATE_LIMITED, "rate limited", ctx);
+                false
+            }
+        }
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        let decoded = protocol::decode(text, self.settings.bounds);
+        let reference = match &decoded {
+            Ok(frame) => frame.reference.as_ref(),
+            Err(e) => e.reference.as_ref(),
+        };
+        if !self.within_rate(reference, ctx) {
+            return;
+        }
+        match decoded {
             Ok(frame) => {
-                received.get(frame_kind(&frame.request)).inc();
-                self.registry
-                    .send(ConnEvent::Request(self.id, frame.reference, frame.request));
+                metrics()
+                    .frames_received
+                    .get(frame_kind(&frame.request))
+                    .inc();
+                self.on_request(frame, ctx);
             }
             Err(e) => {
-                received.get(FrameKind::Invalid).inc();
+                metrics().frames_received.get(FrameKind::Invalid).inc();
                 self.send_error(e.code, e.to_frame(), ctx);
             }
         }
+    }
+
+    fn refuse(
+        &mut self,
+        reference: Option<&serde_json::Value>,
+        code: ErrorCode,
+        message: &str,
+        ctx: &mut Context<Self>,
+    ) {
+        let frame = protocol::error_frame(reference, code, message);
+        self.send_error(code, frame, ctx);
+    }
+
+    /// Checks a decoded request against the token's grants and the
+    /// connection's bounds; answers it here or passes it to the registry.
+    fn on_request(&mut self, frame: ClientFrame, ctx: &mut Context<Self>) {
+        let ClientFrame { reference, request } = frame;
+        let r = reference.as_ref();
+        match &request {
+            Request::Ping => {
+                self.send(FrameKind::Pong, protocol::pong_frame(r), ctx);
+                return;
+            }
+            Request::Refresh(token) => {
+                self.refresh(r, token, ctx);
+                return;
+            }
+            Request::SubscribeFeed | Request::UnsubscribeFeed => {
+                let on = request == Request::SubscribeFeed;
+                if on && !self.grants.may_read_feed() {
+                    let message =
+                        "this token does not allow the global feed (claim \"feed\": true)";
+                    self.refuse(r, ErrorCode::Forbidden, message, ctx);
+                    return;
+                }
+                self.hub.borrow_mut().set_feed(self.id, on);
+                let reply = protocol::reply_frame(r, &ReplyBody::Empty {});
+                self.send(FrameKind::Reply, reply, ctx);
+                return;
+            }
+            Request::Join(room, meta) => {
+                if !self.grants.may_join(room) {
+                    let message = format!("this token does not allow room {room}");
+                    self.refuse(r, ErrorCode::Forbidden, &message, ctx);
+                    return;
+                }
+                if meta.is_some() && self.meta_locked {
+                    let message =
+                        "this connection's meta comes from its token and cannot be replaced";
+                    self.refuse(r, ErrorCode::Forbidden, message, ctx);
+                    return;
+                }
+                if !self.rooms.contains(room) && self.rooms.len() >= self.settings.max_rooms {
+                    let message = format!(
+                        "a connection may be in at most {} rooms (--max-rooms)",
+                        self.settings.max_rooms
+                    );
+                    self.refuse(r, ErrorCode::LimitExceeded, &message, ctx);
+                    return;
+                }
+                self.rooms.insert(room.clone());
+            }
+            Request::Leave(room) => {
+                self.rooms.remove(room);
+            }
+            Request::Room { room, .. } => {
+                if !self.grants.may_join(room) {
+                    let message = format!("this token does not allow room {room}");
+                    self.refuse(r, ErrorCode::Forbidden, &message, ctx);
+                    return;
+                }
+            }
+            Request::Watch(users) | Request::Query(users) => {
+                if let Some(user) = users.iter().find(|u| !self.grants.may_watch(u)) {
+                    let message = format!("this token does not allow watching user {user}");
+                    self.refuse(r, ErrorCode::Forbidden, &message, ctx);
+                    return;
+                }
+                if let Request::Watch(users) = &request {
+                    let new = users.iter().filter(|u| !self.watching.contains(*u)).count();
+                    if self.watching.len() + new > self.settings.max_watch {
+                        let message = format!(
+                            "a connection may watch at most {} users (--max-watch); it watches {}",
+                            self.settings.max_watch,
+                            self.watching.len()
+                        );
+                        self.refuse(r, ErrorCode::LimitExceeded, &message, ctx);
+                        return;
+                    }
+                    self.watching.extend(users.iter().cloned());
+                }
+            }
+            Request::Unwatch(users) => {
+                for user in users {
+                    self.watching.remove(user);
+                }
+            }
+            Request::Count => {}
+        }
+        self.registry
+            .send(ConnEvent::Request(self.id, reference, request));
+    }
+
+    /// `refresh`: a new token for the same user replaces the grants and
+    /// the expiry.
+    fn refresh(&mut self, r: Option<&serde_json::Value>, token: &str, ctx: &mut Context<Self>) {
+        let (Some(verifier), Some(_)) = (self.settings.verifier.clone(), self.expires_at) else {
+            let message = "this connection was not opened with a token: nothing to refresh";
+            self.refuse(r, ErrorCode::BadRequest, message, ctx);
+            return;
+        };
+        let identity = match verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(e) => {
+                let message = format!("{}: {e}", e.code());
+                self.refuse(r, ErrorCode::InvalidToken, &message, ctx);
+                return;
+            }
+        };
+        if identity.user != self.user {
+            let message = "the new token is for another user";
+            self.refuse(r, ErrorCode::Forbidden, message, ctx);
+            return;
+        }
+        if !identity.grants.may_read_feed() {
+            self.hub.borrow_mut().set_feed(self.id, false);
+        }
+        self.grants = identity.grants;
+        self.expires_at = identity.expires_at;
+        self.arm_expiry(ctx);
+        let expires_at = identity.expires_at.unwrap_or_default();
+        let reply = protocol::reply_frame(r, &ReplyBody::Refreshed { expires_at });
+        self.send(FrameKind::Reply, reply, ctx);
+    }
+
+    /// (Re)starts the timer that closes the connection with 4001 once its
+    /// token is past `exp` + leeway.
+    fn arm_expiry(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.expiry.take() {
+            ctx.cancel_future(handle);
+        }
+        let Some(exp) = self.expires_at else {
+            return;
+        };
+        let leeway = self.settings.verifier.as_ref().map_or(0, |v| v.leeway());
+        let deadline = exp.saturating_add(leeway);
+        let now = now_s();
+        if now >= deadline {
+            self.close(
+                CloseReason::TokenExpired,
+                TOKEN_EXPIRED,
+                "token expired",
+                ctx,
+            );
+            return;
+        }
+        let wait = Duration::from_secs(deadline - now).min(EXPIRY_CHECK_MAX);
+        self.expiry = Some(ctx.run_later(wait, |conn, ctx| {
+            conn.expiry = None;
+            conn.arm_expiry(ctx);
+        }));
     }
 
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
@@ -188,6 +422,8 @@ fn frame_kind(request: &Request) -> FrameKind {
         Request::Room { .. } => FrameKind::Room,
         Request::Count => FrameKind::Count,
         Request::Ping => FrameKind::Ping,
+        Request::Refresh(_) => FrameKind::Refresh,
+        Request::SubscribeFeed | Request::UnsubscribeFeed => FrameKind::Feed,
     }
 }
 
@@ -211,6 +447,7 @@ impl Actor for Conn {
         metrics().connections_open.inc();
         self.send(FrameKind::Welcome, welcome, ctx);
         ctx.run_interval(self.settings.heartbeat, Self::heartbeat);
+        self.arm_expiry(ctx);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -235,6 +472,9 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                 match msg {
                     WsMessage::Text(text) => self.on_text(&text, ctx),
                     WsMessage::Binary(_) => {
+                        if !self.within_rate(None, ctx) {
+                            return;
+                        }
                         metrics().frames_received.get(FrameKind::Invalid).inc();
                         self.send_error(
                             ErrorCode::BadRequest,

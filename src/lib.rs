@@ -17,6 +17,7 @@
 //! [`server`] wires it together; [`protocol`] is the wire format;
 //! [`store`] holds the truth.
 
+pub mod auth;
 pub mod broadcast;
 pub mod config;
 pub mod conn;
@@ -25,6 +26,7 @@ pub mod ids;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod rate;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -32,10 +32,14 @@ pub enum CloseReason {
     WriteError,
     /// The node drained (1012).
     Shutdown,
+    /// Kept sending past the rate limit (4029).
+    RateLimited,
+    /// The token expired and was not refreshed (4001).
+    TokenExpired,
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 7] = [
+    const ALL: [CloseReason; 9] = [
         CloseReason::Client,
         CloseReason::IdleTimeout,
         CloseReason::TooBig,
@@ -43,6 +47,8 @@ impl CloseReason {
         CloseReason::SlowConsumer,
         CloseReason::WriteError,
         CloseReason::Shutdown,
+        CloseReason::RateLimited,
+        CloseReason::TokenExpired,
     ];
 
     fn label(self) -> &'static str {
@@ -54,6 +60,8 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::WriteError => "write_error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::RateLimited => "rate_limited",
+            CloseReason::TokenExpired => "token_expired",
         }
     }
 }
@@ -77,6 +85,12 @@ pub enum FrameKind {
     Count,
     /// Client or server application-level ping, or a server WebSocket ping.
     Ping,
+    /// Client `refresh`.
+    Refresh,
+    /// Client `subscribe_feed` or `unsubscribe_feed`.
+    Feed,
+    /// A client frame dropped by the rate limit.
+    RateLimited,
     /// A client frame that could not be decoded (text or binary).
     Invalid,
     /// Server `welcome`.
@@ -100,7 +114,7 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
-    const RECEIVED: [FrameKind; 9] = [
+    const RECEIVED: [FrameKind; 12] = [
         FrameKind::Join,
         FrameKind::Leave,
         FrameKind::Watch,
@@ -109,6 +123,9 @@ impl FrameKind {
         FrameKind::Room,
         FrameKind::Count,
         FrameKind::Ping,
+        FrameKind::Refresh,
+        FrameKind::Feed,
+        FrameKind::RateLimited,
         FrameKind::Invalid,
     ];
     const SENT: [FrameKind; 10] = [
@@ -140,6 +157,9 @@ impl FrameKind {
             FrameKind::Room => "room",
             FrameKind::Count => "count",
             FrameKind::Ping => "ping",
+            FrameKind::Refresh => "refresh",
+            FrameKind::Feed => "feed",
+            FrameKind::RateLimited => "rate_limited",
             FrameKind::Invalid => "invalid",
             FrameKind::Welcome => "welcome",
             FrameKind::Reply => "reply",
@@ -154,7 +174,7 @@ impl FrameKind {
     }
 }
 
-const ERROR_CODES: [ErrorCode; 7] = [
+const ERROR_CODES: [ErrorCode; 10] = [
     ErrorCode::Unavailable,
     ErrorCode::BadRequest,
     ErrorCode::UnknownType,
@@ -162,6 +182,9 @@ const ERROR_CODES: [ErrorCode; 7] = [
     ErrorCode::InvalidUser,
     ErrorCode::NotJoined,
     ErrorCode::LimitExceeded,
+    ErrorCode::Forbidden,
+    ErrorCode::RateLimited,
+    ErrorCode::InvalidToken,
 ];
 
 fn error_label(code: ErrorCode) -> &'static str {
@@ -173,8 +196,34 @@ fn error_label(code: ErrorCode) -> &'static str {
         ErrorCode::NotJoined => "not_joined",
         ErrorCode::LimitExceeded => "limit_exceeded",
         ErrorCode::Unavailable => "unavailable",
+        ErrorCode::Forbidden => "forbidden",
+        ErrorCode::RateLimited => "rate_limited",
+        ErrorCode::InvalidToken => "invalid_token",
     }
 }
+
+/// Every error code a `/ws` handshake can be refused with (see
+/// `HttpError`); the first also counts any other.
+const HANDSHAKE_REFUSALS: [&str; 18] = [
+    "bad_handshake",
+    "upgrade_required",
+    "unsupported_version",
+    "missing_user",
+    "invalid_user",
+    "invalid_meta",
+    "meta_too_large",
+    "not_ready",
+    "missing_token",
+    "invalid_token",
+    "token_expired",
+    "token_not_yet_valid",
+    "invalid_audience",
+    "invalid_issuer",
+    "invalid_subject",
+    "forbidden_origin",
+    "too_many_connections",
+    "node_full",
+];
 
 /// A counter family with one child per value of a small enum.
 pub struct Family<K: 'static> {
@@ -244,6 +293,10 @@ pub struct Metrics {
     /// Replies sent before the events preceding them arrived (events lost
     /// with the event subscription).
     pub replies_released_late: IntCounter,
+    /// `/ws` handshakes refused before the upgrade, by error code.
+    pub handshakes_refused: Family<&'static str>,
+    /// Connections closed because their request head did not arrive in time.
+    pub handshake_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -359,6 +412,18 @@ impl Metrics {
             replies_released_late: counter(
                 "presenced_replies_released_late_total",
                 "Replies sent without waiting any longer for the events before them (event subscription lost).",
+            ),
+            handshakes_refused: Family::new(
+                &r,
+                "presenced_handshakes_refused_total",
+                "WebSocket handshakes refused before the upgrade, by error code.",
+                "code",
+                &HANDSHAKE_REFUSALS,
+                |code| code,
+            ),
+            handshake_timeouts: counter(
+                "presenced_handshake_timeouts_total",
+                "Connections closed because the HTTP request head did not arrive within --handshake-timeout-ms.",
             ),
             registry: r,
         }

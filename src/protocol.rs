@@ -35,6 +35,12 @@ pub enum ErrorCode {
     LimitExceeded,
     /// The presence store did not answer a direct read.
     Unavailable,
+    /// The connection's token does not allow this room, user or feed.
+    Forbidden,
+    /// Over the connection's message rate; the message was dropped.
+    RateLimited,
+    /// A `refresh` token that does not verify.
+    InvalidToken,
 }
 
 impl From<IdError> for ErrorCode {
@@ -73,6 +79,12 @@ pub enum Request {
     Count,
     /// Application-level ping.
     Ping,
+    /// Replace the connection's token before it expires.
+    Refresh(String),
+    /// Receive every user's online/offline (needs the `feed` claim).
+    SubscribeFeed,
+    /// Undo `SubscribeFeed`.
+    UnsubscribeFeed,
 }
 
 /// A decoded client frame: the request and the `ref` to echo.
@@ -161,6 +173,13 @@ pub fn decode(text: &str, bounds: Bounds) -> Result<ClientFrame, DecodeError> {
         "ping" => Request::Ping,
         "count" => Request::Count,
         "room" => room_query(&obj, &reference, bounds.max_page)?,
+        "refresh" => match obj.get("token") {
+            Some(Value::String(token)) if !token.is_empty() => Request::Refresh(token.clone()),
+            Some(_) => return Err(bad(&reference, "\"token\" must be a non-empty string")),
+            None => return Err(bad(&reference, "missing \"token\"")),
+        },
+        "subscribe_feed" => Request::SubscribeFeed,
+        "unsubscribe_feed" => Request::UnsubscribeFeed,
         other => {
             return Err(DecodeError::new(
                 reference,
@@ -449,7 +468,12 @@ pub enum ReplyBody {
         /// Live connections.
         connections: u64,
     },
-    /// `unwatch`: nothing more to say.
+    /// `refresh`: when the new token expires.
+    Refreshed {
+        /// The new token's `exp`, Unix seconds.
+        expires_at: u64,
+    },
+    /// `unwatch`, `subscribe_feed`: nothing more to say.
     Empty {},
 }
 

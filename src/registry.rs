@@ -1146,7 +1146,11 @@ impl PresenceRegistry {
                 });
                 return;
             }
-            Request::Ping => return,
+            // Answered by the Conn itself.
+            Request::Ping
+            | Request::Refresh(_)
+            | Request::SubscribeFeed
+            | Request::UnsubscribeFeed => return,
         };
         self.queue(op, then);
     }

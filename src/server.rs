@@ -19,6 +19,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    auth::{ConnSlots, KeyError, OriginPattern, Verifier},
     broadcast::{Broadcaster, CloseAll, Hub},
     config::Config,
     conn::ConnSettings,
@@ -48,6 +49,9 @@ pub enum StartError {
     /// A worker thread failed to come up.
     #[error("worker {0} failed to start")]
     Worker(usize),
+    /// The token key could not be loaded.
+    #[error("cannot load the token key: {0}")]
+    Key(KeyError),
 }
 
 /// Runs the gateway until SIGINT or SIGTERM, then drains it.
@@ -94,7 +98,20 @@ async fn serve(config: Config) -> Result<(), StartError> {
         },
         outbox_messages: config.outbox_messages,
         outbox_bytes: config.outbox_bytes,
+        verifier: Verifier::from_config(&config)
+            .map_err(StartError::Key)?
+            .map(Arc::new),
+        max_rooms: config.max_rooms,
+        max_watch: config.max_watch,
+        rate_limit: config.rate_limit,
+        rate_burst: config.rate_burst,
     };
+    let origins: Arc<[OriginPattern]> = config
+        .allowed_origins
+        .iter()
+        .filter_map(|o| OriginPattern::parse(o))
+        .collect();
+    let slots = ConnSlots::new(config.max_connections, config.max_conns_per_user);
     let health = Arc::new(Health::default());
     let (stop_accepting, accepting) = watch::channel(true);
     let mut broadcasters = Vec::new();
@@ -108,6 +125,8 @@ async fn serve(config: Config) -> Result<(), StartError> {
             registry: registry.clone(),
             health: health.clone(),
             accepting: accepting.clone(),
+            origins: origins.clone(),
+            slots: slots.clone(),
         };
         let broadcaster = start_worker(worker)
             .await
@@ -165,6 +184,17 @@ async fn serve(config: Config) -> Result<(), StartError> {
         max_pending = config.max_pending,
         max_page = config.max_page,
         max_meta_bytes = config.max_meta_bytes,
+        token_key = ?settings.verifier,
+        jwt_audience = ?config.jwt_audience,
+        jwt_issuer = ?config.jwt_issuer,
+        allowed_origins = ?config.allowed_origins,
+        rate_limit = config.rate_limit,
+        rate_burst = config.rate_burst,
+        max_rooms = config.max_rooms,
+        max_watch = config.max_watch,
+        max_conns_per_user = config.max_conns_per_user,
+        max_connections = config.max_connections,
+        handshake_timeout_ms = config.handshake_timeout_ms,
         api_key = if config.api_key.is_some() { "set" } else { "not set" },
         "presenced started"
     );
@@ -252,6 +282,8 @@ struct Worker {
     health: Arc<Health>,
     /// Turns false when the node starts draining.
     accepting: watch::Receiver<bool>,
+    origins: Arc<[OriginPattern]>,
+    slots: Arc<ConnSlots>,
 }
 
 /// Starts a worker on a new arbiter, accepting on its listener; returns
@@ -269,6 +301,8 @@ async fn start_worker(worker: Worker) -> Option<Addr<Broadcaster>> {
             hub,
             store: worker.store,
             health: worker.health,
+            origins: worker.origins,
+            slots: worker.slots,
         });
         let index = worker.index;
         match TcpListener::from_std(worker.listener) {

@@ -82,6 +82,12 @@ async fn slow_consumer_is_cut_off_and_nobody_else_notices(backend: Backend) {
             &OUTBOX_BYTES.to_string(),
             "--batch-max",
             &BATCH_MAX.to_string(),
+            // The flood below is far over the default message rate; this
+            // test is about the outbox, not the rate limit.
+            "--rate-limit",
+            "100000",
+            "--rate-burst",
+            "100000",
         ])
         .await;
     let gateway = &deployment.gateway;

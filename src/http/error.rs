@@ -8,6 +8,8 @@ use hyper::{
 };
 use serde::Serialize;
 
+use crate::auth::TokenError;
+
 /// A refused HTTP request. [`HttpError::into_response`] is the one place
 /// that maps a variant to its status and wire code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +63,21 @@ pub enum HttpError {
     /// while it drains.
     #[error("{0}")]
     NotReady(&'static str),
+    /// `/ws` without a valid token.
+    #[error("{0}")]
+    Token(TokenError),
+    /// `/ws` from an origin outside `--allowed-origin`.
+    #[error("this origin may not open a WebSocket here (see --allowed-origin)")]
+    ForbiddenOrigin,
+    /// `/ws` for a user holding `--max-conns-per-user` on this node.
+    #[error("this user already has {0} connections on this node (--max-conns-per-user)")]
+    TooManyConnections(usize),
+    /// `/ws` on a node holding `--max-connections`.
+    #[error("this node holds its most connections ({0}, --max-connections): connect to another")]
+    NodeFull(usize),
+    /// `?meta=` on a connection whose token carries `meta`.
+    #[error("the token carries this connection's meta; ?meta= is not accepted with it")]
+    MetaLocked,
 }
 
 impl HttpError {
@@ -82,7 +99,17 @@ impl HttpError {
             Self::ApiKeyRequired => (StatusCode::FORBIDDEN, "api_key_required"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            Self::Token(e) => (StatusCode::UNAUTHORIZED, e.code()),
+            Self::ForbiddenOrigin => (StatusCode::FORBIDDEN, "forbidden_origin"),
+            Self::TooManyConnections(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
+            Self::NodeFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "node_full"),
+            Self::MetaLocked => (StatusCode::BAD_REQUEST, "invalid_meta"),
         }
+    }
+
+    /// The wire code of this error.
+    pub fn code(&self) -> &'static str {
+        self.status_and_code().1
     }
 
     /// The JSON response: `{"error":{"code":...,"message":...}}`.
@@ -120,6 +147,12 @@ impl HttpError {
             }
             Self::Unauthorized => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Token(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
             }
             _ => {}
         }

@@ -1,9 +1,12 @@
 //! The HTTP side of the one port: routing, the `/ws` upgrade, JSON errors.
 //!
 //! hyper 1.x serves each accepted socket on the worker it was handed to.
-//! `GET /ws` is checked (upgrade headers, identity) before anything is
-//! upgraded; a refused handshake gets a JSON error with its status and no
-//! WebSocket. An accepted one is answered `101`, then the upgraded stream
+//! `GET /ws` is checked (upgrade headers, origin, token, connection
+//! bounds) before anything is upgraded; a refused handshake gets a JSON
+//! error with its status and no WebSocket, and is counted and logged (with
+//! any `token` in the URL redacted). A client gets `--handshake-timeout-ms`
+//! to send its request head, so stalled half-open handshakes cost a socket
+//! for that long and nothing else. An accepted one is answered `101`, then the upgraded stream
 //! is wrapped by tokio-tungstenite and a [`Conn`] is started on the same
 //! worker. No extension is ever negotiated (permessage-deflate stays off).
 //! `GET /client.js` and, with `--dev`, the demo page at `GET /` are static
@@ -13,7 +16,7 @@ mod api;
 mod assets;
 mod error;
 
-use std::{convert::Infallible, rc::Rc, sync::Arc, time::Duration};
+use std::{convert::Infallible, rc::Rc, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -30,10 +33,11 @@ use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{handshake::derive_accept_key, protocol::Role, protocol::WebSocketConfig},
 };
-use tracing::debug;
+use tracing::{debug, info};
 
 pub use self::error::HttpError;
 use crate::{
+    auth::{ConnSlots, Identity, OriginPattern, SlotError, TokenError, redact_token},
     broadcast::SharedHub,
     config::Config,
     conn::{Conn, ConnSettings},
@@ -42,9 +46,6 @@ use crate::{
     registry::{Health, RegistryLink},
     store::Store,
 };
-
-/// How long a client may take to send its request head.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A worker's shared state for serving connections.
 pub struct WorkerState {
@@ -60,6 +61,10 @@ pub struct WorkerState {
     pub store: Arc<dyn Store>,
     /// Store reachability and drain state, for `/readyz`.
     pub health: Arc<Health>,
+    /// `--allowed-origin`, parsed (empty: any origin).
+    pub origins: Arc<[OriginPattern]>,
+    /// The node's connection bounds, shared by every worker.
+    pub slots: Arc<ConnSlots>,
 }
 
 /// The tungstenite settings: small buffers so an idle socket costs little.
@@ -78,17 +83,21 @@ type Body = Full<Bytes>;
 
 /// Serves one accepted TCP connection until it closes or upgrades.
 pub async fn serve(stream: TcpStream, state: Rc<WorkerState>) {
+    let timeout = state.config.handshake_timeout();
     let service = service_fn(move |req| {
         let state = state.clone();
         async move { Ok::<_, Infallible>(route(req, &state).await) }
     });
     let result = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .header_read_timeout(timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await;
     if let Err(error) = result {
+        if error.is_timeout() {
+            metrics().handshake_timeouts.inc();
+        }
         debug!(%error, "http connection ended with an error");
     }
 }
@@ -110,7 +119,13 @@ async fn route(req: Request<Incoming>, state: &Rc<WorkerState>) -> Response<Body
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
         (&Method::GET, "/readyz") => readyz(&state.health),
-        (&Method::GET, "/ws") => upgrade(req, state),
+        (&Method::GET, "/ws") => {
+            let target = redact_token(&req.uri().to_string());
+            upgrade(req, state).inspect_err(|e| {
+                metrics().handshakes_refused.get(e.code()).inc();
+                info!(%target, code = e.code(), "handshake refused");
+            })
+        }
         (&Method::GET, "/metrics") => Ok(metrics_page()),
         (_, "/healthz" | "/readyz" | "/ws" | "/metrics") => Err(HttpError::MethodNotAllowed),
         _ => Err(HttpError::NotFound),
@@ -167,6 +182,44 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// The token of a handshake: `Authorization: Bearer`, else `?token=`.
+fn token(req: &Request<Incoming>) -> Option<String> {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        })
+        .map(|(_, token)| token.trim().to_owned());
+    bearer.or_else(|| query_param(req, "token"))
+}
+
+/// Who is connecting: a verified token, else (`--dev` only) `?user=`.
+fn identify(req: &Request<Incoming>, state: &WorkerState) -> Result<Identity, HttpError> {
+    match (token(req), &state.conn.verifier) {
+        (Some(token), Some(verifier)) => verifier.verify(&token).map_err(HttpError::Token),
+        (Some(_), None) => Err(HttpError::Token(TokenError::Invalid(
+            "this gateway has no token key configured (--dev only)".into(),
+        ))),
+        (None, _) if state.config.dev => Ok(Identity::dev(dev_user(req)?, None)),
+        (None, _) => Err(HttpError::Token(TokenError::Missing)),
+    }
+}
+
+/// Whether the handshake's `Origin` is allowed (always, when no
+/// `--allowed-origin` is set).
+fn origin_allowed(req: &Request<Incoming>, origins: &[OriginPattern]) -> bool {
+    if origins.is_empty() {
+        return true;
+    }
+    req.headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|origin| origins.iter().any(|p| p.matches(origin)))
+}
+
 /// The user id of a `--dev` connection, from `?user=`.
 fn dev_user(req: &Request<Incoming>) -> Result<UserId, HttpError> {
     let user = query_param(req, "user").ok_or(HttpError::MissingUser)?;
@@ -219,8 +272,21 @@ fn upgrade(
             "the node is draining; connect to another",
         ));
     }
-    let user = dev_user(&req)?;
+    if !origin_allowed(&req, &state.origins) {
+        return Err(HttpError::ForbiddenOrigin);
+    }
+    let mut identity = identify(&req, state)?;
     let meta = dev_meta(&req, state.config.max_meta_bytes)?;
+    if meta.is_some() {
+        if identity.meta_locked {
+            return Err(HttpError::MetaLocked);
+        }
+        identity.meta = meta;
+    }
+    let slot = state.slots.take(&identity.user).map_err(|e| match e {
+        SlotError::NodeFull => HttpError::NodeFull(state.config.max_connections),
+        SlotError::UserFull => HttpError::TooManyConnections(state.config.max_conns_per_user),
+    })?;
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let settings = state.conn.clone();
@@ -236,7 +302,7 @@ fn upgrade(
                     Some(ws_config),
                 )
                 .await;
-                Conn::start(socket, user, meta, settings, registry, hub);
+                Conn::start(socket, identity, Some(slot), settings, registry, hub);
             }
             Err(error) => debug!(%error, "websocket upgrade failed"),
         }

@@ -25,6 +25,8 @@ use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream, connect_async,
     tungstenite::{
         Message,
+        client::IntoClientRequest,
+        handshake::client::Request as ClientRequest,
         protocol::{CloseFrame, frame::coding::CloseCode},
     },
 };
@@ -119,14 +121,40 @@ impl Client {
         client
     }
 
+    /// Like [`Client::connect`], with extra handshake headers (`Origin`,
+    /// `Authorization`).
+    pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> Client {
+        let mut request = url.into_client_request().expect("a ws:// URL");
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .expect("header name"),
+                value.parse().expect("header value"),
+            );
+        }
+        let mut client = Client::open(url, request).await;
+        let first = client.next_json(EVENT_TIMEOUT).await;
+        assert_eq!(
+            first["type"], "welcome",
+            "the first frame must be the welcome, got {first}"
+        );
+        client.welcome = Some(first);
+        client
+    }
+
     /// Opens a connection and returns as soon as the upgrade is done, without
     /// waiting for the `welcome` (which stays queued as the first frame).
     pub async fn connect_without_welcome(url: &str) -> Client {
+        let request = url.into_client_request().expect("a ws:// URL");
+        Client::open(url, request).await
+    }
+
+    async fn open(url: &str, request: ClientRequest) -> Client {
         let label = url
             .split_once("user=")
             .map_or("anonymous", |(_, user)| user)
             .to_owned();
-        let (stream, _response) = match timeout(CONNECT_TIMEOUT, connect_async(url)).await {
+        let (stream, _response) = match timeout(CONNECT_TIMEOUT, connect_async(request)).await {
             Ok(Ok(connected)) => connected,
             Ok(Err(error)) => panic!("{label}: WebSocket connect to {url} failed: {error}"),
             Err(_) => panic!("{label}: WebSocket connect to {url} took over {CONNECT_TIMEOUT:?}"),
@@ -328,6 +356,13 @@ impl Client {
     /// nothing is left unconsumed.
     pub async fn expect_silence(&mut self) {
         self.expect_no_event(super::any_frame()).await
+    }
+
+    /// Waits for the server to end the connection; returns every frame
+    /// that arrived before, and the close code.
+    pub async fn frames_until_close(&mut self, within: Duration) -> (Vec<Value>, Option<u16>) {
+        let code = self.expect_close(within).await;
+        (self.pending.drain(..).collect(), code)
     }
 
     /// Waits for the server to end the connection and returns its close code

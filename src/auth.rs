@@ -1,0 +1,575 @@
+//! Who a connection is and what it may do.
+//!
+//! Identity comes only from a verified token: a JWT whose `sub` is the
+//! user id, signed with the configured key. The accepted algorithm is
+//! pinned by the key (an HS256 secret accepts HS256 only, an RSA public key
+//! RS256 only, an EC key ES256 only), so `alg: none` and algorithm swaps
+//! fail before any claim is read. A user id a client writes in a frame or
+//! a query string is never identity, except with `--dev` on loopback.
+//!
+//! The token's claims become [`Grants`]: the rooms the connection may join,
+//! the users it may watch or query, and whether it may read the global
+//! online/offline feed. The `/ws` handshake ([`crate::http`]) checks the
+//! origin ([`OriginPattern`]), the identity ([`Verifier`]) and takes a
+//! connection slot ([`ConnSlots`]) before anything is upgraded. Nothing
+//! here talks to the store.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{
+    config::Config,
+    ids::{RoomName, UserId},
+};
+
+/// Why a token was refused; each variant is one wire code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// No token in the handshake.
+    #[error(
+        "no token: send ?token=JWT or Authorization: Bearer JWT (?user= is accepted only with --dev)"
+    )]
+    Missing,
+    /// Malformed, wrongly signed, or signed with another algorithm.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// Past `exp` (plus the leeway).
+    #[error("the token has expired")]
+    Expired,
+    /// Before `nbf` or `iat` (minus the leeway).
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// `aud` is not the configured audience.
+    #[error("the token is for another audience")]
+    Audience,
+    /// `iss` is not the configured issuer.
+    #[error("the token is from another issuer")]
+    Issuer,
+    /// `sub` missing or not a valid user id.
+    #[error("the token's sub must be a user id (1-128 bytes of A-Z a-z 0-9 _ - . : @)")]
+    Subject,
+}
+
+impl TokenError {
+    /// The wire code (HTTP error body, refresh error message).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing_token",
+            Self::Invalid(_) => "invalid_token",
+            Self::Expired => "token_expired",
+            Self::NotYetValid => "token_not_yet_valid",
+            Self::Audience => "invalid_audience",
+            Self::Issuer => "invalid_issuer",
+            Self::Subject => "invalid_subject",
+        }
+    }
+}
+
+/// A room or user id pattern from a claim: exact, or `prefix*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl Pattern {
+    fn parse(s: &str) -> Self {
+        match s.strip_suffix('*') {
+            Some(prefix) => Pattern::Prefix(prefix.to_owned()),
+            None => Pattern::Exact(s.to_owned()),
+        }
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            Pattern::Exact(exact) => exact == name,
+            Pattern::Prefix(prefix) => name.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+/// Names allowed by a claim: all of them, or those matching a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Allowed {
+    All,
+    Only(Vec<Pattern>),
+}
+
+impl Allowed {
+    fn permits(&self, name: &str) -> bool {
+        match self {
+            Allowed::All => true,
+            Allowed::Only(patterns) => patterns.iter().any(|p| p.matches(name)),
+        }
+    }
+
+    fn from_list(list: &[String]) -> Self {
+        Allowed::Only(list.iter().map(|s| Pattern::parse(s)).collect())
+    }
+}
+
+/// What a connection may do, from its token's claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grants {
+    rooms: Allowed,
+    watch: Allowed,
+    feed: bool,
+}
+
+impl Grants {
+    /// Everything: `--dev` connections.
+    pub fn all() -> Self {
+        Self {
+            rooms: Allowed::All,
+            watch: Allowed::All,
+            feed: true,
+        }
+    }
+
+    /// May join (or page) this room.
+    pub fn may_join(&self, room: &RoomName) -> bool {
+        self.rooms.permits(room.as_str())
+    }
+
+    /// May watch or query this user.
+    pub fn may_watch(&self, user: &UserId) -> bool {
+        self.watch.permits(user.as_str())
+    }
+
+    /// May subscribe to the global online/offline feed.
+    pub fn may_read_feed(&self) -> bool {
+        self.feed
+    }
+}
+
+/// A verified connection identity.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The user (the token's `sub`).
+    pub user: UserId,
+    /// The connection's metadata from the token's `meta`, compact JSON.
+    pub meta: Option<Arc<str>>,
+    /// What it may do.
+    pub grants: Arc<Grants>,
+    /// The token's `exp`, Unix seconds (`None`: a `--dev` connection).
+    pub expires_at: Option<u64>,
+    /// `meta` came from the token: the client may not replace it.
+    pub meta_locked: bool,
+}
+
+impl Identity {
+    /// A `--dev` connection: the user from the URL, allowed everything,
+    /// never expiring.
+    pub fn dev(user: UserId, meta: Option<Arc<str>>) -> Self {
+        Self {
+            user,
+            meta,
+            grants: Arc::new(Grants::all()),
+            expires_at: None,
+            meta_locked: false,
+        }
+    }
+}
+
+/// `watch`: `true` (anyone), `false` (nobody) or a list of patterns.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum WatchClaim {
+    Any(bool),
+    Only(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    /// Required (checked by the validation); optional here so that a
+    /// missing `sub` is told apart from malformed claims.
+    sub: Option<String>,
+    exp: u64,
+    iat: Option<u64>,
+    rooms: Option<Vec<String>>,
+    watch: Option<WatchClaim>,
+    #[serde(default)]
+    feed: bool,
+    meta: Option<Value>,
+}
+
+/// Why the token key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key file could not be read.
+    #[error("cannot read {0}: {1}")]
+    Read(String, std::io::Error),
+    /// The file is not an RSA or EC public key in PEM.
+    #[error("{0} is not a PEM RSA or EC (P-256) public key")]
+    NotAKey(String),
+    /// An empty secret.
+    #[error("the JWT secret is empty")]
+    EmptySecret,
+}
+
+/// Verifies client tokens with one key and one pinned algorithm.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+    leeway: u64,
+    max_meta_bytes: usize,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    /// The verifier the configuration asks for, if any.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, KeyError> {
+        let (key, algorithm) = if let Some(secret) = &config.jwt_secret {
+            (secret_key(secret.expose())?, Algorithm::HS256)
+        } else if let Some(path) = &config.jwt_secret_file {
+            let secret = read(path)?;
+            (secret_key(secret.trim())?, Algorithm::HS256)
+        } else if let Some(path) = &config.jwt_public_key_file {
+            let pem = read(path)?;
+            if let Ok(key) = DecodingKey::from_rsa_pem(pem.as_bytes()) {
+                (key, Algorithm::RS256)
+            } else if let Ok(key) = DecodingKey::from_ec_pem(pem.as_bytes()) {
+                (key, Algorithm::ES256)
+            } else {
+                return Err(KeyError::NotAKey(path.display().to_string()));
+            }
+        } else {
+            return Ok(None);
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = config.jwt_leeway_s;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        match &config.jwt_audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &config.jwt_issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(Some(Self {
+            key,
+            validation,
+            leeway: config.jwt_leeway_s,
+            max_meta_bytes: config.max_meta_bytes,
+        }))
+    }
+
+    /// The clock leeway, seconds.
+    pub fn leeway(&self) -> u64 {
+        self.leeway
+    }
+
+    /// Verifies `token` and turns its claims into an identity.
+    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                ErrorKind::InvalidAudience => TokenError::Audience,
+                ErrorKind::InvalidIssuer => TokenError::Issuer,
+                ErrorKind::MissingRequiredClaim(c) if c == "sub" => TokenError::Subject,
+                ErrorKind::MissingRequiredClaim(c) if c == "aud" => TokenError::Audience,
+                ErrorKind::MissingRequiredClaim(c) if c == "iss" => TokenError::Issuer,
+                ErrorKind::InvalidAlgorithm => TokenError::Invalid(
+                    "signed with an algorithm this gateway does not accept".into(),
+                ),
+                ErrorKind::InvalidSignature => TokenError::Invalid("bad signature".into()),
+                ErrorKind::MissingRequiredClaim(c) => TokenError::Invalid(format!("no {c} claim")),
+                ErrorKind::Json(_) => TokenError::Invalid("malformed claims".into()),
+                _ => TokenError::Invalid("malformed token".into()),
+            })?
+            .claims;
+        if claims.iat.is_some_and(|iat| iat > now_s() + self.leeway) {
+            return Err(TokenError::NotYetValid);
+        }
+        let user = claims
+            .sub
+            .as_deref()
+            .and_then(|sub| UserId::parse(sub).ok())
+            .ok_or(TokenError::Subject)?;
+        let meta = match claims.meta {
+            None => None,
+            Some(value @ Value::Object(_)) => {
+                let compact = value.to_string();
+                if compact.len() > self.max_meta_bytes {
+                    return Err(TokenError::Invalid(format!(
+                        "the meta claim is over {} bytes",
+                        self.max_meta_bytes
+                    )));
+                }
+                Some(compact.into())
+            }
+            Some(_) => {
+                return Err(TokenError::Invalid(
+                    "the meta claim must be an object".into(),
+                ));
+            }
+        };
+        let grants = Grants {
+            rooms: claims
+                .rooms
+                .as_deref()
+                .map_or(Allowed::All, Allowed::from_list),
+            watch: match &claims.watch {
+                None | Some(WatchClaim::Any(true)) => Allowed::All,
+                Some(WatchClaim::Any(false)) => Allowed::Only(Vec::new()),
+                Some(WatchClaim::Only(list)) => Allowed::from_list(list),
+            },
+            feed: claims.feed,
+        };
+        Ok(Identity {
+            user,
+            meta_locked: meta.is_some(),
+            meta,
+            grants: Arc::new(grants),
+            expires_at: Some(claims.exp),
+        })
+    }
+}
+
+fn secret_key(secret: &str) -> Result<DecodingKey, KeyError> {
+    if secret.is_empty() {
+        return Err(KeyError::EmptySecret);
+    }
+    Ok(DecodingKey::from_secret(secret.as_bytes()))
+}
+
+fn read(path: &Path) -> Result<String, KeyError> {
+    std::fs::read_to_string(path).map_err(|e| KeyError::Read(path.display().to_string(), e))
+}
+
+/// Now, Unix seconds.
+pub fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One `--allowed-origin`: `[scheme://]host[:port]`, where host may start
+/// with `*.` (any subdomain, not the bare domain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPattern {
+    scheme: Option<String>,
+    host: String,
+    wildcard: bool,
+}
+
+impl OriginPattern {
+    /// Parses a pattern; `None` if it has a path or is empty.
+    pub fn parse(pattern: &str) -> Option<Self> {
+        let pattern = pattern.trim().to_ascii_lowercase();
+        let (scheme, rest) = match pattern.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme.to_owned()), rest.to_owned()),
+            None => (None, pattern),
+        };
+        let (wildcard, host) = match rest.strip_prefix("*.") {
+            Some(host) => (true, host.to_owned()),
+            None => (false, rest),
+        };
+        if host.is_empty() || host.contains(['/', '*', ' ']) {
+            return None;
+        }
+        Some(Self {
+            scheme,
+            host,
+            wildcard,
+        })
+    }
+
+    /// Whether the `Origin` header value `origin` matches.
+    pub fn matches(&self, origin: &str) -> bool {
+        let origin = origin.to_ascii_lowercase();
+        let Some((scheme, host)) = origin.split_once("://") else {
+            return false;
+        };
+        if self.scheme.as_deref().is_some_and(|s| s != scheme) {
+            return false;
+        }
+        if self.wildcard {
+            host.strip_suffix(self.host.as_str())
+                .and_then(|sub| sub.strip_suffix('.'))
+                .is_some_and(|sub| !sub.is_empty())
+        } else {
+            host == self.host
+        }
+    }
+}
+
+/// Why the connection slots refused a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotError {
+    /// The node holds `--max-connections`.
+    NodeFull,
+    /// The user holds `--max-conns-per-user` on this node.
+    UserFull,
+}
+
+/// Counts the node's WebSocket connections, in total and per user, across
+/// workers. A handshake takes a [`Slot`] before it is upgraded; the slot
+/// goes back when the connection ends.
+#[derive(Debug)]
+pub struct ConnSlots {
+    max_total: usize,
+    max_per_user: usize,
+    total: AtomicUsize,
+    per_user: Mutex<HashMap<UserId, usize>>,
+}
+
+impl ConnSlots {
+    /// Slots for at most `max_total` connections, `max_per_user` per user.
+    pub fn new(max_total: usize, max_per_user: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_total,
+            max_per_user,
+            total: AtomicUsize::new(0),
+            per_user: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a slot for one connection of `user`.
+    pub fn take(self: &Arc<Self>, user: &UserId) -> Result<Slot, SlotError> {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        if self.total.load(Ordering::Relaxed) >= self.max_total {
+            return Err(SlotError::NodeFull);
+        }
+        let held = per_user.entry(user.clone()).or_insert(0);
+        if *held >= self.max_per_user {
+            return Err(SlotError::UserFull);
+        }
+        *held += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            slots: self.clone(),
+            user: user.clone(),
+        })
+    }
+
+    fn give_back(&self, user: &UserId) {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = per_user.get_mut(user) {
+            *held -= 1;
+            if *held == 0 {
+                per_user.remove(user);
+            }
+        }
+        self.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One connection's place in [`ConnSlots`], given back on drop.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<ConnSlots>,
+    user: UserId,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.give_back(&self.user);
+    }
+}
+
+/// `target` with the value of every `token` query parameter replaced, for
+/// logs.
+pub fn redact_token(target: &str) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.to_owned();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if name.eq_ignore_ascii_case("token") => format!("{name}=REDACTED"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", query.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_patterns_match_exactly_or_by_prefix() {
+        let allowed = Allowed::from_list(&["lobby".into(), "doc:*".into()]);
+        assert!(allowed.permits("lobby"));
+        assert!(allowed.permits("doc:1"));
+        assert!(allowed.permits("doc:"));
+        assert!(!allowed.permits("lobby2"));
+        assert!(!allowed.permits("doc"));
+        assert!(!Allowed::Only(Vec::new()).permits("lobby"));
+        assert!(Allowed::All.permits("anything"));
+    }
+
+    #[test]
+    fn origins_match_exactly_or_by_subdomain() {
+        let exact = OriginPattern::parse("https://app.example.com").unwrap();
+        assert!(exact.matches("https://app.example.com"));
+        assert!(exact.matches("HTTPS://APP.example.com"));
+        assert!(!exact.matches("http://app.example.com"));
+        assert!(!exact.matches("https://app.example.com.evil.net"));
+        assert!(!exact.matches("https://app.example.com:8443"));
+        assert!(!exact.matches("null"));
+
+        let any_scheme = OriginPattern::parse("*.example.com").unwrap();
+        assert!(any_scheme.matches("https://a.example.com"));
+        assert!(any_scheme.matches("http://a.b.example.com"));
+        assert!(!any_scheme.matches("https://example.com"));
+        assert!(!any_scheme.matches("https://evilexample.com"));
+        assert!(!any_scheme.matches("https://a.example.com.evil.net"));
+
+        let https_only = OriginPattern::parse("https://*.example.com").unwrap();
+        assert!(!https_only.matches("http://a.example.com"));
+        assert!(OriginPattern::parse("https://example.com/path").is_none());
+        assert!(OriginPattern::parse("").is_none());
+    }
+
+    #[test]
+    fn slots_bound_each_user_and_the_node() {
+        let slots = ConnSlots::new(3, 2);
+        let a = UserId::parse("a").unwrap();
+        let b = UserId::parse("b").unwrap();
+        let a1 = slots.take(&a).unwrap();
+        let _a2 = slots.take(&a).unwrap();
+        assert_eq!(slots.take(&a).unwrap_err(), SlotError::UserFull);
+        let _b1 = slots.take(&b).unwrap();
+        assert_eq!(slots.take(&b).unwrap_err(), SlotError::NodeFull);
+        drop(a1);
+        let _a3 = slots.take(&a).unwrap();
+        assert_eq!(slots.take(&a).unwrap_err(), SlotError::NodeFull);
+    }
+
+    #[test]
+    fn tokens_are_redacted_from_targets() {
+        assert_eq!(
+            redact_token("/ws?token=abc.def.ghi&x=1"),
+            "/ws?token=REDACTED&x=1"
+        );
+        assert_eq!(redact_token("/ws?user=a"), "/ws?user=a");
+        assert_eq!(redact_token("/ws"), "/ws");
+    }
+}

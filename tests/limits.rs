@@ -1,0 +1,262 @@
+//! Every bound a client can run into, each with its outcome on the wire:
+//! the message rate (`rate_limited`, then close 4029), rooms and watched
+//! users per connection (`limit_exceeded`), connections per user and per
+//! node (429 / 503 before the upgrade), and stalled handshakes (closed
+//! after `--handshake-timeout-ms`, never blocking anyone). A bystander
+//! checks each time that nobody else's presence moved.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use support::{
+    Client, EVENT_TIMEOUT, Gateway, QUIET_WINDOW, UserState, http, offline, online,
+    within_scenario_timeout,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::{Instant, timeout_at},
+};
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+async fn metrics(gateway: &Gateway) -> String {
+    http::get(gateway.addr, "/metrics").await.body_text()
+}
+
+async fn ask(client: &mut Client, mut request: Value) -> Value {
+    request["ref"] = client.fresh_ref();
+    client.request(request).await
+}
+
+#[tokio::test]
+async fn a_flood_is_refused_then_closed_with_4029() {
+    within_scenario_timeout(async {
+        let gateway = Gateway::memory(&["--rate-limit", "5", "--rate-burst", "10"]).await;
+        let mut bystander = Client::connect(&gateway.ws_url("bystander")).await;
+        bystander.watch(&["flooder", "calm"]).await;
+        let mut calm = Client::connect(&gateway.ws_url("calm")).await;
+        bystander.expect_event(online("calm")).await;
+        let mut flooder = Client::connect(&gateway.ws_url("flooder")).await;
+        bystander.expect_event(online("flooder")).await;
+
+        // The burst passes; past it each ping is refused, with its ref.
+        for i in 0..40 {
+            flooder.send_json(json!({"type": "ping", "ref": i})).await;
+        }
+        let (frames, code) = flooder.frames_until_close(EVENT_TIMEOUT).await;
+        let pongs = frames.iter().filter(|f| f["type"] == "pong").count();
+        let refused: Vec<&Value> = frames
+            .iter()
+            .filter(|f| f["code"] == "rate_limited")
+            .map(|f| &f["ref"])
+            .collect();
+        assert_eq!(
+            pongs + refused.len(),
+            frames.len(),
+            "only pongs and refusals: {frames:?}"
+        );
+        assert_eq!(
+            code,
+            Some(4029),
+            "a client that keeps flooding is closed with 4029"
+        );
+        assert!(
+            (10..=12).contains(&pongs),
+            "the burst of 10 passes: {pongs} pongs"
+        );
+        assert!(
+            refused.len() >= 9 && refused.iter().all(|r| r.is_number()),
+            "refusals carry the dropped message's ref: {refused:?}"
+        );
+        let gone = bystander.expect_event(offline("flooder")).await;
+        assert_eq!(gone["reason"], "closed");
+
+        // Nobody else moved, and a client within the rate is untouched.
+        for _ in 0..5 {
+            calm.ping().await;
+        }
+        bystander
+            .expect_no_event_within(offline("calm"), QUIET_WINDOW)
+            .await;
+        assert_eq!(
+            bystander.query_one("calm").await,
+            UserState::new("calm", true, 1)
+        );
+        let text = metrics(&gateway).await;
+        assert_eq!(
+            metric(
+                &text,
+                "presenced_connections_closed_total{reason=\"rate_limited\"}"
+            ),
+            1.0
+        );
+        assert!(metric(&text, "presenced_errors_sent_total{code=\"rate_limited\"}") >= 9.0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn rooms_and_watched_users_per_connection_are_bounded() {
+    within_scenario_timeout(async {
+        let gateway = Gateway::memory(&["--max-rooms", "3", "--max-watch", "3"]).await;
+        let mut bystander = Client::connect(&gateway.ws_url("bystander")).await;
+        bystander.join("r4").await;
+        let mut tab = Client::connect(&gateway.ws_url("tab")).await;
+        for room in ["r1", "r2", "r3"] {
+            tab.join(room).await;
+        }
+        let answer = ask(&mut tab, json!({"type": "join", "room": "r4"})).await;
+        assert_eq!(answer["code"], "limit_exceeded", "{answer}");
+        // Nothing was written: r4 still has one member.
+        let page = ask(&mut bystander, json!({"type": "room", "room": "r4"})).await;
+        assert_eq!(page["users"], json!(["bystander"]));
+        // Joining a room it is in is not a new room; leaving frees a place.
+        tab.join("r1").await;
+        tab.leave("r2").await;
+        assert_eq!(tab.join("r4").await, ["bystander", "tab"]);
+
+        tab.watch(&["a", "b"]).await;
+        let answer = ask(&mut tab, json!({"type": "watch", "users": ["c", "d"]})).await;
+        assert_eq!(answer["code"], "limit_exceeded", "{answer}");
+        tab.watch(&["b", "c"]).await;
+        tab.unwatch(&["a"]).await;
+        tab.watch(&["d"]).await;
+        // What it watches works; what was refused is not watched.
+        let d = Client::connect(&gateway.ws_url("d")).await;
+        tab.expect_event(online("d")).await;
+        drop(d);
+        let a = Client::connect(&gateway.ws_url("a")).await;
+        tab.expect_no_event_within(online("a"), QUIET_WINDOW).await;
+        drop(a);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connections_per_user_and_per_node_are_bounded_before_the_upgrade() {
+    within_scenario_timeout(async {
+        let gateway =
+            Gateway::memory(&["--max-conns-per-user", "2", "--max-connections", "4"]).await;
+        let mut bystander = Client::connect(&gateway.ws_url("bystander")).await;
+        bystander.watch(&["alice", "bob"]).await;
+        let first = Client::connect(&gateway.ws_url("alice")).await;
+        let _second = Client::connect(&gateway.ws_url("alice")).await;
+        bystander.expect_event(online("alice")).await;
+        let response = http::websocket_upgrade(gateway.addr, "/ws?user=alice", &[]).await;
+        assert_eq!(
+            (response.status, response.error_code().as_str()),
+            (429, "too_many_connections")
+        );
+        let _bob = Client::connect(&gateway.ws_url("bob")).await;
+        bystander.expect_event(online("bob")).await;
+        // Four connections: the node is full, for any user.
+        let response = http::websocket_upgrade(gateway.addr, "/ws?user=carol", &[]).await;
+        assert_eq!(
+            (response.status, response.error_code().as_str()),
+            (503, "node_full")
+        );
+        // A closed connection gives its place back.
+        first.close().await;
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let response = http::websocket_upgrade(gateway.addr, "/ws?user=carol", &[]).await;
+            if response.status == 101 {
+                break;
+            }
+            assert_eq!(response.error_code(), "node_full");
+            assert!(
+                Instant::now() < deadline,
+                "the closed connection's place never came back"
+            );
+            tokio::task::yield_now().await;
+        }
+        bystander
+            .expect_no_event_within(offline("alice").or(offline("bob")), QUIET_WINDOW)
+            .await;
+        let text = metrics(&gateway).await;
+        assert_eq!(
+            metric(
+                &text,
+                "presenced_handshakes_refused_total{code=\"too_many_connections\"}"
+            ),
+            1.0
+        );
+        assert!(
+            metric(
+                &text,
+                "presenced_handshakes_refused_total{code=\"node_full\"}"
+            ) >= 1.0
+        );
+    })
+    .await
+}
+
+/// Slowloris: a thousand connections that send half a request head and
+/// stall. Meanwhile new clients connect and work as usual; after the
+/// handshake timeout the gateway has closed every stalled one.
+#[tokio::test]
+async fn stalled_handshakes_do_not_block_anyone_and_are_closed() {
+    const STALLED: usize = 1000;
+    within_scenario_timeout(async {
+        let gateway = Gateway::memory(&["--handshake-timeout-ms", "2000"]).await;
+        let mut bystander = Client::connect(&gateway.ws_url("bystander")).await;
+        bystander.watch(&["newcomer"]).await;
+
+        let stalled = join_all((0..STALLED).map(|_| async {
+            let mut socket = TcpStream::connect(gateway.addr).await.expect("connect");
+            socket
+                .write_all(b"GET /ws?user=slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+                .await
+                .expect("write half a head");
+            socket
+        }))
+        .await;
+
+        // While they stall, a new client connects and is served.
+        let mut newcomer = Client::connect(&gateway.ws_url("newcomer")).await;
+        bystander.expect_event(online("newcomer")).await;
+        newcomer.ping().await;
+        bystander.ping().await;
+
+        // Each stalled socket is closed by the gateway (EOF), none answered.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ends = join_all(stalled.into_iter().map(|mut socket| async move {
+            let mut buf = [0u8; 256];
+            match timeout_at(deadline, socket.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => Ok(()),
+                Ok(Ok(n)) => Err(format!(
+                    "got {n} bytes: {:?}",
+                    String::from_utf8_lossy(&buf[..n])
+                )),
+                Err(_) => Err("still open".to_owned()),
+            }
+        }))
+        .await;
+        let open: Vec<&String> = ends.iter().filter_map(|e| e.as_ref().err()).collect();
+        assert!(
+            open.is_empty(),
+            "{} stalled sockets not closed, e.g. {:?}",
+            open.len(),
+            open.first()
+        );
+        let text = metrics(&gateway).await;
+        assert!(
+            metric(&text, "presenced_handshake_timeouts_total") >= STALLED as f64,
+            "{text}"
+        );
+        assert_eq!(
+            bystander.query_one("slow").await,
+            UserState::new("slow", false, 0)
+        );
+        newcomer.ping().await;
+    })
+    .await
+}
