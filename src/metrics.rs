@@ -460,6 +460,10 @@ mod tests {
             "presenced_errors_sent_total{code=\"not_joined\"} ",
             "presenced_events_published_total{kind=\"online\"} ",
             "presenced_store_batch_duration_seconds_bucket",
+            "presenced_handshakes_refused_total{code=\"node_full\"} ",
+            "presenced_connections_closed_total{reason=\"token_expired\"} ",
+            "presenced_errors_sent_total{code=\"forbidden\"} ",
+            "presenced_handshake_timeouts_total ",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -21,21 +21,6 @@ use tokio::{
     time::{Instant, timeout_at},
 };
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in /metrics"))
-}
-
-async fn metrics(gateway: &Gateway) -> String {
-    http::get(gateway.addr, "/metrics").await.body_text()
-}
-
-async fn ask(client: &mut Client, mut request: Value) -> Value {
-    request["ref"] = client.fresh_ref();
-    client.request(request).await
-}
-
 #[tokio::test]
 async fn a_flood_is_refused_then_closed_with_4029() {
     within_scenario_timeout(async {
@@ -90,15 +75,18 @@ async fn a_flood_is_refused_then_closed_with_4029() {
             bystander.query_one("calm").await,
             UserState::new("calm", true, 1)
         );
-        let text = metrics(&gateway).await;
         assert_eq!(
-            metric(
-                &text,
-                "presenced_connections_closed_total{reason=\"rate_limited\"}"
-            ),
+            gateway
+                .metric("presenced_connections_closed_total{reason=\"rate_limited\"}")
+                .await,
             1.0
         );
-        assert!(metric(&text, "presenced_errors_sent_total{code=\"rate_limited\"}") >= 9.0);
+        assert!(
+            gateway
+                .metric("presenced_errors_sent_total{code=\"rate_limited\"}")
+                .await
+                >= 9.0
+        );
     })
     .await
 }
@@ -113,10 +101,10 @@ async fn rooms_and_watched_users_per_connection_are_bounded() {
         for room in ["r1", "r2", "r3"] {
             tab.join(room).await;
         }
-        let answer = ask(&mut tab, json!({"type": "join", "room": "r4"})).await;
+        let answer = tab.ask(json!({"type": "join", "room": "r4"})).await;
         assert_eq!(answer["code"], "limit_exceeded", "{answer}");
         // Nothing was written: r4 still has one member.
-        let page = ask(&mut bystander, json!({"type": "room", "room": "r4"})).await;
+        let page = bystander.ask(json!({"type": "room", "room": "r4"})).await;
         assert_eq!(page["users"], json!(["bystander"]));
         // Joining a room it is in is not a new room; leaving frees a place.
         tab.join("r1").await;
@@ -124,7 +112,7 @@ async fn rooms_and_watched_users_per_connection_are_bounded() {
         assert_eq!(tab.join("r4").await, ["bystander", "tab"]);
 
         tab.watch(&["a", "b"]).await;
-        let answer = ask(&mut tab, json!({"type": "watch", "users": ["c", "d"]})).await;
+        let answer = tab.ask(json!({"type": "watch", "users": ["c", "d"]})).await;
         assert_eq!(answer["code"], "limit_exceeded", "{answer}");
         tab.watch(&["b", "c"]).await;
         tab.unwatch(&["a"]).await;
@@ -181,19 +169,17 @@ async fn connections_per_user_and_per_node_are_bounded_before_the_upgrade() {
         bystander
             .expect_no_event_within(offline("alice").or(offline("bob")), QUIET_WINDOW)
             .await;
-        let text = metrics(&gateway).await;
         assert_eq!(
-            metric(
-                &text,
-                "presenced_handshakes_refused_total{code=\"too_many_connections\"}"
-            ),
+            gateway
+                .metric("presenced_handshakes_refused_total{code=\"too_many_connections\"}")
+                .await,
             1.0
         );
         assert!(
-            metric(
-                &text,
-                "presenced_handshakes_refused_total{code=\"node_full\"}"
-            ) >= 1.0
+            gateway
+                .metric("presenced_handshakes_refused_total{code=\"node_full\"}")
+                .await
+                >= 1.0
         );
     })
     .await
@@ -247,10 +233,9 @@ async fn stalled_handshakes_do_not_block_anyone_and_are_closed() {
             open.len(),
             open.first()
         );
-        let text = metrics(&gateway).await;
         assert!(
-            metric(&text, "presenced_handshake_timeouts_total") >= STALLED as f64,
-            "{text}"
+            gateway.metric("presenced_handshake_timeouts_total").await >= STALLED as f64,
+            "every stalled handshake timed out"
         );
         assert_eq!(
             bystander.query_one("slow").await,

@@ -102,24 +102,6 @@ async fn nobody_moved(bystander: &mut Client, user: &str) {
     );
 }
 
-/// Sends `request` with a fresh `ref`; returns the reply or error.
-async fn ask(client: &mut Client, mut request: Value) -> Value {
-    request["ref"] = client.fresh_ref();
-    client.request(request).await
-}
-
-/// Like [`ask`], and the answer must be a successful reply.
-async fn ask_ok(client: &mut Client, mut request: Value) -> Value {
-    request["ref"] = client.fresh_ref();
-    client.request_ok(request).await
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in /metrics"))
-}
-
 #[tokio::test]
 async fn every_kind_of_bad_token_is_refused_before_the_upgrade() {
     within_scenario_timeout(async {
@@ -233,20 +215,11 @@ async fn every_kind_of_bad_token_is_refused_before_the_upgrade() {
         assert_eq!(response.status, 101, "{}", response.body_text());
         bystander.expect_event(online("mallory")).await;
 
-        let text = reqwest_metrics(&gateway).await;
-        assert!(
-            metric(
-                &text,
-                "presenced_handshakes_refused_total{code=\"invalid_token\"}"
-            ) >= 12.0,
-            "{text}"
-        );
-        assert!(
-            metric(
-                &text,
-                "presenced_handshakes_refused_total{code=\"missing_token\"}"
-            ) >= 1.0
-        );
+        let refused = |code: &str| format!("presenced_handshakes_refused_total{{code=\"{code}\"}}");
+        // Six kinds of invalid token, each as a query and as a header.
+        assert_eq!(gateway.metric(&refused("invalid_token")).await, 12.0);
+        assert_eq!(gateway.metric(&refused("token_expired")).await, 2.0);
+        assert_eq!(gateway.metric(&refused("missing_token")).await, 1.0);
 
         // No token, good or bad, reaches the logs.
         let logs = gateway.stderr();
@@ -266,10 +239,6 @@ async fn every_kind_of_bad_token_is_refused_before_the_upgrade() {
     .await
 }
 
-async fn reqwest_metrics(gateway: &Gateway) -> String {
-    http::get(gateway.addr, "/metrics").await.body_text()
-}
-
 #[tokio::test]
 async fn a_valid_token_is_the_identity_and_message_fields_never_are() {
     within_scenario_timeout(async {
@@ -282,7 +251,7 @@ async fn a_valid_token_is_the_identity_and_message_fields_never_are() {
         assert_eq!(alice.welcome()["user"], "alice");
         bystander.expect_event(online("alice")).await;
         // A `user` or `userId` in a frame changes nothing about who joins.
-        let reply = ask_ok(&mut alice, json!({"type": "join", "room": "doc:1", "user": "mallory", "userId": "mallory", "ref": 1}))
+        let reply = alice.ask_ok(json!({"type": "join", "room": "doc:1", "user": "mallory", "userId": "mallory", "ref": 1}))
             .await;
         let members: Vec<&str> = reply["members"]
             .as_array()
@@ -373,7 +342,7 @@ async fn claims_bound_rooms_watching_and_the_feed() {
             (json!({"type": "query", "users": ["insider"]}), "forbidden"),
             (json!({"type": "subscribe_feed"}), "forbidden"),
         ] {
-            let answer = ask(&mut limited, request.clone()).await;
+            let answer = limited.ask(request.clone()).await;
             assert_eq!(
                 (answer["type"].as_str(), answer["code"].as_str()),
                 (Some("error"), Some(code)),
@@ -383,7 +352,9 @@ async fn claims_bound_rooms_watching_and_the_feed() {
         let watched = limited.watch(&["team:a", "team:b"]).await;
         assert_eq!(watched.len(), 2);
         // Nothing forbidden was written: the secret room still has one member.
-        let page = ask_ok(&mut insider, json!({"type": "room", "room": "secret"})).await;
+        let page = insider
+            .ask_ok(json!({"type": "room", "room": "secret"}))
+            .await;
         assert_eq!(page["users"], json!(["insider"]));
         insider
             .expect_no_event_within(joined("secret", "limited"), QUIET_WINDOW)
@@ -392,11 +363,13 @@ async fn claims_bound_rooms_watching_and_the_feed() {
         // `watch: false` allows no watching at all.
         let blind = hs256(&claims("blind", json!({"watch": false})));
         let mut blind = Client::connect(&ws(&gateway, &blind)).await;
-        let answer = ask(&mut blind, json!({"type": "watch", "users": ["team:a"]})).await;
+        let answer = blind
+            .ask(json!({"type": "watch", "users": ["team:a"]}))
+            .await;
         assert_eq!(answer["code"], "forbidden", "{answer}");
 
         // The feed: every user's online/offline, once, to the insider only.
-        ask_ok(&mut insider, json!({"type": "subscribe_feed"})).await;
+        insider.ask_ok(json!({"type": "subscribe_feed"})).await;
         let newcomer = Client::connect(&ws(&gateway, &token("newcomer"))).await;
         insider.expect_event(online("newcomer")).await;
         newcomer.close().await;
@@ -405,7 +378,7 @@ async fn claims_bound_rooms_watching_and_the_feed() {
         limited
             .expect_no_event_within(online("newcomer").or(offline("newcomer")), QUIET_WINDOW)
             .await;
-        ask_ok(&mut insider, json!({"type": "unsubscribe_feed"})).await;
+        insider.ask_ok(json!({"type": "unsubscribe_feed"})).await;
         let late = Client::connect(&ws(&gateway, &token("late"))).await;
         insider
             .expect_no_event_within(online("late"), QUIET_WINDOW)
@@ -421,16 +394,16 @@ async fn meta_from_the_token_is_the_connections_and_cannot_be_replaced() {
         let gateway = hs256_gateway(&[]).await;
         let ann = hs256(&claims("ann", json!({"meta": {"name": "Ann"}})));
         let mut ann_tab = Client::connect(&ws(&gateway, &ann)).await;
-        let reply = ask_ok(&mut ann_tab, json!({"type": "join", "room": "doc:1"})).await;
+        let reply = ann_tab
+            .ask_ok(json!({"type": "join", "room": "doc:1"}))
+            .await;
         assert_eq!(
             reply["members"],
             json!([{"user": "ann", "meta": {"name": "Ann"}}])
         );
-        let answer = ask(
-            &mut ann_tab,
-            json!({"type": "join", "room": "doc:2", "meta": {"name": "Eve"}}),
-        )
-        .await;
+        let answer = ann_tab
+            .ask(json!({"type": "join", "room": "doc:2", "meta": {"name": "Eve"}}))
+            .await;
         assert_eq!(answer["code"], "forbidden", "{answer}");
         let (status, code) = refused(
             &gateway,
@@ -442,7 +415,9 @@ async fn meta_from_the_token_is_the_connections_and_cannot_be_replaced() {
         let too_big = hs256(&claims("big", json!({"meta": {"x": "y".repeat(2000)}})));
         let (status, code) = refused(&gateway, &format!("/ws?token={too_big}"), &[]).await;
         assert_eq!((status, code.as_str()), (401, "invalid_token"));
-        let reply = ask_ok(&mut ann_tab, json!({"type": "join", "room": "doc:1"})).await;
+        let reply = ann_tab
+            .ask_ok(json!({"type": "join", "room": "doc:1"}))
+            .await;
         assert_eq!(
             reply["members"],
             json!([{"user": "ann", "meta": {"name": "Ann"}}])
@@ -474,13 +449,11 @@ async fn an_expiring_token_closes_with_4001_unless_refreshed() {
             ),
             ("garbage".to_owned(), "invalid_token"),
         ] {
-            let answer = ask(&mut renewed_tab, json!({"type": "refresh", "token": token})).await;
+            let answer = renewed_tab.ask(json!({"type": "refresh", "token": token})).await;
             assert_eq!(answer["code"], code, "{answer}");
         }
         let later = now() + 3600;
-        let reply = ask_ok(
-            &mut renewed_tab,
-            json!({"type": "refresh", "token": hs256(&claims("renewed", json!({"exp": later})))}),
+        let reply = renewed_tab.ask_ok(json!({"type": "refresh", "token": hs256(&claims("renewed", json!({"exp": later})))}),
         )
         .await;
         assert_eq!(reply["expires_at"], later);
@@ -494,12 +467,9 @@ async fn an_expiring_token_closes_with_4001_unless_refreshed() {
             .expect_no_event_within(offline("renewed"), Duration::from_secs(1))
             .await;
         renewed_tab.ping().await;
-        let text = reqwest_metrics(&gateway).await;
-        assert_eq!(
-            metric(
-                &text,
-                "presenced_connections_closed_total{reason=\"token_expired\"}"
-            ),
+                assert_eq!(
+            gateway.metric("presenced_connections_closed_total{reason=\"token_expired\"}"
+            ).await,
             1.0
         );
     })

@@ -385,6 +385,18 @@ impl Client {
 
     // ---- requests ----------------------------------------------------------
 
+    /// [`Client::request`] with a fresh `ref` added to `request`.
+    pub async fn ask(&mut self, mut request: Value) -> Value {
+        request["ref"] = self.fresh_ref();
+        self.request(request).await
+    }
+
+    /// [`Client::request_ok`] with a fresh `ref` added to `request`.
+    pub async fn ask_ok(&mut self, mut request: Value) -> Value {
+        request["ref"] = self.fresh_ref();
+        self.request_ok(request).await
+    }
+
     /// Sends a request carrying a `ref` and returns the `reply`, `error` or
     /// `pong` that echoes it. Frames that arrive first are kept.
     pub async fn request(&mut self, request: Value) -> Value {

@@ -125,6 +125,15 @@ impl Gateway {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The value of one series of `/metrics`, e.g.
+    /// `presenced_errors_sent_total{code="forbidden"}`; panics if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = super::http::get(self.addr, "/metrics").await.body_text();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+    }
+
     /// Everything the gateway wrote on stderr so far.
     pub fn stderr(&self) -> String {
         lock(&self.stderr).clone()
