@@ -250,3 +250,128 @@ async fn a_reading_tab_survives_a_burst_over_its_outbox_bound() {
     }
     reader.ping().await;
 }
+
+/// The issue's case: a member that never reads while *others* make its
+/// room busy. A burst of joined/left events far over what the kernel and
+/// its outbox hold cuts it off with 4008; a member that reads receives
+/// every event of the burst, in order, and stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_member_of_a_busy_room_is_cut_off_and_a_reading_one_gets_everything() {
+    /// Members that leave and re-join, each `TOGGLES` times.
+    const CHURNERS: usize = 4;
+    const TOGGLES: usize = 4608;
+    /// Requests a churner has in flight at once.
+    const WINDOW: usize = 32;
+    let room = format!("busy/{}", "r".repeat(195));
+    let deployment = Backend::Memory
+        .start(&[
+            "--outbox-messages",
+            "64",
+            "--outbox-bytes",
+            "65536",
+            "--batch-max",
+            "32",
+            // The churners send thousands of requests; the rate limit is
+            // not what this test is about.
+            "--rate-limit",
+            "1000000",
+            "--rate-burst",
+            "1000000",
+        ])
+        .await;
+    let gateway = &deployment.gateway;
+    let churner_ids: Vec<String> = (0..CHURNERS).map(filler_id).collect();
+    let reader_id = format!("reader-{}", "x".repeat(120));
+
+    let mut observer = Client::connect(&gateway.ws_url(OBSERVER)).await;
+    observer.watch(&[SLOW, &reader_id]).await;
+    let mut reader = Client::connect(&gateway.ws_url(&reader_id)).await;
+    reader.join(&room).await;
+    reader.expect_event(joined(&room, &reader_id)).await;
+    let churner_urls: Vec<String> = churner_ids.iter().map(|u| gateway.ws_url(u)).collect();
+    let mut churners = join_all(churner_urls.iter().map(|url| Client::connect(url))).await;
+    for (churner, id) in churners.iter_mut().zip(&churner_ids) {
+        churner.join(&room).await;
+        reader.expect_event(joined(&room, id)).await;
+    }
+    let mut slow = SilentClient::connect(gateway.addr, SLOW).await;
+    slow.send_json(&json!({"type": "join", "room": room, "ref": 0}))
+        .await;
+    slow.next_json(EVENT_TIMEOUT).await;
+    reader.expect_event(joined(&room, SLOW)).await;
+    observer.expect_event(online(SLOW)).await;
+
+    // 36,864 events of ~370 bytes: about three times what the kernel
+    // buffers (~4.4 MB) and the outbox hold for the silent member.
+    let churn = churners.iter_mut().map(|churner| {
+        let room = room.clone();
+        async move {
+            for window in 0..(2 * TOGGLES / WINDOW) {
+                let mut last = Value::Null;
+                for i in 0..WINDOW {
+                    let kind = if (window * WINDOW + i).is_multiple_of(2) {
+                        "leave"
+                    } else {
+                        "join"
+                    };
+                    last = churner.fresh_ref();
+                    churner
+                        .send_json(json!({"type": kind, "room": room, "ref": last}))
+                        .await;
+                }
+                churner.expect_event(reply_to(&last)).await;
+                churner.forget_pending();
+            }
+        }
+    });
+    let read_all = async {
+        let mut seen: std::collections::HashMap<String, Vec<String>> = Default::default();
+        let expected = CHURNERS * 2 * TOGGLES + 1;
+        let mut got = 0;
+        while got < expected {
+            let frame = reader.next_json(EVENT_TIMEOUT).await;
+            if frame["room"] != json!(room) {
+                continue;
+            }
+            let user = frame["user"].as_str().expect("user").to_owned();
+            let kind = frame["type"].as_str().expect("type").to_owned();
+            seen.entry(user).or_default().push(kind);
+            got += 1;
+        }
+        seen
+    };
+    let (_, seen) = tokio::join!(join_all(churn), read_all);
+
+    let toggled: Vec<String> = ["left", "joined"]
+        .iter()
+        .cycle()
+        .take(2 * TOGGLES)
+        .map(|k| (*k).to_owned())
+        .collect();
+    for id in &churner_ids {
+        assert!(
+            seen.get(id) == Some(&toggled),
+            "the reading member got every left/joined of {id}, in order"
+        );
+    }
+    assert_eq!(
+        seen.get(SLOW).map(Vec::as_slice),
+        Some(&["left".to_owned()][..])
+    );
+    let gone = observer.expect_event(offline(SLOW)).await;
+    assert_eq!(gone["seq"], 2, "{gone}");
+    match slow.wait_for_end(EVENT_TIMEOUT).await {
+        SilentEnd::CloseCode(code) => assert_eq!(code, 4008, "a slow consumer is closed with 4008"),
+        SilentEnd::NoCloseFrame(how) => eprintln!("the silent member read no close frame: {how}"),
+        SilentEnd::CloseWithoutCode => panic!("a slow consumer is closed with 4008"),
+    }
+    // The reading member is still there and nobody else moved.
+    observer
+        .expect_no_event_within(offline(&reader_id), support::QUIET_WINDOW)
+        .await;
+    reader.ping().await;
+    assert_eq!(
+        observer.query(&[&reader_id]).await,
+        [UserState::new(&reader_id, true, 1)]
+    );
+}

@@ -385,6 +385,12 @@ impl Client {
 
     // ---- requests ----------------------------------------------------------
 
+    /// Forgets the frames read but not yet consumed (a client that only
+    /// cares about its latest reply, in a long run).
+    pub fn forget_pending(&mut self) {
+        self.pending.clear();
+    }
+
     /// [`Client::request`] with a fresh `ref` added to `request`.
     pub async fn ask(&mut self, mut request: Value) -> Value {
         request["ref"] = self.fresh_ref();
