@@ -29,13 +29,36 @@ export interface ReconnectOptions {
   maxMs?: number;
 }
 
+/** The client's own pace for the frames it sends (kept under the gateway's --rate-limit / --rate-burst). */
+export interface RateLimitOptions {
+  /** Sustained frames per second (default 20). */
+  perSecond?: number;
+  /** Frames that may go out at once on a fresh connection (default 40). */
+  burst?: number;
+}
+
 export interface PresenceClientOptions {
   /** --dev only: the user id, sent as ?user=. */
   user?: string;
   /** A token sent as ?token=. */
   token?: string;
-  /** Called before every connection attempt; its result is sent as ?token=. */
+  /**
+   * Called before every connection attempt (its result is sent as ?token=,
+   * winning over `token`) and before the connection's token expires (its
+   * result is sent as `refresh`).
+   */
   getToken?: () => string | Promise<string>;
+  /**
+   * With `getToken`: refresh the token this long before its `exp`, ms
+   * (default 60000); a token with less than 4× that left is refreshed after
+   * 3/4 of what is left.
+   */
+  refreshAheadMs?: number;
+  /**
+   * Pace of the frames the client sends (default { perSecond: 20, burst: 40 },
+   * under the gateway's defaults); `false` or `null`: no pacing.
+   */
+  rateLimit?: RateLimitOptions | false | null;
   /** Connection metadata, sent as ?meta=<JSON>. */
   meta?: Meta;
   /** WebSocket implementation (default globalThis.WebSocket). */
@@ -83,6 +106,11 @@ export interface MemberEvent {
   sync?: boolean;
 }
 
+export interface TokenEvent {
+  /** The new token's `exp`, Unix seconds (as the gateway's `expires_at`). */
+  expiresAt: number;
+}
+
 export type ChangeInfo =
   | { kind: "state"; state: PresenceState }
   | { kind: "room"; room: string }
@@ -94,11 +122,17 @@ export interface PresenceEvents {
   joined: MemberEvent;
   left: MemberEvent;
   state: PresenceState;
+  /** The connection's token was replaced by a refresh. */
+  token: TokenEvent;
   error: PresenceError | Error;
   change: ChangeInfo;
 }
 
-/** An error from the gateway (code from docs/protocol.md) or the client ("timeout", "connection_lost", "closed", "cancelled", "unauthorized"). */
+/**
+ * An error from the gateway (code from docs/protocol.md: "invalid_room",
+ * "forbidden", "rate_limited", "invalid_token", ...) or the client
+ * ("timeout", "connection_lost", "closed", "cancelled", "unauthorized").
+ */
 export class PresenceError extends Error {
   constructor(code: string, message: string);
   readonly code: string;
@@ -118,6 +152,8 @@ export declare const DEFAULT_REQUEST_TIMEOUT_MS: number;
 export declare const DEFAULT_RECONCILE_GRACE_MS: number;
 export declare const DRAIN_RECONNECT_MAX_MS: number;
 export declare const MAX_IDS_PER_FRAME: number;
+export declare const DEFAULT_REFRESH_AHEAD_MS: number;
+export declare const DEFAULT_RATE_LIMIT: Readonly<Required<RateLimitOptions>>;
 
 /** Full-jitter backoff delay for attempt `attempt` (0 for the first). */
 export declare function backoffDelay(
@@ -145,6 +181,11 @@ export class PresenceClient {
   query(users: string[]): Promise<UserState[]>;
   room(name: string): RoomView;
   isOnline(user: string): boolean | undefined;
+  /** Replace the connection's token (same user); rejects with the gateway's code ("invalid_token", "forbidden", ...). */
+  refresh(token: string): Promise<TokenEvent>;
+  /** Every user's online/offline through the "online"/"offline" events (token claim `feed: true`); remembered across reconnects. */
+  subscribeFeed(): Promise<void>;
+  unsubscribeFeed(): Promise<void>;
 
   on<E extends keyof PresenceEvents>(event: E, fn: (payload: PresenceEvents[E]) => void): this;
   off<E extends keyof PresenceEvents>(event: E, fn: (payload: PresenceEvents[E]) => void): this;

@@ -3,11 +3,13 @@
  *
  * It owns the connection (backoff with full jitter, prompt reconnect when a
  * node drains, an application ping so a silently dead socket is noticed in
- * browsers too), the requests (numbered `ref`s matched to replies, with
- * timeouts) and a local view of what the application follows: the members
- * of its rooms and the online state of the users it watches. After a
- * reconnect or a `sync` frame it rebuilds that view from fresh snapshots and
- * tells the application only what really changed.
+ * browsers too, the token refreshed before it expires), the requests
+ * (numbered `ref`s matched to replies, with timeouts, paced under the
+ * gateway's per-connection rate limit) and a local view of what the
+ * application follows: the members of its rooms and the online state of the
+ * users it watches. After a reconnect or a `sync` frame it rebuilds that
+ * view from fresh snapshots and tells the application only what really
+ * changed.
  *
  * It must never import anything: the gateway serves this exact file at
  * GET /client.js, so it is the whole package, with no build step.
@@ -29,11 +31,25 @@ export const DEFAULT_RECONCILE_GRACE_MS = 2000;
 export const DRAIN_RECONNECT_MAX_MS = 100;
 /** Longest `users` list the gateway accepts in one frame (`--max-ids`). */
 export const MAX_IDS_PER_FRAME = 1000;
+/** Default lead of the proactive token refresh before the token's `exp`, milliseconds. */
+export const DEFAULT_REFRESH_AHEAD_MS = 60000;
 /**
- * An auth close (1008/4001) this long after `welcome` counts as a fresh
- * failure (an expired token), so getToken() may be asked again.
+ * Default pace of the frames the client sends: the gateway refuses messages
+ * over `--rate-limit` (20/s) with bursts of `--rate-burst` (50), and closes
+ * with 4029 a client that keeps going. A burst of 40 leaves the gateway's
+ * bucket 10 frames of slack for network jitter, so against a gateway with
+ * default limits a reconnect that re-joins 100 rooms is slowed, not refused.
  */
-const AUTH_STABLE_MS = 10000;
+export const DEFAULT_RATE_LIMIT = Object.freeze({ perSecond: 20, burst: 40 });
+/**
+ * A connection that lived this long after its `welcome` was a success: an
+ * auth close (1008/4001) after it is a fresh failure (an expired token), so
+ * getToken() may be asked again; a close 4029/4008 after it starts the
+ * backoff over.
+ */
+const STABLE_CONNECTION_MS = 10000;
+/** A failed proactive refresh is tried again only if the next try is at least this far off, milliseconds. */
+const MIN_REFRESH_RETRY_MS = 1000;
 /** Most presence events kept while waiting for a watch reply (a reply that never comes must not grow it forever). */
 const MAX_HELD_EVENTS = 10000;
 /** WebSocket readyState OPEN. */
@@ -62,6 +78,59 @@ export class PresenceError extends Error {
 export function backoffDelay(attempt, bounds, random = Math.random) {
   const cap = Math.min(bounds.maxMs, bounds.minMs * 2 ** attempt);
   return random() * cap;
+}
+
+/**
+ * The `exp` claim (Unix seconds) of a JWT, read from its payload without
+ * verifying anything (the gateway does that); undefined for anything else.
+ * @param {unknown} token
+ * @returns {number|undefined}
+ */
+function tokenExpiry(token) {
+  if (typeof token !== "string") return undefined;
+  const payload = token.split(".")[1];
+  if (!payload) return undefined;
+  try {
+    const base64 = payload.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((payload.length + 3) % 4);
+    const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    const exp = claims?.exp;
+    return typeof exp === "number" && Number.isFinite(exp) ? exp : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * How long from `nowMs` until a token expiring at `exp` (Unix seconds)
+ * should be refreshed: `aheadMs` before it, but after 3/4 of what is left
+ * when the token is too short for that (less than 4 × `aheadMs` left), so a
+ * 3 s token is refreshed after 2.25 s, not at once. Undefined once `exp` has
+ * passed by this clock.
+ */
+function refreshDelay(exp, nowMs, aheadMs) {
+  const left = exp * 1000 - nowMs;
+  if (!(left > 0)) return undefined;
+  return left - Math.min(aheadMs, left / 4);
+}
+
+/**
+ * True for the failures after which the gateway may still have done the
+ * request, or will be asked again on the next connection: no answer, the
+ * socket dropped, the client closed.
+ */
+function isTransient(err) {
+  return err.code === "timeout" || err.code === "connection_lost" || err.code === "closed";
+}
+
+/**
+ * True for the failures of a re-join, re-watch or re-subscribe after a
+ * reconnect that do not mean the gateway refuses it: it stays wanted and is
+ * done again on the next connection (rate_limited: dropped for the pace,
+ * not for what it asked).
+ */
+function keepsWish(err) {
+  return isTransient(err) || err.code === "rate_limited";
 }
 
 /** One room the application joined (or asked about): its members as this client knows them. */
@@ -131,6 +200,11 @@ export class PresenceClient {
     this._reconnect = { ...DEFAULT_RECONNECT, ...(options.reconnect ?? {}) };
     this._requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     this._graceMs = options.reconcileGraceMs ?? DEFAULT_RECONCILE_GRACE_MS;
+    this._refreshAheadMs = options.refreshAheadMs ?? DEFAULT_REFRESH_AHEAD_MS;
+    /** @type {{perSecond: number, burst: number} | null} null: frames go out unpaced. */
+    this._rate = options.rateLimit === false || options.rateLimit === null
+      ? null
+      : { ...DEFAULT_RATE_LIMIT, ...(options.rateLimit ?? {}) };
 
     /** @type {"idle"|"connecting"|"open"|"reconnecting"|"closed"} */
     this.state = "idle";
@@ -151,10 +225,26 @@ export class PresenceClient {
     this._everOpened = false;
     this._authRetried = false;
     this._welcomeAt = 0;
+    /** The backoff exponent the last welcome reset (restored when that connection is closed 4029/4008 early). */
+    this._attemptAtWelcome = 0;
     this._reconnectTimer = null;
     this._connectTimer = null;
     this._pingTimer = null;
     this._silenceTimer = null;
+
+    /** The token for the next connection when there is no getToken (the last one refreshed, else options.token). */
+    this._token = options.token;
+    /** The token the current socket was opened with. */
+    this._socketToken = undefined;
+    /** `exp` (Unix seconds) of the current connection's token, when it is a readable JWT. */
+    this._expiresAt = undefined;
+    this._refreshTimer = null;
+
+    /** Send credits left (see DEFAULT_RATE_LIMIT), refilled one per 1/perSecond s while below the burst. */
+    this._credits = this._rate?.burst ?? 0;
+    /** Frames of the current socket waiting for a credit, in order. */
+    this._paced = [];
+    this._refillTimer = null;
 
     this._nextRef = 1;
     /** ref → {resolve, reject, timer} for frames sent on the current socket. */
@@ -172,6 +262,10 @@ export class PresenceClient {
     this._held = [];
     /** user → timer: offline seen in a snapshot, reported when the grace ends. */
     this._pendingOffline = new Map();
+    /** True while the application wants the global feed (re-subscribed after reconnects). */
+    this._feed = false;
+    /** subscribeFeed() calls made while not open, settled by the next connection's subscribe. */
+    this._feedWaiters = [];
   }
 
   // ---- events -------------------------------------------------------------
@@ -243,6 +337,7 @@ export class PresenceClient {
       for (const w of room._waiters.splice(0)) this._settle(w, null, err());
     }
     for (const w of this._watchWaiters.splice(0)) this._settle(w, null, err());
+    for (const w of this._feedWaiters.splice(0)) this._settle(w, null, err());
     for (const timer of this._pendingOffline.values()) clearTimeout(timer);
     this._pendingOffline.clear();
     for (const room of this._rooms.values()) room._cancelAllLeft();
@@ -271,9 +366,7 @@ export class PresenceClient {
     }, (err) => {
       // A refused join changes nothing on the gateway: a room we were in
       // (with its old meta) stays, one we were not in is forgotten.
-      if (!wasIn && err.code !== "timeout" && err.code !== "connection_lost" && err.code !== "closed") {
-        r._desired = false;
-      }
+      if (!wasIn && !isTransient(err)) r._desired = false;
       throw err;
     });
   }
@@ -318,7 +411,7 @@ export class PresenceClient {
       this._applyUserStates(states, false);
       return states;
     }, (err) => {
-      if (err.code !== "timeout" && err.code !== "connection_lost" && err.code !== "closed") {
+      if (!isTransient(err)) {
         for (const user of list) {
           if (this._watched.get(user)?.gen === 0) this._watched.delete(user);
         }
@@ -357,6 +450,47 @@ export class PresenceClient {
   /** true/false for a watched user whose state is known, else undefined. */
   isOnline(user) {
     return this._watched.get(user)?.online;
+  }
+
+  /**
+   * Replace the connection's token with `token` (same user) before it
+   * expires; resolves with its expiry (Unix seconds) and emits "token". With
+   * a `getToken` option the client does this by itself.
+   * @param {string} token
+   * @returns {Promise<{expiresAt: number}>}  expiresAt: the token's exp, Unix seconds
+   */
+  refresh(token) {
+    return this._request({ type: "refresh", token }).then((reply) => {
+      const expiresAt = typeof reply.expires_at === "number" ? reply.expires_at : tokenExpiry(token);
+      this._token = token;
+      this._expiresAt = expiresAt;
+      this._armRefresh();
+      this._emit("token", { expiresAt });
+      return { expiresAt };
+    });
+  }
+
+  /**
+   * Receive every user's online/offline (the token needs `feed: true`),
+   * through the "online"/"offline" events. Remembered: subscribed again
+   * after every reconnect until unsubscribeFeed().
+   * @returns {Promise<void>}
+   */
+  subscribeFeed() {
+    this._feed = true;
+    if (this.state !== "open") return this._waiter(this._feedWaiters);
+    return this._request({ type: "subscribe_feed" }).then(() => undefined, (err) => {
+      if (!isTransient(err)) this._feed = false;
+      throw err;
+    });
+  }
+
+  /** Stop the feed (and stop subscribing to it after reconnects). */
+  async unsubscribeFeed() {
+    this._feed = false;
+    for (const w of this._feedWaiters.splice(0)) this._settle(w, null, new PresenceError("cancelled", "feed unsubscribed"));
+    if (this.state !== "open") return;
+    await this._request({ type: "unsubscribe_feed" });
   }
 
   // ---- requests -----------------------------------------------------------
@@ -428,9 +562,49 @@ export class PresenceClient {
     for (const req of reqs) this._settle(req, null, new PresenceError(code, message));
   }
 
+  /** Send `frame` on the current socket, now or (over the rate) as soon as a send credit comes back. */
   _send(frame) {
     const ws = this._ws;
-    if (ws && ws.readyState === WS_OPEN) ws.send(JSON.stringify(frame));
+    if (!ws || ws.readyState !== WS_OPEN) return;
+    if (!this._rate) {
+      ws.send(JSON.stringify(frame));
+      return;
+    }
+    this._paced.push(frame);
+    this._sendPaced();
+  }
+
+  _sendPaced() {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== WS_OPEN) {
+      this._paced = [];
+      return;
+    }
+    while (this._paced.length > 0 && this._credits >= 1) {
+      this._credits--;
+      ws.send(JSON.stringify(this._paced.shift()));
+    }
+    // Credits come back by a timer, not by reading a clock: a timer that
+    // fires late only makes the client slower than the gateway's bucket.
+    if (this._credits < this._rate.burst && this._refillTimer === null) {
+      this._refillTimer = setInterval(() => {
+        this._credits = Math.min(this._rate.burst, this._credits + 1);
+        if (this._credits >= this._rate.burst) this._stopRefill();
+        if (this._paced.length > 0) this._sendPaced();
+      }, 1000 / this._rate.perSecond);
+    }
+  }
+
+  _stopRefill() {
+    clearInterval(this._refillTimer);
+    this._refillTimer = null;
+  }
+
+  /** A fresh socket: a full bucket (the gateway's starts full too) and nothing waiting. */
+  _resetPacing() {
+    this._stopRefill();
+    this._paced = [];
+    this._credits = this._rate?.burst ?? 0;
   }
 
   // ---- connection ---------------------------------------------------------
@@ -438,7 +612,7 @@ export class PresenceClient {
   async _openSocket() {
     const attempt = ++this._attemptSeq;
     const { getToken } = this._opts;
-    let token = this._opts.token;
+    let token = this._token;
     if (getToken) {
       try {
         token = await getToken();
@@ -465,6 +639,7 @@ export class PresenceClient {
     }
     const gen = ++this._gen;
     this._ws = ws;
+    this._socketToken = token;
     const info = { opened: false, timedOut: false, usedToken: token !== undefined && token !== null };
     // A handshake that brings no welcome (a black-holed address, a stuck
     // proxy) is given up after the request timeout.
@@ -534,7 +709,9 @@ export class PresenceClient {
     clearTimeout(this._connectTimer);
     clearInterval(this._pingTimer);
     clearTimeout(this._silenceTimer);
-    this._reconnectTimer = this._connectTimer = this._pingTimer = this._silenceTimer = null;
+    clearTimeout(this._refreshTimer);
+    this._reconnectTimer = this._connectTimer = this._pingTimer = this._silenceTimer = this._refreshTimer = null;
+    this._resetPacing();
   }
 
   _nextBackoff() {
@@ -557,14 +734,17 @@ export class PresenceClient {
     clearTimeout(this._connectTimer);
     clearInterval(this._pingTimer);
     clearTimeout(this._silenceTimer);
-    this._connectTimer = this._pingTimer = this._silenceTimer = null;
+    clearTimeout(this._refreshTimer);
+    this._connectTimer = this._pingTimer = this._silenceTimer = this._refreshTimer = null;
+    this._expiresAt = undefined;
+    this._resetPacing();
     this._failInflight("connection_lost", `connection closed (${code})`);
     this._held = [];
     for (const r of this._rooms.values()) r._held = [];
     if (this.state === "closed") return;
 
     if (code === 1008 || code === 4001) {
-      if (Date.now() - this._welcomeAt > AUTH_STABLE_MS) this._authRetried = false;
+      if (Date.now() - this._welcomeAt > STABLE_CONNECTION_MS) this._authRetried = false;
       this._authFailed(code, `gateway refused the credentials (close ${code})`);
       return;
     }
@@ -578,6 +758,12 @@ export class PresenceClient {
       this._attempt = 0;
       this._scheduleReconnect(this._random() * DRAIN_RECONNECT_MAX_MS);
       return;
+    }
+    if ((code === 4029 || code === 4008) && Date.now() - this._welcomeAt < STABLE_CONNECTION_MS) {
+      // Rate limited or too slow a reader again soon after the welcome: that
+      // welcome was no success, so the backoff keeps growing instead of
+      // meeting the gateway with the same burst every few hundred ms.
+      this._attempt = this._attemptAtWelcome;
     }
     this._scheduleReconnect(this._nextBackoff());
   }
@@ -650,8 +836,10 @@ export class PresenceClient {
     this.conn = frame.conn;
     this.heartbeatMs = frame.heartbeat_ms;
     this._everOpened = true;
+    this._attemptAtWelcome = this._attempt;
     this._attempt = 0;
     this._welcomeAt = Date.now();
+    this._resetPacing();
     clearTimeout(this._connectTimer);
     this._connectTimer = null;
     clearInterval(this._pingTimer);
@@ -660,8 +848,57 @@ export class PresenceClient {
       this._armSilence();
     }
     this._setState("open");
+    this._expiresAt = tokenExpiry(this._socketToken);
+    this._armRefresh();
     this._resync();
     for (const req of this._queue.splice(0)) this._sendRequest(req);
+  }
+
+  // ---- token refresh ------------------------------------------------------
+
+  /**
+   * (Re)arm the proactive refresh for the current token; only with getToken
+   * (nothing to refresh with otherwise) and a token whose `exp` is readable.
+   * @param {number} [minDelayMs]  no timer if the refresh would be sooner (a retry after a failure)
+   */
+  _armRefresh(minDelayMs = 0) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (!this._opts.getToken || this._expiresAt === undefined || this.state !== "open") return;
+    const delay = refreshDelay(this._expiresAt, Date.now(), this._refreshAheadMs);
+    if (delay === undefined || delay < minDelayMs) return;
+    this._refreshTimer = setTimeout(() => {
+      this._refreshTimer = null;
+      this._autoRefresh();
+    }, delay);
+  }
+
+  /**
+   * A fresh token from getToken() sent as `refresh`. A failure is reported
+   * and tried again later while time is left; the connection stays (if the
+   * token runs out the gateway closes it with 4001, and the auth path gets a
+   * new token). Anything that comes back after this socket ended is dropped.
+   */
+  async _autoRefresh() {
+    const gen = this._gen;
+    const current = () => gen === this._gen && this.state === "open";
+    let token;
+    try {
+      token = await this._opts.getToken();
+    } catch (err) {
+      if (!current()) return;
+      this._emit("error", err instanceof Error ? err : new PresenceError("token", String(err)));
+      this._armRefresh(MIN_REFRESH_RETRY_MS);
+      return;
+    }
+    if (!current()) return;
+    try {
+      await this.refresh(token);
+    } catch (err) {
+      if (!current()) return;
+      this._emit("error", err);
+      this._armRefresh(MIN_REFRESH_RETRY_MS);
+    }
   }
 
   /** Re-join every room and re-watch every user on the fresh socket. */
@@ -675,7 +912,7 @@ export class PresenceClient {
         for (const w of r._waiters.splice(0)) this._settle(w, members, null);
       }, (err) => {
         if (err.code === "connection_lost" || err.code === "closed") return;
-        if (err.code !== "timeout") {
+        if (!keepsWish(err)) {
           r._desired = false;
           for (const w of r._waiters.splice(0)) this._settle(w, null, err);
         }
@@ -685,18 +922,30 @@ export class PresenceClient {
     const users = [...this._watched.keys()];
     if (users.length === 0) {
       for (const w of this._watchWaiters.splice(0)) this._settle(w, [], null);
-      return;
+    } else {
+      this._requestUsers("watch", users).then((states) => {
+        this._applyUserStates(states, true);
+        this._resolveWatchWaiters(new Map(states.map((st) => [st.user, st])));
+      }, (err) => {
+        if (err.code === "connection_lost" || err.code === "closed") return;
+        if (!keepsWish(err)) {
+          for (const w of this._watchWaiters.splice(0)) this._settle(w, null, err);
+        }
+        this._emit("error", err);
+      });
     }
-    this._requestUsers("watch", users).then((states) => {
-      this._applyUserStates(states, true);
-      this._resolveWatchWaiters(new Map(states.map((st) => [st.user, st])));
-    }, (err) => {
-      if (err.code === "connection_lost" || err.code === "closed") return;
-      if (err.code !== "timeout") {
-        for (const w of this._watchWaiters.splice(0)) this._settle(w, null, err);
-      }
-      this._emit("error", err);
-    });
+    if (this._feed) {
+      this._request({ type: "subscribe_feed" }).then(() => {
+        for (const w of this._feedWaiters.splice(0)) this._settle(w, undefined, null);
+      }, (err) => {
+        if (err.code === "connection_lost" || err.code === "closed") return;
+        if (!keepsWish(err)) {
+          this._feed = false;
+          for (const w of this._feedWaiters.splice(0)) this._settle(w, null, err);
+        }
+        this._emit("error", err);
+      });
+    }
   }
 
   /** Settle the watch() calls made while not open with this reconnect's reply. */
@@ -733,7 +982,10 @@ export class PresenceClient {
 
   _onPresence(frame) {
     const entry = this._watched.get(frame.user);
-    if (!entry) return;
+    if (!entry) {
+      if (this._feed) this._onFeedPresence(frame);
+      return;
+    }
     if (entry.gen !== this._gen) {
       // Before this socket's watch reply: keep it until the reply says
       // where the user's seq stands on this connection.
@@ -754,6 +1006,18 @@ export class PresenceClient {
     if (frame.reason !== undefined) event.reason = frame.reason;
     this._emit(frame.type, event);
     this._changed({ kind: "presence", user: frame.user });
+  }
+
+  /**
+   * A feed event for a user this client does not watch: passed on as it
+   * came. The feed has no snapshot and is not kept in the local view (it may
+   * be every user of the cluster); watch users to follow their state.
+   */
+  _onFeedPresence(frame) {
+    const event = { user: frame.user, seq: frame.seq };
+    if (frame.last_seen !== undefined) event.last_seen = frame.last_seen;
+    if (frame.reason !== undefined) event.reason = frame.reason;
+    this._emit(frame.type, event);
   }
 
   _onMember(frame) {

@@ -3,13 +3,17 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import { PresenceClient, PresenceError, backoffDelay } from "../presenced.js";
-import { fakeWebSocket, flush, recordEvents, summary } from "./fake-gateway.js";
+import { fakeJwt, fakeWebSocket, flush, recordEvents, summary } from "./fake-gateway.js";
 
 const URL_ = "ws://gateway.test/ws";
 
-/** A client on a fake gateway, with mocked timers; `random` fixed unless given. */
-function setup(t, options = {}) {
-  t.mock.timers.enable({ apis: ["setTimeout", "setInterval"] });
+/**
+ * A client on a fake gateway, with mocked timers; `random` fixed unless
+ * given. With `now` (ms) the clock (Date) is mocked too, starting there.
+ */
+function setup(t, options = {}, { now } = {}) {
+  if (now === undefined) t.mock.timers.enable({ apis: ["setTimeout", "setInterval"] });
+  else t.mock.timers.enable({ apis: ["setTimeout", "setInterval", "Date"], now });
   const fake = fakeWebSocket();
   const client = new PresenceClient(URL_, { user: "me", WebSocket: fake.WebSocket, random: () => 0.5, ...options });
   const log = recordEvents(client);
@@ -688,5 +692,423 @@ describe("auth", () => {
     assert.equal(env.sockets.length, 2);
     env.sockets[1].welcome();
     assert.equal(env.client.state, "open");
+  });
+});
+
+/** A mocked clock's start, ms; tokens below expire a few seconds after it. */
+const NOW_MS = 1_800_000_000_000;
+const NOW_S = NOW_MS / 1000;
+
+/** A getToken() handing out tokens valid `lifetimeS` from the (mocked) clock; `issued` lists them. */
+function tokenSource(lifetimeS, claims = {}) {
+  const issued = [];
+  const getToken = () => {
+    const token = fakeJwt({ sub: "me", exp: Math.floor(Date.now() / 1000) + lifetimeS, ...claims });
+    issued.push(token);
+    return token;
+  };
+  return { issued, getToken };
+}
+
+/** Connect a getToken client and welcome it without heartbeat (the fake gateway sends no pongs). */
+async function connectedWithToken(env) {
+  env.client.connect();
+  await flush();
+  const ws = env.sockets.at(-1);
+  ws.welcome({ heartbeat_ms: 0 });
+  await flush();
+  return ws;
+}
+
+/** Record the client's "token" events. */
+function tokenEvents(client) {
+  const events = [];
+  client.on("token", (e) => events.push(e));
+  return events;
+}
+
+const errors = (log) => log.filter(([e]) => e === "error").map(([, err]) => err);
+
+/** Each suite below is bounded: a promise that never settles fails it instead of hanging the run. */
+const BOUNDED = { timeout: 10000 };
+
+describe("token refresh", BOUNDED, () => {
+  test("a short-lived token is refreshed after 3/4 of its life with a fresh getToken() token; the reply sets the next", async (t) => {
+    // base64url's - and _ in the payload: the client must decode it as such.
+    const source = tokenSource(8, { note: "??>>~~" });
+    const env = setup(t, { getToken: source.getToken }, { now: NOW_MS });
+    const tokens = tokenEvents(env.client);
+    const ws = await connectedWithToken(env);
+    assert.match(source.issued[0].split(".")[1], /[-_]/);
+
+    env.tick(5999); // 8 s left: 3/4 of that, since 60 s ahead would be now
+    await flush();
+    assert.deepEqual(ws.sentOf("refresh"), []);
+    env.tick(1);
+    await flush();
+    const [first] = ws.sentOf("refresh");
+    assert.equal(source.issued.length, 2);
+    assert.equal(first.token, source.issued[1]);
+
+    ws.reply("refresh", { expires_at: NOW_S + 14 });
+    await flush();
+    assert.deepEqual(tokens, [{ expiresAt: NOW_S + 14 }]);
+    env.tick(5999); // 8 s left again
+    await flush();
+    assert.equal(ws.sentOf("refresh").length, 1);
+    env.tick(1);
+    await flush();
+    assert.equal(ws.sentOf("refresh").length, 2);
+    assert.equal(env.sockets.length, 1);
+    assert.deepEqual(env.states, ["connecting", "open"]);
+    assert.deepEqual(env.log, []);
+  });
+
+  test("a long-lived token is refreshed refreshAheadMs before its exp", async (t) => {
+    const source = tokenSource(3600);
+    const env = setup(t, { getToken: source.getToken, refreshAheadMs: 120000 }, { now: NOW_MS });
+    const ws = await connectedWithToken(env);
+    env.tick(3600000 - 120000 - 1);
+    await flush();
+    assert.deepEqual(ws.sentOf("refresh"), []);
+    env.tick(1);
+    await flush();
+    assert.equal(ws.sentOf("refresh").length, 1);
+  });
+
+  test("a refused refresh emits the gateway's error, keeps the socket, and is tried again while time is left", async (t) => {
+    const source = tokenSource(3600);
+    const env = setup(t, { getToken: source.getToken }, { now: NOW_MS });
+    const tokens = tokenEvents(env.client);
+    const ws = await connectedWithToken(env);
+    env.tick(3540000);
+    await flush();
+    const req = ws.sentOf("refresh")[0];
+    ws.frame({ type: "error", ref: req.ref, code: "invalid_token", message: "token_expired: the token has expired" });
+    await flush();
+    const [err] = errors(env.log);
+    assert.ok(err instanceof PresenceError);
+    assert.equal(err.code, "invalid_token");
+    assert.match(err.message, /^token_expired/);
+    assert.equal(ws.closedByClient, undefined);
+    assert.equal(env.client.state, "open");
+
+    env.tick(45000); // 60 s were left: again after 3/4 of them
+    await flush();
+    assert.equal(ws.sentOf("refresh").length, 2);
+    ws.reply("refresh", { expires_at: NOW_S + 7200 });
+    await flush();
+    assert.deepEqual(tokens, [{ expiresAt: NOW_S + 7200 }]);
+    assert.equal(env.sockets.length, 1);
+  });
+
+  test("getToken() failing at refresh time emits its error and keeps the socket", async (t) => {
+    const source = tokenSource(100);
+    let calls = 0;
+    const getToken = () => {
+      if (++calls === 2) throw new Error("token service down");
+      return source.getToken();
+    };
+    const env = setup(t, { getToken }, { now: NOW_MS });
+    const ws = await connectedWithToken(env);
+    env.tick(75000);
+    await flush();
+    assert.deepEqual(errors(env.log).map((e) => e.message), ["token service down"]);
+    assert.deepEqual(ws.sentOf("refresh"), []);
+    assert.equal(env.client.state, "open");
+    env.tick(18750); // a retry after 3/4 of the 25 s left
+    await flush();
+    assert.equal(calls, 3);
+    assert.equal(ws.sentOf("refresh")[0].token, source.issued.at(-1));
+  });
+
+  test("the gateway's 4001 after a failed refresh still gets one retry with a fresh token", async (t) => {
+    const source = tokenSource(8);
+    const env = setup(t, { getToken: source.getToken }, { now: NOW_MS });
+    const ws = await connectedWithToken(env);
+    env.tick(6000);
+    await flush();
+    ws.frame({ type: "error", ref: ws.sentOf("refresh")[0].ref, code: "rate_limited", message: "slow down" });
+    await flush();
+    env.tick(2000);
+    ws.drop(4001);
+    env.tick(0);
+    await flush();
+    assert.equal(env.sockets.length, 2);
+    assert.equal(new URL(env.sockets[1].url).searchParams.get("token"), source.issued.at(-1));
+    assert.deepEqual(errors(env.log).map((e) => e.code), ["rate_limited"]);
+  });
+
+  test("refresh timers stop with their connection: nothing after close(), the new token's timer after a reconnect", async (t) => {
+    const source = tokenSource(8);
+    const env = setup(t, { getToken: source.getToken, reconnect: { minMs: 100, maxMs: 100 } }, { now: NOW_MS });
+    const ws = await connectedWithToken(env);
+    env.tick(5990);
+    ws.drop(1006); // 10 ms before its refresh
+    env.tick(50); // the backoff (0.5 × 100 ms) runs past the old refresh time
+    await flush();
+    assert.equal(source.issued.length, 2, "one token for the reconnect, none for the old socket's refresh");
+    assert.deepEqual(ws.sentOf("refresh"), []);
+    const ws2 = env.sockets[1];
+    ws2.welcome({ heartbeat_ms: 0 }); // its token, issued at +6040 ms: exp NOW_S + 14
+    await flush();
+    env.tick(5969); // 3/4 of the 7960 ms left
+    await flush();
+    assert.deepEqual(ws2.sentOf("refresh"), []);
+    env.tick(1);
+    await flush();
+    assert.equal(ws2.sentOf("refresh").length, 1);
+
+    ws2.reply("refresh", { expires_at: Math.floor(Date.now() / 1000) + 8 });
+    await flush();
+    env.client.close();
+    env.tick(600000);
+    await flush();
+    assert.equal(source.issued.length, 3);
+    assert.equal(ws2.sentOf("refresh").length, 1);
+    assert.equal(env.sockets.length, 2);
+  });
+
+  test("a getToken() answer or a refresh reply that comes after a reconnect is ignored", async (t) => {
+    const pending = [];
+    const source = tokenSource(8);
+    let calls = 0;
+    // The refresh's token (2nd call) and the 4th arrive only when the test says.
+    const getToken = () => {
+      calls++;
+      if (calls === 2 || calls === 4) return new Promise((resolve) => pending.push(() => resolve(source.getToken())));
+      return source.getToken();
+    };
+    const env = setup(t, { getToken, reconnect: { minMs: 100, maxMs: 100 } }, { now: NOW_MS });
+    const tokens = tokenEvents(env.client);
+    const ws = await connectedWithToken(env);
+    env.tick(6000);
+    await flush();
+    assert.equal(pending.length, 1);
+    ws.drop(1006);
+    env.tick(50);
+    await flush();
+    const ws2 = env.sockets[1];
+    ws2.welcome({ heartbeat_ms: 0 });
+    pending.shift()(); // the old socket's refresh token arrives now
+    await flush();
+    assert.deepEqual(ws.sentOf("refresh"), []);
+    assert.deepEqual(ws2.sentOf("refresh"), []);
+
+    env.tick(6000); // ws2's own refresh
+    await flush();
+    pending.shift()();
+    await flush();
+    const req = ws2.sentOf("refresh")[0];
+    assert.ok(req);
+    ws2.drop(1006); // before its reply
+    ws2.frame({ type: "reply", ref: req.ref, ok: true, expires_at: NOW_S + 100 });
+    env.tick(50);
+    await flush();
+    env.sockets[2].welcome({ heartbeat_ms: 0 });
+    await flush();
+    assert.deepEqual(tokens, []);
+    assert.deepEqual(env.log, [], "a refresh lost with its socket is no error");
+  });
+
+  test("refresh(token): resolves with expiresAt and emits token; a refusal rejects with the gateway's code", async (t) => {
+    const env = setup(t, { token: "t1", user: undefined });
+    const tokens = tokenEvents(env.client);
+    const ws = await connected(env);
+    const ok = env.client.refresh("t2");
+    assert.equal(ws.sentOf("refresh")[0].token, "t2");
+    ws.reply("refresh", { expires_at: 1795000000 });
+    assert.deepEqual(await ok, { expiresAt: 1795000000 });
+    assert.deepEqual(tokens, [{ expiresAt: 1795000000 }]);
+
+    const refused = env.client.refresh("bobs-token");
+    const req = ws.sentOf("refresh").at(-1);
+    ws.frame({ type: "error", ref: req.ref, code: "forbidden", message: "the new token is for another user" });
+    await assert.rejects(refused, (err) => err instanceof PresenceError && err.code === "forbidden");
+    assert.equal(env.client.state, "open");
+    assert.equal(tokens.length, 1);
+
+    // The next connection opens with the token last accepted.
+    ws.drop(1006);
+    env.tick(125);
+    assert.equal(new URL(env.sockets[1].url).searchParams.get("token"), "t2");
+  });
+
+  test("without getToken nothing is refreshed by itself", async (t) => {
+    const env = setup(t, { token: fakeJwt({ sub: "me", exp: NOW_S + 8 }) }, { now: NOW_MS });
+    const ws = await connected(env, { heartbeat_ms: 0 });
+    env.tick(60000);
+    await flush();
+    assert.deepEqual(ws.sentOf("refresh"), []);
+  });
+
+  test("a token that is not a JWT is not refreshed by itself", async (t) => {
+    const opaque = setup(t, { getToken: () => "opaque-session-token" });
+    const ws2 = await connectedWithToken(opaque);
+    opaque.tick(3600000);
+    await flush();
+    assert.deepEqual(ws2.sentOf("refresh"), []);
+  });
+});
+
+describe("feed", BOUNDED, () => {
+  test("subscribeFeed: online/offline of users nobody watches come through the usual events", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env, { members: ["me"], states: { bob: [false, 0] } });
+    const subscribed = env.client.subscribeFeed();
+    ws.reply("subscribe_feed");
+    assert.equal(await subscribed, undefined);
+    ws.frame({ type: "online", user: "dave", seq: 1 });
+    ws.frame({ type: "online", user: "bob", seq: 1 });
+    ws.frame({ type: "offline", user: "dave", seq: 2, last_seen: 1795000000000, reason: "closed" });
+    assert.deepEqual(summary(env.log), ["online dave", "online bob", "offline dave closed"]);
+    assert.deepEqual(env.log[2][1], { user: "dave", seq: 2, last_seen: 1795000000000, reason: "closed" });
+    assert.equal(env.client.isOnline("dave"), undefined, "the feed is not kept in the local view");
+    assert.equal(env.client.isOnline("bob"), true);
+  });
+
+  test("the feed is subscribed again after a reconnect; unsubscribeFeed stops it", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env);
+    const subscribed = env.client.subscribeFeed();
+    ws.reply("subscribe_feed");
+    await subscribed;
+    ws.drop(1006);
+    env.tick(125);
+    const ws2 = env.sockets[1];
+    ws2.welcome();
+    assert.equal(ws2.sentOf("subscribe_feed").length, 1);
+    ws2.reply("subscribe_feed");
+    await flush();
+
+    const unsubscribed = env.client.unsubscribeFeed();
+    ws2.reply("unsubscribe_feed");
+    await unsubscribed;
+    ws2.frame({ type: "online", user: "dave", seq: 1 }); // sent before the gateway read the unsubscribe
+    assert.deepEqual(summary(env.log), []);
+    ws2.drop(1006);
+    env.tick(125);
+    env.sockets[2].welcome();
+    assert.deepEqual(env.sockets[2].sent, []);
+  });
+
+  test("subscribeFeed made while reconnecting resolves with the next connection's subscribe", async (t) => {
+    const env = setup(t);
+    const subscribed = env.client.subscribeFeed();
+    env.client.connect();
+    const ws = env.sockets[0];
+    ws.welcome();
+    ws.reply("subscribe_feed");
+    assert.equal(await subscribed, undefined);
+  });
+
+  test("a feed the token does not allow rejects with forbidden and is not asked for again", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env);
+    const subscribed = env.client.subscribeFeed();
+    const req = ws.sentOf("subscribe_feed")[0];
+    ws.frame({ type: "error", ref: req.ref, code: "forbidden", message: "this token does not allow the global feed" });
+    await assert.rejects(subscribed, { code: "forbidden" });
+    ws.drop(1006);
+    env.tick(125);
+    env.sockets[1].welcome();
+    assert.deepEqual(env.sockets[1].sentOf("subscribe_feed"), []);
+  });
+});
+
+describe("close codes", BOUNDED, () => {
+  for (const [code, why] of [[4029, "rate limited"], [4008, "slow consumer"]]) {
+    test(`close ${code} (${why}) reconnects with backoff and the same credentials, not as an auth failure`, async (t) => {
+      let calls = 0;
+      const env = setup(t, { getToken: () => `token${++calls}`, reconnect: { minMs: 100, maxMs: 1000 } });
+      env.client.connect();
+      await flush();
+      env.sockets[0].welcome();
+      env.sockets[0].drop(code);
+      assert.equal(env.client.state, "reconnecting");
+      env.tick(49);
+      await flush();
+      assert.equal(env.sockets.length, 1);
+      env.tick(1);
+      await flush();
+      assert.equal(env.sockets.length, 2);
+      env.sockets[1].welcome();
+      assert.equal(env.client.state, "open");
+      assert.deepEqual(env.log, []);
+    });
+  }
+
+  test("closed 4029 again right after each welcome: the backoff keeps growing", async (t) => {
+    const env = setup(t, { reconnect: { minMs: 100, maxMs: 10000 } });
+    await connected(env);
+    for (const delay of [50, 100, 200, 400]) {
+      env.sockets.at(-1).drop(4029);
+      const before = env.sockets.length;
+      env.tick(delay - 1);
+      assert.equal(env.sockets.length, before, `not before ${delay} ms`);
+      env.tick(1);
+      assert.equal(env.sockets.length, before + 1);
+      env.sockets.at(-1).welcome();
+    }
+    // Any other drop after a welcome starts over.
+    env.sockets.at(-1).drop(1006);
+    env.tick(50);
+    assert.equal(env.sockets.length, 6);
+  });
+});
+
+describe("pacing", BOUNDED, () => {
+  test("frames past the burst wait for the rate: 40 at once, then 20 a second", async (t) => {
+    const env = setup(t);
+    const ws = await connected(env);
+    const replies = Array.from({ length: 45 }, (_, i) => env.client.query([`u${i}`]));
+    assert.equal(ws.sentOf("query").length, 40);
+    env.tick(49);
+    assert.equal(ws.sentOf("query").length, 40);
+    env.tick(1);
+    assert.equal(ws.sentOf("query").length, 41);
+    env.tick(200);
+    assert.deepEqual(ws.sentOf("query").map((f) => f.users[0]), replies.map((_, i) => `u${i}`), "in order");
+    for (const f of ws.sentOf("query")) ws.frame({ type: "reply", ref: f.ref, ok: true, users: [] });
+    await Promise.all(replies);
+  });
+
+  test("a reconnect re-joining 60 rooms is paced", async (t) => {
+    const env = setup(t);
+    const rooms = Array.from({ length: 60 }, (_, i) => `room${i}`);
+    const joins = rooms.map((room) => env.client.join(room));
+    env.client.connect();
+    env.sockets[0].welcome();
+    assert.equal(env.sockets[0].sentOf("join").length, 40);
+    env.tick(1000);
+    assert.equal(env.sockets[0].sentOf("join").length, 60);
+    for (const f of env.sockets[0].sentOf("join")) env.sockets[0].frame({ type: "reply", ref: f.ref, ok: true, members: [] });
+    await Promise.all(joins);
+  });
+
+  test("rateLimit: false sends everything at once", async (t) => {
+    const rooms = Array.from({ length: 60 }, (_, i) => `room${i}`);
+    const unpaced = setup(t, { rateLimit: false });
+    for (const room of rooms) unpaced.client.join(room).catch(() => {});
+    unpaced.client.connect();
+    unpaced.sockets[0].welcome();
+    assert.equal(unpaced.sockets[0].sentOf("join").length, 60);
+  });
+
+  test("a re-join refused as rate_limited stays wanted and is done again on the next connection", async (t) => {
+    const env = setup(t);
+    const ws = await followed(env);
+    ws.drop(1006);
+    env.tick(125);
+    const ws2 = env.sockets[1];
+    ws2.welcome();
+    const req = ws2.sentOf("join")[0];
+    ws2.frame({ type: "error", ref: req.ref, code: "rate_limited", message: "over 20 messages/s" });
+    await flush();
+    assert.deepEqual(errors(env.log).map((e) => e.code), ["rate_limited"]);
+    ws2.drop(1006);
+    env.tick(125);
+    env.sockets[2].welcome();
+    assert.deepEqual(env.sockets[2].sentOf("join").map((f) => f.room), ["doc:1"]);
   });
 });

@@ -78,6 +78,15 @@ export function fakeWebSocket() {
   return { WebSocket: FakeSocket, sockets };
 }
 
+/**
+ * A JWT-shaped token carrying `claims`, signed with nothing real: the client
+ * only reads `exp` from it, the fake gateway verifies nothing.
+ */
+export function fakeJwt(claims) {
+  const part = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
+  return `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}.c2lnbmF0dXJl`;
+}
+
 /** Record every application event of `client` in arrival order. */
 export function recordEvents(client) {
   const log = [];

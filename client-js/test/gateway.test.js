@@ -1,8 +1,10 @@
 // Integration tests: PresenceClient against the real presenced binary
-// (--dev, in-memory store), with Node's WebSocket (--experimental-websocket).
+// (in-memory store; --dev, or --jwt-secret with HS256 tokens made here), with
+// Node's WebSocket (--experimental-websocket).
 // The binary is $PRESENCED_BIN, else ../target/debug/presenced (cargo build).
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { existsSync } from "node:fs";
 import { once } from "node:events";
 import { describe, test } from "node:test";
@@ -15,6 +17,9 @@ const BIN = process.env.PRESENCED_BIN || fileURLToPath(new URL("../../target/deb
 const WAIT_MS = 10000;
 const TEST = { timeout: 60000 };
 const FAST_RECONNECT = { minMs: 50, maxMs: 200 };
+const JWT_SECRET = "client-js-test-secret";
+/** A gateway that takes identity from tokens signed with JWT_SECRET, with no clock leeway. */
+const JWT_ARGS = ["--jwt-secret", JWT_SECRET, "--jwt-leeway-s", "0"];
 
 // Gateways still running when this process ends for any reason (a crash
 // included) are killed; t.after() does it for each test that finishes.
@@ -23,8 +28,8 @@ process.on("exit", () => {
   for (const child of running) child.kill("SIGKILL");
 });
 
-/** Start a gateway (--dev) on `port` (0: any); killed when the test ends. */
-async function startGateway(t, port = 0) {
+/** Start a gateway (`args`: --dev unless given) on `port` (0: any); killed when the test ends. */
+async function startGateway(t, port = 0, args = ["--dev"]) {
   assert.ok(
     existsSync(BIN),
     `presenced binary not found at ${BIN}: run \`cargo build\` in the repository root or set PRESENCED_BIN`,
@@ -34,7 +39,7 @@ async function startGateway(t, port = 0) {
   const deadline = Date.now() + WAIT_MS;
   for (;;) {
     try {
-      return await spawnGateway(t, port);
+      return await spawnGateway(t, port, args);
     } catch (err) {
       if (port === 0 || Date.now() > deadline) throw err;
       await new Promise((resolve) => setTimeout(resolve, 100));
@@ -42,8 +47,8 @@ async function startGateway(t, port = 0) {
   }
 }
 
-async function spawnGateway(t, port) {
-  const child = spawn(BIN, ["--dev", "--listen", `127.0.0.1:${port}`], {
+async function spawnGateway(t, port, args) {
+  const child = spawn(BIN, [...args, "--listen", `127.0.0.1:${port}`], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, PRESENCED_LOG: process.env.PRESENCED_LOG ?? "warn" },
   });
@@ -84,6 +89,16 @@ async function spawnGateway(t, port) {
   gateway.port = Number(gateway.addr.split(":").at(-1));
   return gateway;
 }
+
+/** An HS256 JWT with `claims`, signed with `secret`. */
+function jwt(claims, secret = JWT_SECRET) {
+  const part = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
+  const signed = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${signed}.${createHmac("sha256", secret).update(signed).digest("base64url")}`;
+}
+
+/** Unix seconds now. */
+const nowS = () => Math.floor(Date.now() / 1000);
 
 /** A client of `gateway` as `user`; closed when the test ends. */
 function client(t, gateway, user, options = {}) {
@@ -289,5 +304,97 @@ describe("against the real gateway", () => {
     assert.deepEqual(summary(log).sort(), ["left team dot", "offline dot"]);
     assert.deepEqual([...room.members.keys()].sort(), ["ann", "ben", "cid", "observer"]);
     assert.ok(["ann", "ben", "cid"].every((u) => observer.isOnline(u) === true));
+  });
+});
+
+describe("against the real gateway, with tokens", () => {
+  test("a 3 s token refreshed from getToken(): the connection outlives it, no reconnect", TEST, async (t) => {
+    const gw = await startGateway(t, 0, JWT_ARGS);
+    const issued = [];
+    const getToken = () => {
+      issued.push({ sub: "alice", exp: nowS() + 3 });
+      return jwt(issued.at(-1));
+    };
+    const alice = client(t, gw, undefined, { getToken });
+    const states = [];
+    alice.on("state", (s) => states.push(s));
+    const tokens = [];
+    alice.on("token", (e) => tokens.push({ ...e, at: Date.now() }));
+    await open(alice);
+    const conn = alice.conn;
+    assert.equal(alice.user, "alice");
+    const firstExpMs = issued[0].exp * 1000;
+
+    // The gateway checks expiry in whole seconds: one second past exp, a
+    // connection still on the first token would be gone (4001).
+    await until("a refresh after the first token's expiry", [alice], () => tokens.some((e) => e.at > firstExpMs + 1100), "token");
+    assert.deepEqual((await alice.query(["alice"]))[0].online, true, "the socket still answers");
+    assert.equal(alice.conn, conn, "the same connection: no reconnect");
+    assert.deepEqual(states, ["connecting", "open"]);
+    assert.ok(issued.length >= 3, `tokens issued: ${issued.length}`);
+    for (const e of tokens) assert.ok(issued.some((claims) => claims.exp === e.expiresAt), "expiresAt is a token's exp");
+  });
+
+  test("refresh(): the gateway's refusals reject with its codes and keep the connection", TEST, async (t) => {
+    const gw = await startGateway(t, 0, JWT_ARGS);
+    const alice = client(t, gw, undefined, { token: jwt({ sub: "alice", exp: nowS() + 60 }) });
+    const errors = [];
+    alice.on("error", (e) => errors.push(e));
+    await open(alice);
+    const conn = alice.conn;
+    await assert.rejects(alice.refresh(jwt({ sub: "alice", exp: nowS() - 5 })), (err) => {
+      assert.equal(err.code, "invalid_token");
+      assert.match(err.message, /^token_expired/);
+      return true;
+    });
+    await assert.rejects(alice.refresh(jwt({ sub: "bob", exp: nowS() + 60 })), { code: "forbidden" });
+    await assert.rejects(alice.refresh(jwt({ sub: "alice", exp: nowS() + 60 }, "another-secret")), { code: "invalid_token" });
+    const exp = nowS() + 120;
+    assert.deepEqual(await alice.refresh(jwt({ sub: "alice", exp })), { expiresAt: exp });
+    assert.equal(alice.conn, conn);
+    assert.equal(alice.state, "open");
+    assert.deepEqual(errors, [], "a refused refresh() rejects; it is not also an error event");
+  });
+
+  test("subscribeFeed with a feed:true token hears a user it does not watch; without the claim: forbidden", TEST, async (t) => {
+    const gw = await startGateway(t, 0, JWT_ARGS);
+    const observer = client(t, gw, undefined, { token: jwt({ sub: "observer", exp: nowS() + 60, feed: true }) });
+    const log = recordEvents(observer);
+    await open(observer);
+    assert.equal(await observer.subscribeFeed(), undefined);
+
+    const alice = client(t, gw, undefined, { token: jwt({ sub: "alice", exp: nowS() + 60 }) });
+    await open(alice);
+    await until("alice online in the feed", [observer], () => summary(log).includes("online alice"), "online");
+    alice.close();
+    await until("alice offline in the feed", [observer], () => summary(log).includes("offline alice closed"), "offline");
+    // The observer's own online may come through the feed as well (its
+    // connection is written to the store after its welcome): not the point here.
+    assert.deepEqual(summary(log).filter((e) => e.includes("alice")), ["online alice", "offline alice closed"]);
+    assert.equal(observer.isOnline("alice"), undefined, "not watched: not in the local view");
+
+    const plain = client(t, gw, undefined, { token: jwt({ sub: "plain", exp: nowS() + 60 }) });
+    await open(plain);
+    await assert.rejects(plain.subscribeFeed(), (err) => {
+      assert.equal(err.code, "forbidden");
+      return true;
+    });
+  });
+
+  test("a handshake refused with 401: a static token stops at once; getToken gets one retry", TEST, async (t) => {
+    const gw = await startGateway(t, 0, JWT_ARGS);
+    const stale = client(t, gw, undefined, { token: jwt({ sub: "alice", exp: nowS() - 60 }) });
+    const errors = [];
+    stale.on("error", (e) => errors.push(e));
+    stale.connect();
+    await until("the stale token's client closed", [stale], () => stale.state === "closed", "state");
+    assert.deepEqual(errors.map((e) => e.code), ["unauthorized"]);
+
+    let calls = 0;
+    const getToken = () => jwt({ sub: "alice", exp: ++calls === 1 ? nowS() - 60 : nowS() + 60 });
+    const retried = client(t, gw, undefined, { getToken });
+    await open(retried);
+    assert.equal(calls, 2);
+    assert.equal(retried.user, "alice");
   });
 });
