@@ -140,6 +140,10 @@ pub struct Options {
     /// target's listening port).
     #[arg(long, value_delimiter = ',')]
     pub gateway_pids: Vec<u32>,
+    /// The cluster's Redis (`redis://HOST:PORT`), to count its `MULTI`/
+    /// `EXEC` transactions (INFO commandstats) per 1,000 connects.
+    #[arg(long)]
+    pub redis: Option<String>,
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -167,6 +171,7 @@ impl Options {
             source_addrs: Vec::new(),
             procs: 1,
             gateway_pids: Vec::new(),
+            redis: None,
             json: false,
             worker_command: Vec::new(),
         }

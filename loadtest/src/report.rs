@@ -48,8 +48,9 @@ pub struct Report {
     pub open_tabs_held: u64,
     /// Connect started → `welcome` received.
     pub connect_latency: Latency,
-    /// `storm`, `hold`: first connect → the slowest observer saw the last
-    /// `online`, in seconds (when every observer settled).
+    /// `storm`, `hold`: first connect → every tab welcomed and the
+    /// slowest observer saw the last `online`, in seconds (when every
+    /// observer settled).
     pub all_online_s: Option<f64>,
     /// Tabs opened / `all_online_s`.
     pub tabs_per_s_until_all_online: Option<f64>,
@@ -78,6 +79,23 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// The gateways' processes.
     pub gateway: GatewayReport,
+    /// The cluster's Redis transactions (`--redis`).
+    pub redis: Option<RedisReport>,
+}
+
+/// `MULTI`/`EXEC` transactions the cluster's Redis ran (`INFO
+/// commandstats`, `cmdstat_exec`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisReport {
+    /// Before the first tab.
+    pub transactions_before: u64,
+    /// After the opens (or the churn), once every observer saw every
+    /// transition.
+    pub transactions_held: u64,
+    /// After every tab closed.
+    pub transactions_after: u64,
+    /// (held − before) × 1,000 / tabs opened: what 1,000 connects cost.
+    pub per_1000_connects: Option<f64>,
 }
 
 impl Report {
@@ -265,6 +283,17 @@ impl Report {
                 .cpu_seconds
                 .map_or("n/a".to_owned(), |v| format!("{v:.2} s"))
         );
+        if let Some(r) = &self.redis {
+            let _ = writeln!(
+                s,
+                "  {:<24} {} during the opens ({} per 1,000 connects), {} in all",
+                "redis MULTI/EXEC",
+                r.transactions_held - r.transactions_before,
+                r.per_1000_connects
+                    .map_or("n/a".to_owned(), |v| format!("{v:.1}")),
+                r.transactions_after - r.transactions_before
+            );
+        }
         let _ = writeln!(
             s,
             "  {:<24} {}",

@@ -27,7 +27,7 @@ use crate::{
     layout::Layout,
     observer::{Comparison, EventChecks, Observer},
     options::{Options, Scenario},
-    report::{FanoutReport, GatewayReport, Report, TargetReport},
+    report::{FanoutReport, GatewayReport, RedisReport, Report, TargetReport},
     shard::{FanoutShard, Held, Order, QUIET_WINDOW, ShardMsg, ShardSpec},
     stats::{EventKind, HistogramData, KindHistograms, Latency, Progress, Shared},
     tab::STEP_TIMEOUT,
@@ -187,6 +187,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
 
     let bar = progress.then(|| spinner(scenario, &shared, &shards.progress));
     let before = sample_all(&processes).await;
+    let redis_before = redis_sample(opts).await?;
     let started = clock.now();
     let started_at = Instant::now();
 
@@ -213,6 +214,8 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
 
     let held_sample = sample_all(&processes).await;
     let mut checks = vec![check("held", &mut observers, &online, &in_room, &layout).await?];
+    // Every observer saw every transition: the store wrote them all.
+    let redis_held = redis_sample(opts).await?;
     if scenario == Scenario::Hold {
         let hold = Duration::from_secs_f64(opts.duration);
         observers = with_observers(observers, sleep(hold)).await.1;
@@ -234,6 +237,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
     let nobody = vec![false; layout.users];
     checks.push(check("closed", &mut observers, &nobody, &nobody, &layout).await?);
     let after = sample_all(&processes).await;
+    let redis_after = redis_sample(opts).await?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -246,11 +250,13 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
         }
     }
     let observed = check_observers(&observers, &truth, &layout, &shared);
+    let opens = span(helds.iter().map(|h| h.opens));
+    // Every tab welcomed, and every observer saw every `online`.
     let all_online_s = matches!(scenario, Scenario::Storm | Scenario::Hold)
         .then(|| all_online_at(&observers, closes_from))
         .flatten()
         .filter(|_| checks[0].observers_settled)
-        .map(|at| at.saturating_sub(started) as f64 / 1e6);
+        .map(|at| at.max(opens.1).saturating_sub(started) as f64 / 1e6);
 
     let (mut presence, mut unexpected, mut syncs) = (EventChecks::default(), 0, 0);
     for o in &observers {
@@ -268,7 +274,6 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
     let cycles: u64 = reports.iter().map(|r| r.closes).sum();
     let open_tabs: u64 = helds.iter().map(|h| h.open_tabs).sum();
     let connects_in_opens: u64 = helds.iter().map(|h| h.connects_in_opens).sum();
-    let opens = span(helds.iter().map(|h| h.opens));
     let gateway = GatewayReport::new(
         processes
             .iter()
@@ -288,6 +293,18 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
         .then(|| fanout_report(&helds, &observers, opts.rooms))
         .flatten();
     let users = layout.users;
+    let redis = match (redis_before, redis_held, redis_after) {
+        (Some(before), Some(held), Some(after)) => Some(RedisReport {
+            transactions_before: before,
+            transactions_held: held,
+            transactions_after: after,
+            // Only opens happened before the held sample in these two.
+            per_1000_connects: (matches!(scenario, Scenario::Storm | Scenario::Hold)
+                && connects_in_opens > 0)
+                .then(|| (held - before) as f64 * 1000.0 / connects_in_opens as f64),
+        }),
+        _ => None,
+    };
     Ok(Report {
         scenario,
         targets: opts.targets.clone(),
@@ -322,7 +339,19 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
         checks,
         errors,
         gateway,
+        redis,
     })
+}
+
+/// The Redis transaction count, when `--redis` is given.
+async fn redis_sample(opts: &Options) -> anyhow::Result<Option<u64>> {
+    match &opts.redis {
+        None => Ok(None),
+        Some(url) => crate::target::redis_transactions(url)
+            .await
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--redis: {e}")),
+    }
 }
 
 /// The earliest start and latest end of `spans`.

@@ -181,6 +181,54 @@ pub fn sample(page: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Bound on one Redis `INFO` read.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `EXEC` calls (`MULTI`/`EXEC` transactions) a Redis server has run,
+/// from `INFO commandstats`; `url` is `redis://[user:pass@]HOST:PORT[/db]`.
+pub async fn redis_transactions(url: &str) -> Result<u64, String> {
+    let rest = url
+        .strip_prefix("redis://")
+        .ok_or_else(|| format!("{url:?}: not a redis:// URL"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    let page = timeout(REDIS_TIMEOUT, async {
+        let mut s = TcpStream::connect(host)
+            .await
+            .map_err(|e| format!("redis {host}: {e}"))?;
+        s.write_all(b"INFO commandstats\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("redis closed the connection".to_owned());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            // A bulk string: `$LEN\r\n` then LEN bytes and `\r\n`.
+            let text = String::from_utf8_lossy(&buf);
+            if let Some((head, body)) = text.split_once("\r\n") {
+                let len: usize = head
+                    .strip_prefix('$')
+                    .and_then(|l| l.parse().ok())
+                    .ok_or_else(|| format!("unexpected answer {head:?}"))?;
+                if body.len() >= len {
+                    return Ok(body[..len].to_owned());
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|_| "redis INFO timeout".to_owned())??;
+    Ok(page
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_exec:calls="))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
