@@ -7,8 +7,22 @@
 //! A transition is stamped when the action that causes it *begins* (connect
 //! started, Close or `join`/`leave` sent), which is before the gateway can
 //! act on it; an observer's event latency is measured from that stamp.
+//!
+//! `join` and `leave` replies come once the store decided them, but a
+//! `welcome` and a close reply come before the connect or disconnect is
+//! written. An open and a close of one user on different nodes could
+//! reach the store in either order, so a user spaces an open after its last
+//! close, and a close after its last open, by [`UNACKED_GAP`], ten times
+//! the gateway's default batch linger. (Opens after opens, or closes after
+//! closes, change the count the same way in any order.)
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::time::sleep_until;
 
 use crate::{
     stats::Shared,
@@ -16,6 +30,10 @@ use crate::{
     target::Target,
     truth::{Transition, TruthLog},
 };
+
+/// Least time between a user's connect and its next close, or close and
+/// next connect.
+pub const UNACKED_GAP: Duration = Duration::from_millis(50);
 
 /// The room of a user, when it has one.
 #[derive(Debug, Clone)]
@@ -45,6 +63,10 @@ pub struct User {
     /// `fanout`: whether the user is leaving its room tab by tab (else
     /// joining it tab by tab).
     leaving: bool,
+    /// When the user's last open and last close went out (the store does
+    /// not acknowledge either).
+    last_open: Option<Instant>,
+    last_close: Option<Instant>,
     shared: Arc<Shared>,
 }
 
@@ -80,6 +102,8 @@ impl User {
             tabs: (0..tabs).map(|_| None).collect(),
             log: TruthLog::default(),
             leaving: true,
+            last_open: None,
+            last_close: None,
             shared,
         }
     }
@@ -114,8 +138,17 @@ impl User {
         self.tabs.iter().flatten().filter_map(|t| t.log.as_ref())
     }
 
+    /// Waits until [`UNACKED_GAP`] after `last`.
+    async fn space_after(last: Option<Instant>) {
+        if let Some(t) = last {
+            sleep_until((t + UNACKED_GAP).into()).await;
+        }
+    }
+
     /// Opens slot `i` (it must be empty), then joins the user's room.
     pub async fn open(&mut self, i: usize) {
+        Self::space_after(self.last_close).await;
+        self.last_open = Some(Instant::now());
         let started = self.shared.clock.now();
         let was_online = self.online();
         let (url, target) = self.urls[i].clone();
@@ -184,6 +217,11 @@ impl User {
 
     /// Closes slot `i` if it is open.
     pub async fn close(&mut self, i: usize) {
+        if self.tabs[i].is_none() {
+            return;
+        }
+        Self::space_after(self.last_open).await;
+        self.last_close = Some(Instant::now());
         let Some(tab) = self.tabs[i].take() else {
             return;
         };
