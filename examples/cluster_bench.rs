@@ -169,10 +169,7 @@ impl Gateway {
 
 /// The value of an unlabelled sample on a Prometheus page.
 fn sample(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    presenced_load::target::sample(page, name).unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 /// Connects as `user` and waits for the `welcome`; returns the tab and when

@@ -1,25 +1,36 @@
 //! `presenced-load`: the load and correctness tool of presenced.
 //!
 //! Data flow of a run: [`options::Options`] name the gateways
-//! ([`target::Target`]) and the load; [`scenario::run`] connects the
-//! [`observer::Observer`]s (watch every user, join every room), then drives
-//! [`user::User`]s (each a sequence of [`tab::Tab`] opens and closes that
-//! records the true transitions) while the observers check every event;
-//! at the end it compares the gateway's `query` and `room` answers with the
-//! truth, twice (tabs held, tabs closed), and returns a [`report::Report`].
-//! Counters shared while running live in [`stats::Shared`].
+//! ([`target::Target`]) and the load, [`layout::Layout`] the run's users,
+//! rooms and observers. [`scenario::run`] (the coordinator) connects the
+//! [`observer::Observer`]s (watch every user, join every room), then has
+//! one [`shard`] per process (`--procs`, [`worker`]) drive its
+//! [`user::User`]s: each a sequence of [`tab::Tab`] opens, closes, joins and
+//! leaves that records its true transitions ([`truth::TruthLog`]). In
+//! `fanout` every tab is also a receiver whose room events its shard checks
+//! exactly ([`truth::check_window`]). After the actions the coordinator
+//! waits for the observers to reach the truth the shards report, compares
+//! the gateway's `query` and `room` answers with it, twice (tabs held,
+//! tabs closed), checks each observer event against the shards' truth logs
+//! and returns a [`report::Report`]. Counters shared while running live in
+//! [`stats::Shared`]; every stamp is on the run's [`clock::RunClock`].
 //!
 //! Correctness is not optional: a run without observers is refused.
 
+pub mod clock;
+pub mod layout;
 pub mod observer;
 pub mod options;
 pub mod report;
 pub mod rng;
 pub mod scenario;
+pub mod shard;
 pub mod stats;
 pub mod tab;
 pub mod target;
+pub mod truth;
 pub mod user;
+pub mod worker;
 
 pub use options::{Options, Scenario};
 pub use report::Report;

@@ -7,7 +7,16 @@ use presenced_load::options::Cli;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
-    let (scenario, opts) = Cli::parse().scenario.split();
+    let Some((scenario, opts)) = Cli::parse().scenario.split() else {
+        // `worker`: a shard of a `--procs` run, started by the coordinator.
+        return match presenced_load::worker::serve_from_env().await {
+            Some(result) => result.map(|()| ExitCode::SUCCESS),
+            None => anyhow::bail!(
+                "`worker` is started by presenced-load --procs, with {} set",
+                presenced_load::worker::WORKER_ENV
+            ),
+        };
+    };
     let report = presenced_load::run(scenario, &opts, std::io::stderr().is_terminal()).await?;
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

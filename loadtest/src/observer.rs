@@ -4,15 +4,20 @@
 //! Presence events carry `seq`, one per transition of a user, so an observer
 //! knows exactly what it missed (a gap), saw twice (the same `seq`) or saw
 //! out of order (a lower `seq`, or an `online` where the alternation says
-//! `offline`). Room events have no `seq`: two `joined` (or `left`) in a row
-//! count as a duplicate, and a final view that differs from the truth as a
-//! miss. A reader task stamps each frame on arrival, so a busy checker does
-//! not bias the latencies.
+//! `offline`). Room events have no `seq`: the observer keeps them in arrival
+//! order, and once the run is over the coordinator checks them exactly
+//! against each user's true transitions ([`crate::truth::check_window`]).
+//! A reader task stamps each frame on arrival, so a busy checker does not
+//! bias the latencies.
+//!
+//! A request the gateway refuses ends the run with a message that names
+//! the limit (`--max-watch`, `--max-rooms`, ...), except `rate_limited`,
+//! which is counted and retried after a pause.
 
 use std::{
     collections::HashSet,
     sync::{Arc, atomic::Ordering::Relaxed},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use futures_util::{SinkExt, StreamExt, stream::SplitSink};
@@ -20,11 +25,12 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::{
     sync::{mpsc, watch},
-    time::timeout_at,
+    time::{sleep, timeout_at},
 };
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
+    clock::Stamp,
     stats::Shared,
     tab::{STEP_TIMEOUT, Ws, open_ws},
     target::Target,
@@ -34,9 +40,14 @@ use crate::{
 pub const MAX_IDS: usize = 1000;
 /// Most members in one `room` page.
 const MAX_PAGE: usize = 1000;
+/// Pause after a `rate_limited` refusal: the gateway's bucket refills at
+/// `--rate-limit` messages a second.
+const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(1);
+/// Most retries of one refused request.
+const RATE_LIMITED_RETRIES: usize = 30;
 
 /// Event checks of one kind (presence or room), summed over observers.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct EventChecks {
     /// Events that never arrived.
     pub missed: u64,
@@ -68,7 +79,8 @@ struct View {
     in_room: bool,
 }
 
-/// A received event, kept to compute latencies against the truth.
+/// A received event, kept to check it and compute its latency against the
+/// truth once the run is over.
 #[derive(Debug, Clone, Copy)]
 pub struct Seen {
     /// Index of the user.
@@ -77,21 +89,25 @@ pub struct Seen {
     pub to: bool,
     /// `true` for `joined` / `left`.
     pub room: bool,
+    /// The presence event's `seq` (0 for room events).
+    pub seq: u64,
     /// When the frame arrived.
-    pub at: Instant,
+    pub at: Stamp,
 }
 
 /// One observing connection.
 pub struct Observer {
+    /// Its name (user id).
+    pub name: String,
+    /// Index of the target it is connected to.
+    pub target: u16,
     sink: SplitSink<Ws, Message>,
-    frames: mpsc::UnboundedReceiver<(Instant, Value)>,
+    frames: mpsc::UnboundedReceiver<(Stamp, Value)>,
     next_ref: u64,
     user_prefix: String,
     views: Vec<View>,
     /// Presence checks so far.
     pub presence: EventChecks,
-    /// Room checks so far.
-    pub room: EventChecks,
     /// Frames that are neither replies nor events about users of the run.
     pub unexpected: u64,
     /// `sync` frames (the node resubscribed; views were replaced).
@@ -117,10 +133,10 @@ pub struct Comparison {
 }
 
 impl Observer {
-    /// Connects as `name` to `target`; events are about users named
-    /// `{user_prefix}{index}`, `users` of them.
+    /// Connects as `name` to `target` (number `index`); events are about
+    /// users named `{user_prefix}{index}`, `users` of them.
     pub async fn connect(
-        target: &Target,
+        (target, index): (&Target, u16),
         name: &str,
         user_prefix: &str,
         users: usize,
@@ -131,10 +147,11 @@ impl Observer {
             .map_err(|kind| anyhow::anyhow!("observer {name} on {}: {kind}", target.ws))?;
         let (sink, mut stream) = ws.split();
         let (tx, frames) = mpsc::unbounded_channel();
+        let clock = shared.clock;
         tokio::spawn(async move {
             while let Some(Ok(message)) = stream.next().await {
                 if let Message::Text(t) = message {
-                    let at = Instant::now();
+                    let at = clock.now();
                     let frame = serde_json::from_str(&t).unwrap_or(Value::Null);
                     if tx.send((at, frame)).is_err() {
                         break;
@@ -143,13 +160,14 @@ impl Observer {
             }
         });
         Ok(Self {
+            name: name.to_owned(),
+            target: index,
             sink,
             frames,
             next_ref: 0,
             user_prefix: user_prefix.to_owned(),
             views: vec![View::default(); users],
             presence: EventChecks::default(),
-            room: EventChecks::default(),
             unexpected: 0,
             syncs: 0,
             seen: Vec::new(),
@@ -163,8 +181,44 @@ impl Observer {
     }
 
     /// Sends `request` with a fresh `ref` and handles frames until its
-    /// reply arrives.
-    pub async fn request(&mut self, mut request: Value) -> anyhow::Result<Value> {
+    /// reply arrives. A `rate_limited` refusal is counted and retried after
+    /// a pause; any other refusal fails with the gateway's reason.
+    pub async fn request(&mut self, request: Value) -> anyhow::Result<Value> {
+        for _ in 0..RATE_LIMITED_RETRIES {
+            match self.request_once(request.clone()).await? {
+                Ok(reply) => return Ok(reply),
+                Err(code) if code == "rate_limited" => {
+                    self.shared.error("observer_error_rate_limited");
+                    sleep(RATE_LIMITED_PAUSE).await;
+                }
+                Err(code) => {
+                    self.shared.error(&format!("observer_error_{code}"));
+                    let hint = match (code.as_str(), request["type"].as_str()) {
+                        ("limit_exceeded", Some("watch")) => {
+                            "; start the gateways with --max-watch at least the run's --users"
+                        }
+                        ("limit_exceeded", Some("join")) => {
+                            "; start the gateways with --max-rooms at least the run's rooms"
+                        }
+                        _ => "",
+                    };
+                    anyhow::bail!(
+                        "observer {}: the gateway refused {} with {code}{hint}",
+                        self.name,
+                        request["type"]
+                    );
+                }
+            }
+        }
+        anyhow::bail!(
+            "observer {}: {} still rate_limited after {RATE_LIMITED_RETRIES} tries; raise the gateways' --rate-limit / --rate-burst",
+            self.name,
+            request["type"]
+        )
+    }
+
+    /// One try of `request`: the reply, or the error frame's code.
+    async fn request_once(&mut self, mut request: Value) -> anyhow::Result<Result<Value, String>> {
         self.next_ref += 1;
         let r = self.next_ref;
         request["ref"] = json!(r);
@@ -175,11 +229,14 @@ impl Observer {
         loop {
             let Ok(Some((at, frame))) = timeout_at(deadline.into(), self.frames.recv()).await
             else {
-                anyhow::bail!("no reply to {request}");
+                anyhow::bail!("observer {}: no reply to {request}", self.name);
             };
             if frame["ref"] == json!(r) {
-                anyhow::ensure!(frame["ok"] == true, "{request} failed: {frame}");
-                return Ok(frame);
+                if frame["type"] == "reply" && frame["ok"] == true {
+                    return Ok(Ok(frame));
+                }
+                let code = frame["code"].as_str().unwrap_or("unknown").to_owned();
+                return Ok(Err(code));
             }
             self.handle(at, &frame);
         }
@@ -217,7 +274,7 @@ impl Observer {
     }
 
     /// Checks one frame that is not the reply being waited for.
-    fn handle(&mut self, at: Instant, frame: &Value) {
+    fn handle(&mut self, at: Stamp, frame: &Value) {
         let kind = frame["type"].as_str().unwrap_or_default();
         let user = frame["user"].as_str().and_then(|u| self.user_index(u));
         match (kind, user) {
@@ -251,21 +308,19 @@ impl Observer {
                     user: i,
                     to: online,
                     room: false,
+                    seq,
                     at,
                 });
             }
             ("joined" | "left", Some(i)) => {
                 self.shared.events.fetch_add(1, Relaxed);
                 let joined = kind == "joined";
-                let v = &mut self.views[i];
-                if v.in_room == joined {
-                    self.room.duplicated += 1;
-                }
-                v.in_room = joined;
+                self.views[i].in_room = joined;
                 self.seen.push(Seen {
                     user: i,
                     to: joined,
                     room: true,
+                    seq: 0,
                     at,
                 });
             }
@@ -330,9 +385,10 @@ impl Observer {
         settled
     }
 
-    /// Counts what this observer's view still lacks as missed events, then
-    /// takes the gateway's state (and the truth for rooms) as its view, so
-    /// a later check does not count the same miss again.
+    /// Counts what this observer's presence view still lacks as missed
+    /// events, then takes the gateway's state (and the truth for rooms,
+    /// whose misses the exact check at the end counts) as its view, so a
+    /// later check does not count the same miss again.
     pub fn count_final_misses(&mut self, gateway: &[(bool, u64)], in_room: &[bool]) {
         for (i, v) in self.views.iter_mut().enumerate() {
             let (online, seq) = gateway[i];
@@ -341,10 +397,7 @@ impl Observer {
                 v.online = online;
                 v.seq = seq;
             }
-            if v.in_room != in_room[i] {
-                self.room.missed += 1;
-                v.in_room = in_room[i];
-            }
+            v.in_room = in_room[i];
         }
     }
 

@@ -2,6 +2,7 @@
 //! and a churn against the same cluster differ only in the subcommand.
 
 use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
 
 /// Default users per run.
 pub const DEFAULT_USERS: usize = 100;
@@ -15,8 +16,11 @@ pub const DEFAULT_DURATION_S: f64 = 10.0;
 pub const DEFAULT_OBSERVERS: usize = 1;
 /// Default tab opens+closes a second for `churn`.
 pub const DEFAULT_CHURN_RATE: f64 = 500.0;
-/// Default tab opens a second for `hold` (a storm defaults to unpaced).
+/// Default tab opens a second for `hold` (a storm defaults to unpaced),
+/// and for the opens before a `fanout`.
 pub const DEFAULT_HOLD_RATE: f64 = 1000.0;
+/// Default joins+leaves a second for `fanout`.
+pub const DEFAULT_FANOUT_RATE: f64 = 200.0;
 
 /// `presenced-load`: drives a presenced gateway or cluster with WebSocket
 /// tabs and checks every event the observers see.
@@ -40,21 +44,36 @@ pub enum ScenarioCommand {
     /// Open every tab at --rate, hold them --duration seconds while the
     /// gateways' memory is sampled, then close them all.
     Hold(Options),
+    /// Rooms of --room-size users, every tab a member: for --duration
+    /// seconds members leave and re-join at --rate actions a second, and
+    /// every member checks the joined/left it receives.
+    Fanout(Options),
+    /// A worker process of `--procs` (started by the tool itself; its
+    /// orders come in the PRESENCED_LOAD_WORKER environment variable).
+    #[command(hide = true)]
+    Worker {
+        /// Which shard of users this worker runs (users u with u % procs
+        /// == shard).
+        #[arg(long)]
+        shard: usize,
+    },
 }
 
 impl ScenarioCommand {
-    /// The scenario and its options.
-    pub fn split(self) -> (Scenario, Options) {
-        match self {
+    /// The scenario and its options, or `None` for a worker.
+    pub fn split(self) -> Option<(Scenario, Options)> {
+        Some(match self {
             Self::Storm(o) => (Scenario::Storm, o),
             Self::Churn(o) => (Scenario::Churn, o),
             Self::Hold(o) => (Scenario::Hold, o),
-        }
+            Self::Fanout(o) => (Scenario::Fanout, o),
+            Self::Worker { .. } => return None,
+        })
     }
 }
 
 /// Which load shape a run applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
     /// Everything opens at once, then closes at once.
@@ -63,10 +82,12 @@ pub enum Scenario {
     Churn,
     /// Everything opens, stays, then closes.
     Hold,
+    /// Room members leave and re-join at a steady rate.
+    Fanout,
 }
 
 /// Options common to every scenario.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct Options {
     /// Gateway WebSocket URLs, comma-separated (`ws://HOST:PORT/ws`); the
     /// tabs of one user are spread across them. The gateways must run with
@@ -80,18 +101,22 @@ pub struct Options {
     #[arg(long, default_value_t = DEFAULT_TABS)]
     pub tabs: usize,
     /// Rooms; the first rooms × room-size users each join one room with
-    /// every tab.
+    /// every tab. `fanout` needs rooms and runs exactly rooms × room-size
+    /// users (--users is ignored).
     #[arg(long, default_value_t = 0)]
     pub rooms: usize,
     /// Users per room.
     #[arg(long, default_value_t = DEFAULT_ROOM_SIZE)]
     pub room_size: usize,
     /// Actions a second: tab opens+closes for churn, opens for storm and
-    /// hold (0 = as fast as possible). Default: 500 for churn, 1000 for
-    /// hold, unpaced for storm.
+    /// hold, leaves+joins for fanout (0 = as fast as possible). Default:
+    /// 500 for churn, 1000 for hold, 200 for fanout, unpaced for storm.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Seconds of churn, or of holding in `hold`.
+    /// Tab opens a second before a `fanout`'s actions (0 = unpaced).
+    #[arg(long, default_value_t = DEFAULT_HOLD_RATE)]
+    pub open_rate: f64,
+    /// Seconds of churn or fanout, or of holding in `hold`.
     #[arg(long, default_value_t = DEFAULT_DURATION_S)]
     pub duration: f64,
     /// Connections that watch every user and join every room, and check
@@ -104,9 +129,29 @@ pub struct Options {
     /// choice.
     #[arg(long, value_delimiter = ',')]
     pub source_addrs: Vec<std::net::IpAddr>,
+    /// Worker processes the tabs run in (users u with u % procs == k in
+    /// worker k); the observers and the checks stay in this process. One
+    /// process may hold 20,000 open files here: use about one worker per
+    /// 15,000 tabs.
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Pids of the gateway processes, in the order of the distinct
+    /// targets, for CPU time from /proc (default: found from each local
+    /// target's listening port).
+    #[arg(long, value_delimiter = ',')]
+    pub gateway_pids: Vec<u32>,
+    /// The cluster's Redis (`redis://HOST:PORT`), to count its `MULTI`/
+    /// `EXEC` transactions (INFO commandstats) per 1,000 connects.
+    #[arg(long)]
+    pub redis: Option<String>,
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The command that starts a worker (default: this executable with
+    /// `worker`); tests point it at their own harness.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub worker_command: Vec<String>,
 }
 
 impl Options {
@@ -120,10 +165,23 @@ impl Options {
             rooms: 0,
             room_size: DEFAULT_ROOM_SIZE,
             rate: None,
+            open_rate: DEFAULT_HOLD_RATE,
             duration: DEFAULT_DURATION_S,
             observers: DEFAULT_OBSERVERS,
             source_addrs: Vec::new(),
+            procs: 1,
+            gateway_pids: Vec::new(),
+            redis: None,
             json: false,
+            worker_command: Vec::new(),
+        }
+    }
+
+    /// The users of a run of `scenario`: rooms × room-size for `fanout`.
+    pub fn users_for(&self, scenario: Scenario) -> usize {
+        match scenario {
+            Scenario::Fanout => self.rooms * self.room_size,
+            _ => self.users,
         }
     }
 
@@ -133,13 +191,25 @@ impl Options {
             Scenario::Storm => 0.0,
             Scenario::Churn => DEFAULT_CHURN_RATE,
             Scenario::Hold => DEFAULT_HOLD_RATE,
+            Scenario::Fanout => DEFAULT_FANOUT_RATE,
         })
     }
 
     /// Refuses option combinations that cannot run.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self, scenario: Scenario) -> anyhow::Result<()> {
         anyhow::ensure!(!self.targets.is_empty(), "--targets needs at least one URL");
-        anyhow::ensure!(self.users > 0, "--users must be at least 1");
+        anyhow::ensure!(self.procs > 0, "--procs must be at least 1");
+        if scenario == Scenario::Fanout {
+            anyhow::ensure!(
+                self.rooms > 0 && self.room_size > 0,
+                "fanout needs --rooms and --room-size of at least 1"
+            );
+            anyhow::ensure!(
+                self.rooms.is_multiple_of(self.procs),
+                "fanout: --rooms must be a multiple of --procs (a room's members live in one worker)"
+            );
+        }
+        anyhow::ensure!(self.users_for(scenario) > 0, "--users must be at least 1");
         anyhow::ensure!(self.tabs > 0, "--tabs must be at least 1");
         anyhow::ensure!(
             self.observers > 0,
@@ -156,6 +226,10 @@ impl Options {
         anyhow::ensure!(
             self.rate.is_none_or(|r| r >= 0.0 && r.is_finite()),
             "--rate must be 0 or more"
+        );
+        anyhow::ensure!(
+            self.open_rate >= 0.0 && self.open_rate.is_finite(),
+            "--open-rate must be 0 or more"
         );
         for t in &self.targets {
             crate::target::Target::parse(t)?;

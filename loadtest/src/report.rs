@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::{
     observer::{Comparison, EventChecks},
     options::Scenario,
-    stats::Latency,
+    stats::{KindLatencies, Latency},
     target::ProcessSample,
 };
 
@@ -29,6 +29,8 @@ pub struct Report {
     pub room_size: usize,
     /// `--observers`.
     pub observers: usize,
+    /// Processes the tabs ran in (`--procs`).
+    pub procs: usize,
     /// Actions a second used (0 = unpaced).
     pub rate: f64,
     /// `--duration`.
@@ -37,8 +39,8 @@ pub struct Report {
     pub elapsed_s: f64,
     /// Tabs welcomed.
     pub connects: u64,
-    /// Tabs welcomed per second of the action phase (opens for storm and
-    /// hold, the churn itself for churn).
+    /// Tabs welcomed per second of the opens (storm, hold, before a
+    /// fanout) or of the churn.
     pub connects_per_s: f64,
     /// Tabs closed by the tool (each one a connect+disconnect cycle).
     pub closes: u64,
@@ -46,21 +48,30 @@ pub struct Report {
     pub open_tabs_held: u64,
     /// Connect started → `welcome` received.
     pub connect_latency: Latency,
-    /// Action (connect started / Close sent) → `online`/`offline` at an
-    /// observer.
-    pub presence_event_latency: Latency,
-    /// Action (`join` sent / Close sent) → `joined`/`left` at an observer.
-    pub room_event_latency: Latency,
+    /// `storm`, `hold`: first connect → every tab welcomed and the
+    /// slowest observer saw the last `online`, in seconds (when every
+    /// observer settled).
+    pub all_online_s: Option<f64>,
+    /// Tabs opened / `all_online_s`.
+    pub tabs_per_s_until_all_online: Option<f64>,
+    /// Action (connect started, Close sent, `join`/`leave` sent) → the
+    /// event at an observer, per kind.
+    pub event_latency: KindLatencies,
+    /// The same, for events whose action was on another node than the
+    /// observer's.
+    pub event_latency_cross_node: KindLatencies,
     /// Presence and room events the observers received.
     pub events: u64,
     /// Presence event checks, summed over observers (must be 0).
     pub presence: EventChecks,
-    /// Room event checks, summed over observers (must be 0).
+    /// Room event checks at the observers, exact (must be 0).
     pub room: EventChecks,
     /// Frames at observers that are neither replies nor events of the run.
     pub unexpected_frames: u64,
     /// `sync` frames at observers.
     pub syncs: u64,
+    /// `fanout`'s member checks and fan-out figures.
+    pub fanout: Option<FanoutReport>,
     /// The comparisons with the gateway: after the actions (`held`) and
     /// after closing every tab (`closed`).
     pub checks: Vec<Comparison>,
@@ -68,6 +79,23 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// The gateways' processes.
     pub gateway: GatewayReport,
+    /// The cluster's Redis transactions (`--redis`).
+    pub redis: Option<RedisReport>,
+}
+
+/// `MULTI`/`EXEC` transactions the cluster's Redis ran (`INFO
+/// commandstats`, `cmdstat_exec`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisReport {
+    /// Before the first tab.
+    pub transactions_before: u64,
+    /// After the opens (or the churn), once every observer saw every
+    /// transition.
+    pub transactions_held: u64,
+    /// After every tab closed.
+    pub transactions_after: u64,
+    /// (held − before) × 1,000 / tabs opened: what 1,000 connects cost.
+    pub per_1000_connects: Option<f64>,
 }
 
 impl Report {
@@ -76,6 +104,10 @@ impl Report {
     pub fn correct(&self) -> bool {
         self.presence.clean()
             && self.room.clean()
+            && self
+                .fanout
+                .as_ref()
+                .is_none_or(|f| f.member.clean() && f.snapshot_mismatches == 0 && f.members_settled)
             && self.checks.iter().all(|c| {
                 c.observers_settled && c.presence_mismatches == 0 && c.room_mismatches == 0
             })
@@ -106,11 +138,12 @@ impl Report {
         };
         let _ = writeln!(
             s,
-            "presenced-load {:?}: {} users x {} tabs on {} target(s), {} rooms of {}, {} observer(s), rate {}, {:.1} s",
+            "presenced-load {:?}: {} users x {} tabs on {} target(s) from {} process(es), {} rooms of {}, {} observer(s), rate {}, {:.1} s",
             self.scenario,
             self.users,
             self.tabs,
             self.targets.len(),
+            self.procs,
             self.rooms,
             self.room_size,
             self.observers,
@@ -121,7 +154,7 @@ impl Report {
             },
             self.elapsed_s
         );
-        let rows: Vec<(&str, String)> = vec![
+        let mut rows: Vec<(&str, String)> = vec![
             (
                 "connects",
                 format!(
@@ -130,8 +163,32 @@ impl Report {
                 ),
             ),
             ("connect latency", lat(&self.connect_latency)),
-            ("presence event latency", lat(&self.presence_event_latency)),
-            ("room event latency", lat(&self.room_event_latency)),
+        ];
+        if let (Some(s), Some(r)) = (self.all_online_s, self.tabs_per_s_until_all_online) {
+            rows.push((
+                "all online at observers",
+                format!("after {s:.2} s ({r:.0} tabs/s)"),
+            ));
+        }
+        let kinds = |k: &KindLatencies| {
+            [
+                ("online", k.online),
+                ("offline", k.offline),
+                ("joined", k.joined),
+                ("left", k.left),
+            ]
+        };
+        for (kind, l) in kinds(&self.event_latency) {
+            if l.n > 0 {
+                rows.push((kind_row(kind, false), lat(&l)));
+            }
+        }
+        for (kind, l) in kinds(&self.event_latency_cross_node) {
+            if l.n > 0 {
+                rows.push((kind_row(kind, true), lat(&l)));
+            }
+        }
+        rows.extend([
             (
                 "events at observers",
                 format!(
@@ -141,7 +198,36 @@ impl Report {
             ),
             ("presence events", checks(&self.presence)),
             ("room events", checks(&self.room)),
-        ];
+        ]);
+        if let Some(f) = &self.fanout {
+            rows.extend([
+                (
+                    "fanout actions",
+                    format!(
+                        "{} leaves+joins in {:.1} s, {} joined/left transitions, {} member windows",
+                        f.room_actions, f.actions_s, f.transitions, f.windows
+                    ),
+                ),
+                (
+                    "fanout delivered",
+                    format!(
+                        "{:.0} events/s to members, {:.0} events/s to observers ({} member events)",
+                        f.member_events_per_s, f.observer_room_events_per_s, f.member_events
+                    ),
+                ),
+                ("member joined latency", lat(&f.member_latency_joined)),
+                ("member left latency", lat(&f.member_latency_left)),
+                (
+                    "member events",
+                    format!(
+                        "{}  snapshot mismatches {}  settled {}",
+                        checks(&f.member),
+                        f.snapshot_mismatches,
+                        f.members_settled
+                    ),
+                ),
+            ]);
+        }
         for (k, v) in rows {
             let _ = writeln!(s, "  {k:<24} {v}");
         }
@@ -171,7 +257,7 @@ impl Report {
                 Some(p) => format!(
                     "rss {:.1} MiB cpu {:.2} s fds {}",
                     p.rss_bytes / 1048576.0,
-                    p.cpu_seconds,
+                    p.proc_cpu_seconds.unwrap_or(p.cpu_seconds),
                     p.open_fds
                 ),
                 None => "n/a".into(),
@@ -189,11 +275,25 @@ impl Report {
             |v: Option<f64>, unit: &str| v.map_or("n/a".to_owned(), |v| format!("{v:.1} {unit}"));
         let _ = writeln!(
             s,
-            "  {:<24} {} per tab held, {} CPU per connect+disconnect cycle (all targets)",
+            "  {:<24} {} per tab held, {} CPU per connect+disconnect cycle, {} CPU in all (all targets)",
             "gateway cost",
             opt(self.gateway.kib_per_tab, "KiB"),
-            opt(self.gateway.cpu_us_per_cycle, "µs")
+            opt(self.gateway.cpu_us_per_cycle, "µs"),
+            self.gateway
+                .cpu_seconds
+                .map_or("n/a".to_owned(), |v| format!("{v:.2} s"))
         );
+        if let Some(r) = &self.redis {
+            let _ = writeln!(
+                s,
+                "  {:<24} {} during the opens ({} per 1,000 connects), {} in all",
+                "redis MULTI/EXEC",
+                r.transactions_held - r.transactions_before,
+                r.per_1000_connects
+                    .map_or("n/a".to_owned(), |v| format!("{v:.1}")),
+                r.transactions_after - r.transactions_before
+            );
+        }
         let _ = writeln!(
             s,
             "  {:<24} {}",
@@ -208,11 +308,59 @@ impl Report {
     }
 }
 
+/// The table row of a latency kind.
+fn kind_row(kind: &str, cross: bool) -> &'static str {
+    match (kind, cross) {
+        ("online", false) => "online latency",
+        ("offline", false) => "offline latency",
+        ("joined", false) => "joined latency",
+        ("left", false) => "left latency",
+        ("online", true) => "  cross-node online",
+        ("offline", true) => "  cross-node offline",
+        ("joined", true) => "  cross-node joined",
+        _ => "  cross-node left",
+    }
+}
+
+/// `fanout`'s results, summed over processes.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutReport {
+    /// Rooms.
+    pub rooms: usize,
+    /// Seconds of leaves and joins.
+    pub actions_s: f64,
+    /// Leaves and joins done.
+    pub room_actions: u64,
+    /// `joined`/`left` transitions they caused.
+    pub transitions: u64,
+    /// Member windows (stays of a tab in its room) checked.
+    pub windows: u64,
+    /// Room events the member tabs received.
+    pub member_events: u64,
+    /// Room events delivered to members per second of the leaves and joins
+    /// (the fan-out rate).
+    pub member_events_per_s: f64,
+    /// The same at the observers (each in every room).
+    pub observer_room_events_per_s: f64,
+    /// Member checks: missed, duplicated, out of order (must be 0).
+    pub member: EventChecks,
+    /// Join snapshots that fit no moment of the join (must be 0).
+    pub snapshot_mismatches: u64,
+    /// Whether every member's view reached the truth in time.
+    pub members_settled: bool,
+    /// `leave`/`join` sent → `joined` at each member.
+    pub member_latency_joined: Latency,
+    /// `leave` sent → `left` at each member.
+    pub member_latency_left: Latency,
+}
+
 /// One gateway process's samples.
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetReport {
     /// `HOST:PORT`.
     pub target: String,
+    /// Its pid, when it runs on this machine (CPU from /proc).
+    pub pid: Option<u32>,
     /// Before any tab opened.
     pub before: Option<ProcessSample>,
     /// With the tabs held (end of the action phase, or of the hold).
@@ -229,9 +377,14 @@ pub struct GatewayReport {
     /// (Σ held RSS − Σ before RSS) / tabs held, in KiB.
     pub kib_per_tab: Option<f64>,
     /// (Σ after CPU − Σ before CPU) / cycles, in µs; includes the
-    /// observers' events and the checks. `None` below one CPU second of
-    /// difference: `process_cpu_seconds_total` counts whole seconds.
+    /// observers' events and the checks. From /proc (10 ms resolution)
+    /// when every gateway's pid is known; else from
+    /// `process_cpu_seconds_total`, which counts whole seconds, and `None`
+    /// below one second of difference.
     pub cpu_us_per_cycle: Option<f64>,
+    /// Σ gateway CPU seconds from before the first tab to after the last
+    /// close, from /proc when every pid is known.
+    pub cpu_seconds: Option<f64>,
 }
 
 impl GatewayReport {
@@ -243,22 +396,29 @@ impl GatewayReport {
         };
         let rss_before = sum(&|t| t.before.map(|p| p.rss_bytes));
         let rss_held = sum(&|t| t.held.map(|p| p.rss_bytes));
-        let cpu_before = sum(&|t| t.before.map(|p| p.cpu_seconds));
-        let cpu_after = sum(&|t| t.after.map(|p| p.cpu_seconds));
+        let proc_before = sum(&|t| t.before.and_then(|p| p.proc_cpu_seconds));
+        let proc_after = sum(&|t| t.after.and_then(|p| p.proc_cpu_seconds));
+        let metrics_before = sum(&|t| t.before.map(|p| p.cpu_seconds));
+        let metrics_after = sum(&|t| t.after.map(|p| p.cpu_seconds));
         let kib_per_tab = match (rss_before, rss_held) {
             (Some(b), Some(h)) if tabs_held > 0 => Some((h - b) / 1024.0 / tabs_held as f64),
             _ => None,
         };
-        let cpu_us_per_cycle = match (cpu_before, cpu_after) {
+        let cpu_seconds = proc_after.zip(proc_before).map(|(a, b)| a - b);
+        let cpu_us_per_cycle = match (cpu_seconds, metrics_before, metrics_after) {
+            (Some(d), ..) if cycles > 0 && d > 0.0 => Some(d * 1e6 / cycles as f64),
             // The gateway exports whole CPU seconds: below one second of
             // difference the figure would be noise (usually 0).
-            (Some(b), Some(a)) if cycles > 0 && a - b >= 1.0 => Some((a - b) * 1e6 / cycles as f64),
+            (None, Some(b), Some(a)) if cycles > 0 && a - b >= 1.0 => {
+                Some((a - b) * 1e6 / cycles as f64)
+            }
             _ => None,
         };
         Self {
             targets,
             kib_per_tab,
             cpu_us_per_cycle,
+            cpu_seconds,
         }
     }
 }

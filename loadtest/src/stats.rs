@@ -1,6 +1,9 @@
 //! What every task of a run counts while it runs: shared atomics for the
 //! progress line, an HDR histogram of connect latencies and errors by kind.
 //! Tasks lock a mutex only for one record; nothing here blocks on I/O.
+//!
+//! Histograms cross process boundaries (`--procs`) as [`HistogramData`]:
+//! the raw `(value, count)` pairs, which merge exactly.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +15,9 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::RunClock;
 
 /// Highest latency the histograms hold, in microseconds (a minute).
 const MAX_LATENCY_US: u64 = 60_000_000;
@@ -30,13 +35,23 @@ pub struct Shared {
     pub events: AtomicU64,
     /// Errors of any kind.
     pub error_count: AtomicU64,
+    /// The run's clock.
+    pub clock: RunClock,
     connect_latency: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Default for Shared {
     fn default() -> Self {
+        Self::new(RunClock::start())
+    }
+}
+
+impl Shared {
+    /// Counters of a run timed by `clock`.
+    pub fn new(clock: RunClock) -> Self {
         Self {
+            clock,
             connects: AtomicU64::new(0),
             closes: AtomicU64::new(0),
             open: AtomicU64::new(0),
@@ -46,9 +61,7 @@ impl Default for Shared {
             errors: Mutex::new(BTreeMap::new()),
         }
     }
-}
 
-impl Shared {
     /// A tab got its `welcome` `took` after the connect began.
     pub fn connected(&self, took: Duration) {
         self.connects.fetch_add(1, Relaxed);
@@ -69,9 +82,9 @@ impl Shared {
     }
 
     /// Connect latencies so far.
-    pub fn connect_latency(&self) -> Latency {
+    pub fn connect_latency(&self) -> HistogramData {
         // unwrap: no code panics while holding this lock.
-        Latency::of(&self.connect_latency.lock().unwrap())
+        HistogramData::of(&self.connect_latency.lock().unwrap())
     }
 
     /// Errors so far, by kind.
@@ -80,16 +93,82 @@ impl Shared {
         self.errors.lock().unwrap().clone()
     }
 
+    /// The counters the progress line shows.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            open: self.open.load(Relaxed),
+            connects: self.connects.load(Relaxed),
+            closes: self.closes.load(Relaxed),
+            events: self.events.load(Relaxed),
+            errors: self.error_count.load(Relaxed),
+        }
+    }
+}
+
+/// The progress line's counters, of one process or summed.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Tabs open.
+    pub open: u64,
+    /// Tabs welcomed.
+    pub connects: u64,
+    /// Tabs closed.
+    pub closes: u64,
+    /// Events received (observers, and members in `fanout`).
+    pub events: u64,
+    /// Errors.
+    pub errors: u64,
+}
+
+impl Progress {
+    /// Adds `other` to these counters.
+    pub fn add(&mut self, other: &Progress) {
+        self.open += other.open;
+        self.connects += other.connects;
+        self.closes += other.closes;
+        self.events += other.events;
+        self.errors += other.errors;
+    }
+
     /// The progress line's text.
-    pub fn progress(&self) -> String {
+    pub fn line(&self) -> String {
         format!(
             "open {} | connects {} | closes {} | events {} | errors {}",
-            self.open.load(Relaxed),
-            self.connects.load(Relaxed),
-            self.closes.load(Relaxed),
-            self.events.load(Relaxed),
-            self.error_count.load(Relaxed),
+            self.open, self.connects, self.closes, self.events, self.errors
         )
+    }
+}
+
+/// A latency histogram as data: its `(microseconds, count)` pairs, which
+/// serialize compactly and merge exactly across processes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HistogramData(pub Vec<(u64, u64)>);
+
+impl HistogramData {
+    /// The recorded values of `h`.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        Self(
+            h.iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
+        )
+    }
+
+    /// Adds these values to `h`.
+    pub fn add_to(&self, h: &mut Histogram<u64>) {
+        for &(value, count) in &self.0 {
+            // unwrap: the values came from a histogram with the same bounds.
+            h.record_n(value.clamp(1, MAX_LATENCY_US), count).unwrap();
+        }
+    }
+
+    /// A histogram holding the values of every part.
+    pub fn merge<'a>(parts: impl IntoIterator<Item = &'a HistogramData>) -> Histogram<u64> {
+        let mut h = new_histogram();
+        for p in parts {
+            p.add_to(&mut h);
+        }
+        h
     }
 }
 
@@ -134,8 +213,94 @@ impl Latency {
 
     /// Records `took` into `h`, clamped into the histogram's range.
     pub fn record(h: &mut Histogram<u64>, took: Duration) {
-        let us = (took.as_micros() as u64).clamp(1, MAX_LATENCY_US);
-        // unwrap: `us` is within the histogram's bounds.
-        h.record(us).unwrap();
+        Self::record_us(h, took.as_micros() as u64);
+    }
+
+    /// Records `us` microseconds into `h`, clamped into its range.
+    pub fn record_us(h: &mut Histogram<u64>, us: u64) {
+        // unwrap: the value is clamped within the histogram's bounds.
+        h.record(us.clamp(1, MAX_LATENCY_US)).unwrap();
+    }
+}
+
+/// Event latencies by kind of event.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct KindLatencies {
+    /// Action → `online`.
+    pub online: Latency,
+    /// Action → `offline`.
+    pub offline: Latency,
+    /// Action → `joined`.
+    pub joined: Latency,
+    /// Action → `left`.
+    pub left: Latency,
+}
+
+/// One histogram per kind of event, while they fill.
+#[derive(Debug)]
+pub struct KindHistograms {
+    /// `online`, `offline`, `joined`, `left`, in that order.
+    pub kinds: [Histogram<u64>; 4],
+}
+
+impl Default for KindHistograms {
+    fn default() -> Self {
+        Self {
+            kinds: std::array::from_fn(|_| new_histogram()),
+        }
+    }
+}
+
+/// The kinds of event, in [`KindHistograms`] order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A user's first tab opened.
+    Online = 0,
+    /// A user's last tab closed.
+    Offline = 1,
+    /// A user's first tab joined the room.
+    Joined = 2,
+    /// A user's last tab in the room left it or closed.
+    Left = 3,
+}
+
+impl EventKind {
+    /// The kind of a presence (`room` false) or room event to `to`.
+    pub fn of(room: bool, to: bool) -> Self {
+        match (room, to) {
+            (false, true) => Self::Online,
+            (false, false) => Self::Offline,
+            (true, true) => Self::Joined,
+            (true, false) => Self::Left,
+        }
+    }
+}
+
+impl KindHistograms {
+    /// Records `us` for an event of `kind`.
+    pub fn record(&mut self, kind: EventKind, us: u64) {
+        Latency::record_us(&mut self.kinds[kind as usize], us);
+    }
+
+    /// As data, per kind.
+    pub fn data(&self) -> [HistogramData; 4] {
+        std::array::from_fn(|i| HistogramData::of(&self.kinds[i]))
+    }
+
+    /// Adds per-kind data.
+    pub fn add(&mut self, data: &[HistogramData; 4]) {
+        for (h, d) in self.kinds.iter_mut().zip(data) {
+            d.add_to(h);
+        }
+    }
+
+    /// The percentiles of each kind.
+    pub fn latencies(&self) -> KindLatencies {
+        KindLatencies {
+            online: Latency::of(&self.kinds[0]),
+            offline: Latency::of(&self.kinds[1]),
+            joined: Latency::of(&self.kinds[2]),
+            left: Latency::of(&self.kinds[3]),
+        }
     }
 }

@@ -1,35 +1,182 @@
 //! One tab: a WebSocket of a user on one gateway. Once welcomed, a reader
-//! task drains it (room events, server pings) so the gateway never sees a
-//! slow consumer, and counts error frames; the tool keeps only the sink.
+//! task drains it (events, server pings) so the gateway never sees a slow
+//! consumer, counts error frames and server closes by kind, and hands
+//! replies back to the tool, which keeps only the sink.
+//!
+//! In `fanout` a tab is also a receiver: its reader opens a [`Window`] at
+//! each `join` reply (with the snapshot), records every event of its room
+//! in arrival order, and closes the window at the `leave` reply. Doing that
+//! in the reader, in frame order, is what makes the window exact: the
+//! first event after the reply cannot slip in before the window exists.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
 
 use futures_util::{SinkExt, StreamExt, stream::SplitSink};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::{
     net::{TcpSocket, TcpStream, lookup_host},
+    sync::mpsc,
     task::JoinHandle,
-    time::timeout,
+    time::{timeout, timeout_at},
 };
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, client_async, connect_async,
-    tungstenite::{Error as WsError, Message},
+    MaybeTlsStream, WebSocketStream, client_async_with_config, connect_async_with_config,
+    tungstenite::{
+        Error as WsError, Message, protocol::WebSocketConfig, protocol::frame::coding::CloseCode,
+    },
 };
 
-use crate::stats::Shared;
+use crate::{clock::Stamp, stats::Shared, truth::Received};
 
 /// A client WebSocket.
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Bound on anything the protocol says must happen (welcome, reply, close).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Read buffer of a tab's socket. tungstenite's default reserves 128 KiB
+/// per connection, which would make 50,000 tabs cost gigabytes here; a
+/// tab's frames are small, and the buffer grows for a bigger one.
+const TAB_READ_BUFFER: usize = 4096;
+
+/// The socket settings of a tab (and of an observer).
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(TAB_READ_BUFFER)
+        .write_buffer_size(0)
+}
+
+/// The members of one room, as user indices, and each one's position.
+#[derive(Debug, Default)]
+pub struct RoomIndex {
+    /// The room's name.
+    pub name: String,
+    /// Member users, by index into the run's users.
+    pub users: Vec<usize>,
+    /// User index → position in `users`.
+    pub position: HashMap<usize, usize>,
+}
+
+impl RoomIndex {
+    /// The room `name` with these member users.
+    pub fn new(name: String, users: Vec<usize>) -> Self {
+        let position = users.iter().enumerate().map(|(p, &u)| (u, p)).collect();
+        Self {
+            name,
+            users,
+            position,
+        }
+    }
+}
+
+/// One stay of a receiver tab in its room: `join` reply to `leave` reply.
+#[derive(Debug, Clone)]
+pub struct Window {
+    /// `join` sent, reply received.
+    pub joined: (Stamp, Stamp),
+    /// Room transitions the tab's own user had before this join.
+    pub own_before: usize,
+    /// Per member position: whether the snapshot listed the member.
+    pub snapshot: Vec<bool>,
+    /// Per member position: the member's events, in arrival order.
+    pub events: Vec<Vec<Received>>,
+    /// Per member position: the view (snapshot, then the events applied).
+    pub view: Vec<bool>,
+    /// `leave` sent, reply received.
+    pub left: Option<(Stamp, Stamp)>,
+    /// Room events that arrived after the `leave` reply.
+    pub after_leave: u64,
+}
+
+/// What a receiver tab recorded, shared by its owner and its reader.
+#[derive(Debug)]
+pub struct ReceiverLog {
+    /// The tab's room.
+    pub room: Arc<RoomIndex>,
+    /// The run's user-name prefix (`{prefix}{index}`).
+    pub user_prefix: Arc<str>,
+    /// The request in flight: `(ref, is join, sent, own transitions)`.
+    pending: Option<(u64, bool, Stamp, usize)>,
+    /// Its stays, in order.
+    pub windows: Vec<Window>,
+    /// Events received.
+    pub events: u64,
+}
+
+impl ReceiverLog {
+    /// An empty log of a tab that will receive `room`'s events.
+    pub fn new(room: Arc<RoomIndex>, user_prefix: Arc<str>) -> Self {
+        Self {
+            room,
+            user_prefix,
+            pending: None,
+            windows: Vec::new(),
+            events: 0,
+        }
+    }
+
+    fn member(&self, name: &str) -> Option<usize> {
+        let i: usize = name.strip_prefix(&*self.user_prefix)?.parse().ok()?;
+        self.room.position.get(&i).copied()
+    }
+
+    /// Handles a reply to this tab's `join` or `leave`.
+    fn reply(&mut self, reference: u64, at: Stamp, frame: &Value) {
+        let Some((r, join, sent, own_before)) = self.pending else {
+            return;
+        };
+        if r != reference || frame["ok"] != true {
+            return;
+        }
+        self.pending = None;
+        if join {
+            let mut snapshot = vec![false; self.room.users.len()];
+            for m in frame["members"].as_array().into_iter().flatten() {
+                if let Some(p) = m["user"].as_str().and_then(|u| self.member(u)) {
+                    snapshot[p] = true;
+                }
+            }
+            self.windows.push(Window {
+                joined: (sent, at),
+                own_before,
+                view: snapshot.clone(),
+                snapshot,
+                events: vec![Vec::new(); self.room.users.len()],
+                left: None,
+                after_leave: 0,
+            });
+        } else if let Some(w) = self.windows.last_mut() {
+            w.left = Some((sent, at));
+        }
+    }
+
+    /// Records a `joined`/`left` of the tab's room.
+    fn event(&mut self, to: bool, at: Stamp, frame: &Value) {
+        if frame["room"].as_str() != Some(self.room.name.as_str()) {
+            return;
+        }
+        let Some(p) = frame["user"].as_str().and_then(|u| self.member(u)) else {
+            return;
+        };
+        self.events += 1;
+        match self.windows.last_mut() {
+            Some(w) if w.left.is_none() => {
+                w.events[p].push(Received { to, at });
+                w.view[p] = to;
+            }
+            Some(w) => w.after_leave += 1,
+            None => {}
+        }
+    }
+}
 
 /// An open, welcomed tab.
 #[derive(Debug)]
@@ -39,33 +186,48 @@ pub struct Tab {
     /// Set before the Close is sent, so the reader can tell a read error
     /// during the closing handshake from one on a live tab.
     closing: Arc<AtomicBool>,
-    /// Whether this tab sent a `join`.
+    replies: mpsc::UnboundedReceiver<(Stamp, Value)>,
+    next_ref: u64,
+    /// Whether this tab is in its user's room (its last `join` succeeded,
+    /// no `leave` since).
     pub joined: bool,
+    /// The target index this tab is connected to.
+    pub target: u16,
+    /// What this tab received, when it is a receiver.
+    pub log: Option<Arc<Mutex<ReceiverLog>>>,
 }
 
 /// Connects to `url` (from `source` when given) and waits for the
 /// `welcome`; on failure returns the error's kind for the report.
-pub async fn open_ws(url: &str, source: Option<IpAddr>) -> Result<Ws, &'static str> {
+pub async fn open_ws(url: &str, source: Option<IpAddr>) -> Result<Ws, String> {
+    let config = Some(ws_config());
     let connect = async {
         match source {
-            None => connect_async(url).await,
+            None => connect_async_with_config(url, config, false).await,
             Some(ip) => {
                 let stream = connect_from(url, ip).await?;
-                client_async(url, MaybeTlsStream::Plain(stream)).await
+                client_async_with_config(url, MaybeTlsStream::Plain(stream), config).await
             }
         }
     };
     let (mut ws, _) = match timeout(STEP_TIMEOUT, connect).await {
-        Err(_) => return Err("connect_timeout"),
-        Ok(Err(_)) => return Err("connect"),
+        Err(_) => return Err("connect_timeout".into()),
+        Ok(Err(WsError::Http(response))) => {
+            return Err(format!("connect_http_{}", response.status().as_u16()));
+        }
+        Ok(Err(WsError::Io(e))) => return Err(format!("connect_io_{:?}", e.kind())),
+        Ok(Err(_)) => return Err("connect".into()),
         Ok(Ok(ok)) => ok,
     };
     loop {
         match timeout(STEP_TIMEOUT, ws.next()).await {
-            Err(_) => return Err("welcome_timeout"),
+            Err(_) => return Err("welcome_timeout".into()),
             Ok(Some(Ok(Message::Text(t)))) if t.contains("\"welcome\"") => return Ok(ws),
+            Ok(Some(Ok(Message::Close(Some(c))))) => {
+                return Err(format!("closed_before_welcome_{}", u16::from(c.code)));
+            }
             Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_)) | None) => return Err("closed_before_welcome"),
+            Ok(Some(Err(_)) | None) => return Err("closed_before_welcome".into()),
         }
     }
 }
@@ -94,27 +256,33 @@ async fn connect_from(url: &str, source: IpAddr) -> Result<TcpStream, WsError> {
 }
 
 /// A short, stable label for a read error, e.g. `tab_read_io_ConnectionReset`.
-fn read_error_kind(e: &tokio_tungstenite::tungstenite::Error) -> String {
-    use tokio_tungstenite::tungstenite::Error;
+fn read_error_kind(e: &WsError) -> String {
     match e {
-        Error::Io(io) => format!("tab_read_io_{:?}", io.kind()),
-        Error::Protocol(p) => format!("tab_read_protocol_{p:?}")
+        WsError::Io(io) => format!("tab_read_io_{:?}", io.kind()),
+        WsError::Protocol(p) => format!("tab_read_protocol_{p:?}")
             .chars()
             .take_while(|c| *c != '(')
             .collect(),
-        Error::ConnectionClosed | Error::AlreadyClosed => "tab_read_closed".to_owned(),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => "tab_read_closed".to_owned(),
         _ => "tab_read_other".to_owned(),
     }
 }
 
 impl Tab {
     /// Opens a tab at `url`; records the connect latency or the error.
-    pub async fn open(url: &str, source: Option<IpAddr>, shared: &Arc<Shared>) -> Option<Tab> {
+    /// With `log`, the tab records its room's events.
+    pub async fn open(
+        url: &str,
+        target: u16,
+        source: Option<IpAddr>,
+        shared: &Arc<Shared>,
+        log: Option<ReceiverLog>,
+    ) -> Option<Tab> {
         let started = Instant::now();
         let ws = match open_ws(url, source).await {
             Ok(ws) => ws,
             Err(kind) => {
-                shared.error(kind);
+                shared.error(&kind);
                 return None;
             }
         };
@@ -123,11 +291,20 @@ impl Tab {
         let reader_shared = Arc::clone(shared);
         let closing = Arc::new(AtomicBool::new(false));
         let reader_closing = Arc::clone(&closing);
+        let log = log.map(|l| Arc::new(Mutex::new(l)));
+        let reader_log = log.clone();
+        let (tx, replies) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
             while let Some(frame) = stream.next().await {
                 match frame {
-                    Ok(Message::Text(t)) if t.starts_with("{\"type\":\"error\"") => {
-                        reader_shared.error("error_frame_at_tab");
+                    Ok(Message::Text(t)) => {
+                        let at = reader_shared.clock.now();
+                        let frame: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                        read_frame(&reader_shared, reader_log.as_deref(), &tx, at, frame);
+                    }
+                    Ok(Message::Close(close)) if !reader_closing.load(Relaxed) => {
+                        let code = close.map_or(CloseCode::Status, |c| c.code);
+                        reader_shared.error(&format!("closed_by_server_{}", u16::from(code)));
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -146,18 +323,80 @@ impl Tab {
             sink,
             reader,
             closing,
+            replies,
+            next_ref: 0,
             joined: false,
+            target,
+            log,
         })
     }
 
-    /// Sends a `join` of `room` without waiting for the reply (the reader
-    /// counts an error reply).
-    pub async fn join(&mut self, room: &str, shared: &Shared) {
-        let frame = json!({"type": "join", "room": room, "ref": 1}).to_string();
-        if self.sink.send(Message::Text(frame.into())).await.is_err() {
-            shared.error("join_send");
+    /// Sends `{"type": kind, "room": room}` and waits for its reply;
+    /// returns when the reply arrived, or records the error's kind
+    /// (`tab_error_<code>` for an error frame) and returns `None`.
+    async fn room_request(
+        &mut self,
+        kind: &str,
+        room: &str,
+        sent: Stamp,
+        own_before: usize,
+        shared: &Shared,
+    ) -> Option<Stamp> {
+        self.next_ref += 1;
+        let r = self.next_ref;
+        if let Some(log) = &self.log {
+            // unwrap: no code panics while holding this lock.
+            log.lock().unwrap().pending = Some((r, kind == "join", sent, own_before));
         }
-        self.joined = true;
+        let frame = json!({"type": kind, "room": room, "ref": r}).to_string();
+        if self.sink.send(Message::Text(frame.into())).await.is_err() {
+            shared.error(&format!("{kind}_send"));
+            return None;
+        }
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            match timeout_at(deadline.into(), self.replies.recv()).await {
+                Err(_) => {
+                    shared.error(&format!("{kind}_reply_timeout"));
+                    return None;
+                }
+                Ok(None) => {
+                    shared.error(&format!("{kind}_tab_gone"));
+                    return None;
+                }
+                Ok(Some((at, reply))) if reply["ref"] == json!(r) => {
+                    // An error reply was counted by the reader.
+                    return (reply["type"] == "reply" && reply["ok"] == true).then_some(at);
+                }
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+
+    /// Joins `room` and waits for the reply (so the store has decided it);
+    /// returns when the reply arrived. `sent` stamps the action;
+    /// `own_before` is how many room transitions the user had so far.
+    pub async fn join(
+        &mut self,
+        room: &str,
+        sent: Stamp,
+        own_before: usize,
+        shared: &Shared,
+    ) -> Option<Stamp> {
+        let done = self
+            .room_request("join", room, sent, own_before, shared)
+            .await;
+        self.joined |= done.is_some();
+        done
+    }
+
+    /// Leaves `room` and waits for the reply.
+    pub async fn leave(&mut self, room: &str, sent: Stamp, shared: &Shared) -> Option<Stamp> {
+        let done = self.room_request("leave", room, sent, 0, shared).await;
+        if done.is_some() {
+            self.joined = false;
+        }
+        done
     }
 
     /// Whether the gateway ended this tab before the tool closed it.
@@ -184,5 +423,36 @@ impl Tab {
                 shared.error("close_timeout");
             }
         }
+    }
+}
+
+/// One text frame at a tab's reader.
+fn read_frame(
+    shared: &Shared,
+    log: Option<&Mutex<ReceiverLog>>,
+    replies: &mpsc::UnboundedSender<(Stamp, Value)>,
+    at: Stamp,
+    frame: Value,
+) {
+    let lock = || log.map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+    match frame["type"].as_str().unwrap_or_default() {
+        "reply" => {
+            if let (Some(mut l), Some(r)) = (lock(), frame["ref"].as_u64()) {
+                l.reply(r, at, &frame);
+            }
+            let _ = replies.send((at, frame));
+        }
+        "error" => {
+            let code = frame["code"].as_str().unwrap_or("unknown");
+            shared.error(&format!("tab_error_{code}"));
+            let _ = replies.send((at, frame));
+        }
+        kind @ ("joined" | "left") => {
+            if let Some(mut l) = lock() {
+                shared.events.fetch_add(1, Relaxed);
+                l.event(kind == "joined", at, &frame);
+            }
+        }
+        _ => {}
     }
 }

@@ -1,0 +1,483 @@
+//! A shard: the users of one process, and what they do. Without `--procs`
+//! the one shard runs in the coordinator's process; with it, each worker
+//! process runs one (see [`crate::worker`]). Either way the coordinator
+//! talks to it through the same messages:
+//!
+//! 1. the shard builds its users and says [`ShardMsg::Ready`];
+//! 2. on [`Order::Go`] it runs the action phase (opens, churn, or opens
+//!    then leaves/joins), and for `fanout` waits until every member tab's
+//!    view equals the truth and checks each member's events exactly; then
+//!    it reports the truth at that moment ([`ShardMsg::Held`]);
+//! 3. on [`Order::Close`] it closes every tab and reports its counts, its
+//!    histograms and every user's true transitions ([`ShardMsg::Done`]),
+//!    from which the coordinator checks the observers' events.
+//!
+//! Every user lives in exactly one shard, and every member of a room in
+//! the room's shard, so each truth a check needs is known where it runs.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+    time::{sleep, sleep_until},
+};
+
+use crate::{
+    clock::{RunClock, Stamp},
+    layout::Layout,
+    observer::EventChecks,
+    options::{Options, Scenario},
+    rng::Rng,
+    stats::{EventKind, HistogramData, KindHistograms, Progress, Shared},
+    tab::{RoomIndex, STEP_TIMEOUT},
+    target::Target,
+    truth::{TruthLog, WindowOfUser, check_window},
+    user::{Membership, User},
+};
+
+/// Most connects in flight at once when opens are unpaced.
+const MAX_CONNECTS_IN_FLIGHT: usize = 256;
+/// How often a shard reports its counters for the progress line.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// After every member's view matched the truth: how long to keep
+/// listening so a late duplicate shows.
+pub const QUIET_WINDOW: Duration = Duration::from_secs(1);
+/// How often the members' views are compared with the truth while
+/// settling.
+const SETTLE_POLL: Duration = Duration::from_millis(100);
+
+/// What a shard is asked to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardSpec {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// The run's options.
+    pub opts: Options,
+    /// This shard's number (`0 .. procs`).
+    pub shard: usize,
+    /// The run's name prefix.
+    pub run: String,
+    /// The run's start, for [`RunClock::joined`].
+    pub clock_start_unix_ns: u128,
+}
+
+/// The coordinator's orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Run the action phase.
+    Go,
+    /// Close every tab and report.
+    Close,
+}
+
+/// A shard's messages to the coordinator.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ShardMsg {
+    /// Users built; waiting for [`Order::Go`].
+    Ready,
+    /// Counters so far.
+    Progress(Progress),
+    /// The action phase is over.
+    Held(Box<Held>),
+    /// Every tab closed.
+    Done(Box<ShardReport>),
+    /// The shard could not run.
+    Failed(String),
+}
+
+/// The state at the end of the action phase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Held {
+    /// `(user, online, in its room)`, as the truth has it.
+    pub users: Vec<(usize, bool, bool)>,
+    /// Tabs open.
+    pub open_tabs: u64,
+    /// Tabs welcomed during the opens.
+    pub connects_in_opens: u64,
+    /// Opens (storm, hold, before a fanout), or the churn: first and last
+    /// moment.
+    pub opens: (Stamp, Stamp),
+    /// The leaves and joins of a fanout.
+    pub fanout: Option<FanoutShard>,
+}
+
+/// A shard's `fanout` results.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FanoutShard {
+    /// First and last moment of the leaves and joins.
+    pub actions: (Stamp, Stamp),
+    /// Leaves and joins done.
+    pub room_actions: u64,
+    /// `joined`/`left` transitions they caused.
+    pub transitions: u64,
+    /// Member windows (stays of a tab in its room) checked.
+    pub windows: u64,
+    /// Events the member tabs received.
+    pub member_events: u64,
+    /// Of those, events that arrived during the leaves and joins.
+    pub member_events_in_actions: u64,
+    /// Member checks.
+    pub member: EventChecks,
+    /// Windows whose join snapshot fits no moment of the join.
+    pub snapshot_mismatches: u64,
+    /// Whether every member's view reached the truth in time.
+    pub settled: bool,
+    /// Latency histograms per kind (joined, left) at the members.
+    pub latency: [HistogramData; 4],
+}
+
+/// What a shard measured, at the end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardReport {
+    /// Tabs welcomed.
+    pub connects: u64,
+    /// Tabs closed.
+    pub closes: u64,
+    /// Connect latencies.
+    pub connect_latency: HistogramData,
+    /// Errors by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Every user's true transitions.
+    pub truth: Vec<(usize, TruthLog)>,
+}
+
+/// Runs shard `spec.shard` until it reported [`ShardMsg::Done`]; `orders`
+/// come from the coordinator, `out` goes to it.
+pub async fn run(
+    spec: ShardSpec,
+    clock: RunClock,
+    mut orders: mpsc::UnboundedReceiver<Order>,
+    out: mpsc::UnboundedSender<ShardMsg>,
+) -> anyhow::Result<()> {
+    let (scenario, opts) = (spec.scenario, &spec.opts);
+    let targets: Vec<Target> = opts
+        .targets
+        .iter()
+        .map(|t| Target::parse(t))
+        .collect::<anyhow::Result<_>>()?;
+    let layout = Layout::with_run(spec.run.clone(), scenario, opts);
+    let shared = Arc::new(Shared::new(clock));
+    let prefix: Arc<str> = layout.user_prefix().into();
+    let rooms: BTreeMap<usize, Arc<RoomIndex>> = (0..layout.rooms)
+        .filter(|r| r % layout.shards == spec.shard)
+        .map(|r| {
+            let room = RoomIndex::new(layout.room_name(r), layout.members(r));
+            (r, Arc::new(room))
+        })
+        .collect();
+    let users: Vec<User> = layout
+        .users_of_shard(spec.shard)
+        .map(|i| {
+            let membership = layout.room_of(i).map(|r| Membership {
+                room: Arc::clone(&rooms[&r]),
+                receivers: scenario == Scenario::Fanout,
+                user_prefix: Arc::clone(&prefix),
+            });
+            User::new(
+                i,
+                layout.user_name(i),
+                membership,
+                opts.tabs,
+                &targets,
+                &opts.source_addrs,
+                Arc::clone(&shared),
+            )
+        })
+        .collect();
+
+    let reporter = {
+        let (shared, out) = (Arc::clone(&shared), out.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let _ = out.send(ShardMsg::Progress(shared.progress()));
+                sleep(PROGRESS_INTERVAL).await;
+            }
+        }))
+    };
+    let _ = out.send(ShardMsg::Ready);
+    anyhow::ensure!(orders.recv().await == Some(Order::Go), "no go order");
+
+    let procs = layout.shards as f64;
+    let rate = opts.rate_for(scenario) / procs;
+    let opens_start = clock.now();
+    let mut users = match scenario {
+        Scenario::Storm | Scenario::Hold => open_all(users, rate).await,
+        Scenario::Churn => churn(users, rate, opts.duration, User::churn_step).await,
+        Scenario::Fanout => open_all(users, opts.open_rate / procs).await,
+    };
+    let opens = (opens_start, clock.now());
+    let connects_in_opens = shared.connects.load(Relaxed);
+    let fanout = if scenario == Scenario::Fanout {
+        let start = clock.now();
+        let transitions_before: usize = users.iter().map(|u| u.log.room.len()).sum();
+        let actions = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&actions);
+        users = churn(users, rate, opts.duration, move |u| {
+            counter.fetch_add(1, Relaxed);
+            Box::pin(u.fanout_step())
+        })
+        .await;
+        let end = clock.now();
+        let transitions: usize = users.iter().map(|u| u.log.room.len()).sum();
+        let mut f = check_members(&users).await;
+        f.actions = (start, end);
+        f.room_actions = actions.load(Relaxed);
+        f.transitions = (transitions - transitions_before) as u64;
+        f.member_events_in_actions = count_member_events(&users, start, end);
+        Some(f)
+    } else {
+        None
+    };
+    let held = Held {
+        users: users
+            .iter()
+            .map(|u| (u.index, u.online(), u.in_room()))
+            .collect(),
+        open_tabs: shared.open.load(Relaxed),
+        connects_in_opens,
+        opens,
+        fanout,
+    };
+    let _ = out.send(ShardMsg::Held(Box::new(held)));
+    anyhow::ensure!(orders.recv().await == Some(Order::Close), "no close order");
+
+    let users = close_all(users).await;
+    drop(reporter);
+    let _ = out.send(ShardMsg::Progress(shared.progress()));
+    let report = ShardReport {
+        connects: shared.connects.load(Relaxed),
+        closes: shared.closes.load(Relaxed),
+        connect_latency: shared.connect_latency(),
+        errors: shared.errors(),
+        truth: users.into_iter().map(|u| (u.index, u.log)).collect(),
+    };
+    let _ = out.send(ShardMsg::Done(Box::new(report)));
+    Ok(())
+}
+
+/// A task that stops when this handle goes.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Hands out start times `period` apart; unpaced when `rate` is 0.
+struct Pacer {
+    start: Instant,
+    period: Option<Duration>,
+    next: AtomicU64,
+    in_flight: Semaphore,
+}
+
+impl Pacer {
+    fn new(rate: f64) -> Arc<Self> {
+        Arc::new(Self {
+            start: Instant::now(),
+            period: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
+            next: AtomicU64::new(0),
+            in_flight: Semaphore::new(MAX_CONNECTS_IN_FLIGHT),
+        })
+    }
+
+    async fn wait_turn(&self) {
+        if let Some(period) = self.period {
+            let n = self.next.fetch_add(1, Relaxed);
+            sleep_until((self.start + period.mul_f64(n as f64)).into()).await;
+        }
+    }
+}
+
+async fn join_users(tasks: Vec<JoinHandle<User>>) -> Vec<User> {
+    let mut users = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        // unwrap: a user task does not panic.
+        users.push(t.await.unwrap());
+    }
+    users
+}
+
+/// Opens every tab of every user, paced at `rate` opens a second.
+async fn open_all(users: Vec<User>, rate: f64) -> Vec<User> {
+    let pacer = Pacer::new(rate);
+    let tasks = users
+        .into_iter()
+        .map(|mut u| {
+            let pacer = Arc::clone(&pacer);
+            tokio::spawn(async move {
+                for i in 0..u.slots() {
+                    pacer.wait_turn().await;
+                    // unwrap: the semaphore is never closed.
+                    let _permit = pacer.in_flight.acquire().await.unwrap();
+                    u.open(i).await;
+                }
+                u
+            })
+        })
+        .collect();
+    join_users(tasks).await
+}
+
+/// Closes every open tab, all users at once.
+async fn close_all(users: Vec<User>) -> Vec<User> {
+    let tasks = users
+        .into_iter()
+        .map(|mut u| {
+            tokio::spawn(async move {
+                u.close_all().await;
+                u
+            })
+        })
+        .collect();
+    join_users(tasks).await
+}
+
+/// One action of a user, as a boxed future (so both churn and fanout
+/// steps fit one driver).
+type Step = dyn for<'a> Fn(&'a mut User) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+    + Send
+    + Sync;
+
+/// For `seconds`, each user makes one `step` about every `users / rate`
+/// seconds, with jitter, so the whole shard makes about `rate` actions a
+/// second; a user's actions never overlap.
+async fn churn<F>(users: Vec<User>, rate: f64, seconds: f64, step: F) -> Vec<User>
+where
+    F: for<'a> Fn(&'a mut User) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+        + Send
+        + Sync
+        + 'static,
+{
+    let step: Arc<Step> = Arc::new(step);
+    let n = users.len() as f64;
+    let interval = if rate > 0.0 { n / rate } else { 0.0 };
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let tasks = users
+        .into_iter()
+        .map(|mut u| {
+            let step = Arc::clone(&step);
+            tokio::spawn(async move {
+                let mut rng = Rng::seeded();
+                let mut next = Instant::now() + Duration::from_secs_f64(interval * rng.unit());
+                loop {
+                    sleep_until(next.into()).await;
+                    if Instant::now() >= end {
+                        return u;
+                    }
+                    step(&mut u).await;
+                    next += Duration::from_secs_f64(interval * (0.5 + rng.unit()));
+                    if interval == 0.0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    join_users(tasks).await
+}
+
+impl User {
+    /// One `churn` action: toggle a random tab slot (open it if closed,
+    /// close it if open).
+    pub fn churn_step(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let slot = Rng::seeded().below(self.slots() as u64) as usize;
+            if self.is_open(slot) {
+                self.close(slot).await;
+            } else {
+                self.open(slot).await;
+            }
+        })
+    }
+}
+
+/// Waits until every member tab's view of its room equals the truth (or
+/// the step timeout passes), listens a little longer for late duplicates,
+/// then checks every window of every member tab exactly.
+async fn check_members(users: &[User]) -> FanoutShard {
+    let in_room: BTreeMap<usize, bool> = users.iter().map(|u| (u.index, u.in_room())).collect();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let settled = loop {
+        let all = users.iter().flat_map(User::open_logs).all(|log| {
+            let l = log.lock().unwrap_or_else(|e| e.into_inner());
+            l.windows.last().is_none_or(|w| {
+                w.left.is_some()
+                    || l.room
+                        .users
+                        .iter()
+                        .zip(&w.view)
+                        .all(|(u, v)| in_room[u] == *v)
+            })
+        });
+        if all {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        sleep(SETTLE_POLL).await;
+    };
+    sleep(QUIET_WINDOW).await;
+
+    let truth: BTreeMap<usize, &TruthLog> = users.iter().map(|u| (u.index, &u.log)).collect();
+    let mut latency = KindHistograms::default();
+    let mut f = FanoutShard {
+        settled,
+        ..Default::default()
+    };
+    for u in users {
+        for log in u.open_logs() {
+            let l = log.lock().unwrap_or_else(|e| e.into_inner());
+            f.member_events += l.events;
+            for w in &l.windows {
+                f.windows += 1;
+                f.member.duplicated += w.after_leave;
+                for (p, &member) in l.room.users.iter().enumerate() {
+                    let view = WindowOfUser {
+                        joined: Some(w.joined),
+                        in_snapshot: w.snapshot[p],
+                        own_before: (member == u.index).then_some(w.own_before),
+                        events: &w.events[p],
+                        left: w.left,
+                        after_leave: 0,
+                    };
+                    let c = check_window(&truth[&member].room, &view, &mut |t, at| {
+                        latency.record(EventKind::of(true, t.to), at.saturating_sub(t.sent));
+                    });
+                    f.member.add(&c.events);
+                    f.snapshot_mismatches += u64::from(c.snapshot_mismatch);
+                }
+            }
+        }
+    }
+    f.latency = latency.data();
+    f
+}
+
+/// Member events that arrived within `[start, end]`.
+fn count_member_events(users: &[User], start: Stamp, end: Stamp) -> u64 {
+    let mut n = 0;
+    for log in users.iter().flat_map(User::open_logs) {
+        let l = log.lock().unwrap_or_else(|e| e.into_inner());
+        for w in &l.windows {
+            n += w
+                .events
+                .iter()
+                .flatten()
+                .filter(|e| (start..=end).contains(&e.at))
+                .count() as u64;
+        }
+    }
+    n
+}
