@@ -60,6 +60,9 @@ pub struct Report {
     /// The same, for events whose action was on another node than the
     /// observer's.
     pub event_latency_cross_node: KindLatencies,
+    /// `churn`: the latencies of the final close of every tab, kept out
+    /// of the two above, which then cover the steady churn only.
+    pub event_latency_close_all: KindLatencies,
     /// Presence and room events the observers received.
     pub events: u64,
     /// Presence event checks, summed over observers (must be 0).
@@ -186,6 +189,11 @@ impl Report {
         for (kind, l) in kinds(&self.event_latency_cross_node) {
             if l.n > 0 {
                 rows.push((kind_row(kind, true), lat(&l)));
+            }
+        }
+        for (kind, l) in kinds(&self.event_latency_close_all) {
+            if l.n > 0 {
+                rows.push((close_all_row(kind), lat(&l)));
             }
         }
         rows.extend([
@@ -420,5 +428,14 @@ impl GatewayReport {
             cpu_us_per_cycle,
             cpu_seconds,
         }
+    }
+}
+
+fn close_all_row(kind: &str) -> &'static str {
+    match kind {
+        "online" => "close-all online",
+        "offline" => "close-all offline",
+        "joined" => "close-all joined",
+        _ => "close-all left",
     }
 }

@@ -249,7 +249,10 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
             truth[*u] = log.clone();
         }
     }
-    let observed = check_observers(&observers, &truth, &layout, &shared);
+    // Churn measures its steady phase: the final close of every tab is a
+    // storm of its own, counted apart.
+    let steady_until = (scenario == Scenario::Churn).then_some(closes_from);
+    let observed = check_observers(&observers, &truth, &layout, &shared, steady_until);
     let opens = span(helds.iter().map(|h| h.opens));
     // Every tab welcomed, and every observer saw every `online`.
     let all_online_s = matches!(scenario, Scenario::Storm | Scenario::Hold)
@@ -330,6 +333,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
             .map(|s| connects_in_opens as f64 / s),
         event_latency: observed.latency.latencies(),
         event_latency_cross_node: observed.cross_node.latencies(),
+        event_latency_close_all: observed.close_all.latencies(),
         events: shared.events.load(std::sync::atomic::Ordering::Relaxed),
         presence,
         room: observed.room,
@@ -367,6 +371,8 @@ fn secs((start, end): (Stamp, Stamp)) -> f64 {
 struct Observed {
     latency: KindHistograms,
     cross_node: KindHistograms,
+    /// Latencies of transitions sent at or after `steady_until`.
+    close_all: KindHistograms,
     room: EventChecks,
 }
 
@@ -378,10 +384,12 @@ fn check_observers(
     truth: &[TruthLog],
     layout: &Layout,
     shared: &Shared,
+    steady_until: Option<Stamp>,
 ) -> Observed {
     let mut out = Observed {
         latency: KindHistograms::default(),
         cross_node: KindHistograms::default(),
+        close_all: KindHistograms::default(),
         room: EventChecks::default(),
     };
     for o in observers {
@@ -397,9 +405,13 @@ fn check_observers(
             match truth[s.user].presence_cause(s.seq, s.to, s.at) {
                 Some(t) => {
                     let (kind, us) = (EventKind::of(false, s.to), s.at.saturating_sub(t.sent));
-                    out.latency.record(kind, us);
-                    if t.target != o.target {
-                        out.cross_node.record(kind, us);
+                    if steady_until.is_some_and(|until| t.sent >= until) {
+                        out.close_all.record(kind, us);
+                    } else {
+                        out.latency.record(kind, us);
+                        if t.target != o.target {
+                            out.cross_node.record(kind, us);
+                        }
                     }
                 }
                 None => shared.error("event_without_cause"),
@@ -416,9 +428,13 @@ fn check_observers(
             };
             let c = check_window(&log.room, &view, &mut |t, at| {
                 let (kind, us) = (EventKind::of(true, t.to), at.saturating_sub(t.sent));
-                out.latency.record(kind, us);
-                if t.target != o.target {
-                    out.cross_node.record(kind, us);
+                if steady_until.is_some_and(|until| t.sent >= until) {
+                    out.close_all.record(kind, us);
+                } else {
+                    out.latency.record(kind, us);
+                    if t.target != o.target {
+                        out.cross_node.record(kind, us);
+                    }
                 }
             });
             out.room.add(&c.events);
