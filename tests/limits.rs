@@ -33,9 +33,13 @@ async fn a_flood_is_refused_then_closed_with_4029() {
         bystander.expect_event(online("flooder")).await;
 
         // The burst passes; past it each ping is refused, with its ref.
-        for i in 0..40 {
-            flooder.send_json(json!({"type": "ping", "ref": i})).await;
-        }
+        // Exactly enough to be closed: 10 pass (the burst), 10 are refused
+        // (a burst of refusals is tolerated), the 21st closes. One write, so
+        // the bucket cannot refill in between, and nothing is left unread
+        // when the server closes (unread data would turn its close into a
+        // reset).
+        let flood: Vec<Value> = (0..21).map(|i| json!({"type": "ping", "ref": i})).collect();
+        flooder.send_json_burst(&flood).await;
         let (frames, code) = flooder.frames_until_close(EVENT_TIMEOUT).await;
         let pongs = frames.iter().filter(|f| f["type"] == "pong").count();
         let refused: Vec<&Value> = frames
@@ -58,7 +62,7 @@ async fn a_flood_is_refused_then_closed_with_4029() {
             "the burst of 10 passes: {pongs} pongs"
         );
         assert!(
-            refused.len() >= 9 && refused.iter().all(|r| r.is_number()),
+            refused.len() == 10 && refused.iter().all(|r| r.is_number()),
             "refusals carry the dropped message's ref: {refused:?}"
         );
         let gone = bystander.expect_event(offline("flooder")).await;
@@ -81,11 +85,11 @@ async fn a_flood_is_refused_then_closed_with_4029() {
                 .await,
             1.0
         );
-        assert!(
+        assert_eq!(
             gateway
                 .metric("presenced_errors_sent_total{code=\"rate_limited\"}")
-                .await
-                >= 9.0
+                .await,
+            10.0
         );
     })
     .await

@@ -201,6 +201,25 @@ impl Client {
         }
     }
 
+    /// Sends `frames` in one write, so all of them are on their way before
+    /// the server answers (or closes on) the first.
+    pub async fn send_json_burst(&mut self, frames: &[Value]) {
+        let sent = async {
+            for frame in frames {
+                self.sink.feed(Message::text(frame.to_string())).await?;
+            }
+            self.sink.flush().await
+        };
+        match timeout(EVENT_TIMEOUT, sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => panic!("{}: sending a burst failed: {error}", self.label),
+            Err(_) => panic!(
+                "{}: sending a burst took over {EVENT_TIMEOUT:?}",
+                self.label
+            ),
+        }
+    }
+
     pub async fn send_json(&mut self, frame: Value) {
         self.send_message(Message::text(frame.to_string())).await;
     }
