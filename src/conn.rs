@@ -258,6 +258,13 @@ impl Conn {
     fn on_request(&mut self, frame: ClientFrame, ctx: &mut Context<Self>) {
         let ClientFrame { reference, request } = frame;
         let r = reference.as_ref();
+        if let Request::Join(room, _) | Request::Room { room, .. } = &request
+            && !self.grants.may_join(room)
+        {
+            let message = format!("this token does not allow room {room}");
+            self.refuse(r, ErrorCode::Forbidden, &message, ctx);
+            return;
+        }
         match &request {
             Request::Ping => {
                 self.send(FrameKind::Pong, protocol::pong_frame(r), ctx);
@@ -281,11 +288,6 @@ impl Conn {
                 return;
             }
             Request::Join(room, meta) => {
-                if !self.grants.may_join(room) {
-                    let message = format!("this token does not allow room {room}");
-                    self.refuse(r, ErrorCode::Forbidden, &message, ctx);
-                    return;
-                }
                 if meta.is_some() && self.meta_locked {
                     let message =
                         "this connection's meta comes from its token and cannot be replaced";
@@ -304,13 +306,6 @@ impl Conn {
             }
             Request::Leave(room) => {
                 self.rooms.remove(room);
-            }
-            Request::Room { room, .. } => {
-                if !self.grants.may_join(room) {
-                    let message = format!("this token does not allow room {room}");
-                    self.refuse(r, ErrorCode::Forbidden, &message, ctx);
-                    return;
-                }
             }
             Request::Watch(users) | Request::Query(users) => {
                 if let Some(user) = users.iter().find(|u| !self.grants.may_watch(u)) {
@@ -337,7 +332,7 @@ impl Conn {
                     self.watching.remove(user);
                 }
             }
-            Request::Count => {}
+            Request::Room { .. } | Request::Count => {}
         }
         self.registry
             .send(ConnEvent::Request(self.id, reference, request));

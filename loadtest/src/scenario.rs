@@ -376,6 +376,31 @@ struct Observed {
     room: EventChecks,
 }
 
+impl Observed {
+    /// One event's latency, from its action (`sent`) to its receipt: with
+    /// the close-all storm's when the action came at or after
+    /// `steady_until`, else with the steady ones (and the cross-node ones
+    /// when the action was on another node than the observer's).
+    fn record(
+        &mut self,
+        kind: EventKind,
+        sent: Stamp,
+        at: Stamp,
+        cross_node: bool,
+        steady_until: Option<Stamp>,
+    ) {
+        let us = at.saturating_sub(sent);
+        if steady_until.is_some_and(|until| sent >= until) {
+            self.close_all.record(kind, us);
+        } else {
+            self.latency.record(kind, us);
+            if cross_node {
+                self.cross_node.record(kind, us);
+            }
+        }
+    }
+}
+
 /// Checks every observer's events against the users' true transitions:
 /// presence latencies by `seq`, room events exactly (one window per user,
 /// from before the first action to the end).
@@ -404,15 +429,8 @@ fn check_observers(
             }
             match truth[s.user].presence_cause(s.seq, s.to, s.at) {
                 Some(t) => {
-                    let (kind, us) = (EventKind::of(false, s.to), s.at.saturating_sub(t.sent));
-                    if steady_until.is_some_and(|until| t.sent >= until) {
-                        out.close_all.record(kind, us);
-                    } else {
-                        out.latency.record(kind, us);
-                        if t.target != o.target {
-                            out.cross_node.record(kind, us);
-                        }
-                    }
+                    let kind = EventKind::of(false, s.to);
+                    out.record(kind, t.sent, s.at, t.target != o.target, steady_until);
                 }
                 None => shared.error("event_without_cause"),
             }
@@ -427,15 +445,8 @@ fn check_observers(
                 ..Default::default()
             };
             let c = check_window(&log.room, &view, &mut |t, at| {
-                let (kind, us) = (EventKind::of(true, t.to), at.saturating_sub(t.sent));
-                if steady_until.is_some_and(|until| t.sent >= until) {
-                    out.close_all.record(kind, us);
-                } else {
-                    out.latency.record(kind, us);
-                    if t.target != o.target {
-                        out.cross_node.record(kind, us);
-                    }
-                }
+                let kind = EventKind::of(true, t.to);
+                out.record(kind, t.sent, at, t.target != o.target, steady_until);
             });
             out.room.add(&c.events);
         }

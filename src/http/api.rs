@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::warn;
@@ -90,14 +90,7 @@ fn authorize(req: &Request<Incoming>, state: &WorkerState) -> Result<(), HttpErr
     let Some(key) = &state.config.api_key else {
         return Ok(());
     };
-    // The scheme name is case-insensitive (RFC 7235).
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, token)| token.trim());
+    let given = super::bearer(req.headers()).unwrap_or("");
     if same_secret(given.as_bytes(), key.expose().as_bytes()) {
         Ok(())
     } else {

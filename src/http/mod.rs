@@ -182,18 +182,22 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// The token of a handshake: `Authorization: Bearer`, else `?token=`.
-fn token(req: &Request<Incoming>) -> Option<String> {
-    let bearer = req
-        .headers()
+/// The credentials of `Authorization: Bearer …`, if given. The scheme
+/// name is case-insensitive (RFC 7235).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.split_once(' ')
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        })
-        .map(|(_, token)| token.trim().to_owned());
-    bearer.or_else(|| query_param(req, "token"))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+}
+
+/// The token of a handshake: `Authorization: Bearer`, else `?token=`.
+fn token(req: &Request<Incoming>) -> Option<String> {
+    bearer(req.headers())
+        .map(str::to_owned)
+        .or_else(|| query_param(req, "token"))
 }
 
 /// Who is connecting: a verified token, else (`--dev` only) `?user=`.
