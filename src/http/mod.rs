@@ -120,9 +120,12 @@ async fn route(req: Request<Incoming>, state: &Rc<WorkerState>) -> Response<Body
         (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
         (&Method::GET, "/readyz") => readyz(&state.health),
         (&Method::GET, "/ws") => {
-            let target = redact_token(&req.uri().to_string());
+            // A Uri clone shares its bytes; the redacted copy is made only
+            // for a refusal's log line.
+            let uri = req.uri().clone();
             upgrade(req, state).inspect_err(|e| {
                 metrics().handshakes_refused.get(e.code()).inc();
+                let target = redact_token(&uri.to_string());
                 info!(%target, code = e.code(), "handshake refused");
             })
         }
