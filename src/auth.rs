@@ -17,10 +17,7 @@
 use std::{
     collections::HashMap,
     path::Path,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -435,8 +432,14 @@ pub enum SlotError {
 pub struct ConnSlots {
     max_total: usize,
     max_per_user: usize,
-    total: AtomicUsize,
-    per_user: Mutex<HashMap<UserId, usize>>,
+    held: Mutex<Held>,
+}
+
+/// The connections holding a slot.
+#[derive(Debug, Default)]
+struct Held {
+    total: usize,
+    per_user: HashMap<UserId, usize>,
 }
 
 impl ConnSlots {
@@ -445,23 +448,22 @@ impl ConnSlots {
         Arc::new(Self {
             max_total,
             max_per_user,
-            total: AtomicUsize::new(0),
-            per_user: Mutex::new(HashMap::new()),
+            held: Mutex::default(),
         })
     }
 
     /// Takes a slot for one connection of `user`.
     pub fn take(self: &Arc<Self>, user: &UserId) -> Result<Slot, SlotError> {
-        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
-        if self.total.load(Ordering::Relaxed) >= self.max_total {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.total >= self.max_total {
             return Err(SlotError::NodeFull);
         }
-        let held = per_user.entry(user.clone()).or_insert(0);
-        if *held >= self.max_per_user {
+        let of_user = held.per_user.entry(user.clone()).or_insert(0);
+        if *of_user >= self.max_per_user {
             return Err(SlotError::UserFull);
         }
-        *held += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
+        *of_user += 1;
+        held.total += 1;
         Ok(Slot {
             slots: self.clone(),
             user: user.clone(),
@@ -469,14 +471,14 @@ impl ConnSlots {
     }
 
     fn give_back(&self, user: &UserId) {
-        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = per_user.get_mut(user) {
-            *held -= 1;
-            if *held == 0 {
-                per_user.remove(user);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(of_user) = held.per_user.get_mut(user) {
+            *of_user -= 1;
+            if *of_user == 0 {
+                held.per_user.remove(user);
             }
         }
-        self.total.fetch_sub(1, Ordering::Relaxed);
+        held.total -= 1;
     }
 }
 
