@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use crate::{
     config::Config,
-    ids::{RoomName, UserId},
+    ids::{Meta, MetaError, RoomName, UserId},
 };
 
 /// Why a token was refused; each variant is one wire code.
@@ -155,8 +155,8 @@ impl Grants {
 pub struct Identity {
     /// The user (the token's `sub`).
     pub user: UserId,
-    /// The connection's metadata from the token's `meta`, compact JSON.
-    pub meta: Option<Arc<str>>,
+    /// The connection's metadata from the token's `meta`.
+    pub meta: Option<Meta>,
     /// What it may do.
     pub grants: Arc<Grants>,
     /// The token's `exp`, Unix seconds (`None`: a `--dev` connection).
@@ -168,7 +168,7 @@ pub struct Identity {
 impl Identity {
     /// A `--dev` connection: the user from the URL, allowed everything,
     /// never expiring.
-    pub fn dev(user: UserId, meta: Option<Arc<str>>) -> Self {
+    pub fn dev(user: UserId, meta: Option<Meta>) -> Self {
         Self {
             user,
             meta,
@@ -310,21 +310,16 @@ impl Verifier {
             .ok_or(TokenError::Subject)?;
         let meta = match claims.meta {
             None => None,
-            Some(value @ Value::Object(_)) => {
-                let compact = value.to_string();
-                if compact.len() > self.max_meta_bytes {
-                    return Err(TokenError::Invalid(format!(
-                        "the meta claim is over {} bytes",
-                        self.max_meta_bytes
-                    )));
-                }
-                Some(compact.into())
-            }
-            Some(_) => {
-                return Err(TokenError::Invalid(
-                    "the meta claim must be an object".into(),
-                ));
-            }
+            Some(value) => Some(Meta::from_value(&value, self.max_meta_bytes).map_err(|e| {
+                TokenError::Invalid(match e {
+                    MetaError::TooLarge { max, .. } => {
+                        format!("the meta claim is over {max} bytes")
+                    }
+                    MetaError::NotJson | MetaError::NotObject => {
+                        "the meta claim must be an object".into()
+                    }
+                })
+            })?),
         };
         let grants = Grants {
             rooms: claims

@@ -1,16 +1,22 @@
-//! Local fan-out: the [`Broadcaster`] actor, one per worker arbiter.
+//! Local fan-out: the [`Broadcaster`] actor, one per worker arbiter, and
+//! the worker's [`Hub`] of subscriptions.
 //!
 //! The registry sends each worker one [`Dispatch`] per store batch: the
 //! batch's replies and events, in the order the store decided them, with
 //! every frame already serialized. The broadcaster walks it once: a reply
-//! goes to its connection (if it lives on this worker) and applies that
-//! request's subscription change; an event goes to the room's members or the
-//! user's watchers on this worker, each getting a clone of the same bytes;
-//! `online`/`offline` also go to the worker's feed subscribers (connections
-//! whose token allows `subscribe_feed`), once each.
+//! goes to its connection (if it lives on this worker) and settles that
+//! request's subscription change; an event goes to its
+//! [`Audience`](crate::protocol::Audience) on this worker, each connection
+//! getting a clone of the same bytes, once.
 //! Because replies and events travel in one ordered stream, a joiner sees its
 //! snapshot before any event that follows it, and a subscription starts
-//! exactly at the snapshot. It never talks to the store.
+//! exactly at the snapshot.
+//!
+//! The hub holds the one worker-side record of each connection
+//! ([`Subscriber`]): what it hears, which is what the store accepted, and
+//! which joins and watches it asked for that are not answered yet. The
+//! `Conn` checks its room and watch bounds against that record; the record
+//! changes only when a reply settles a request. It never talks to the store.
 
 use std::{
     cell::RefCell,
@@ -24,13 +30,13 @@ use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes, protocol::
 
 use crate::{
     ids::{ConnId, RoomName, UserId},
-    metrics::{FrameKind, metrics},
+    metrics::{Sent, metrics},
     outbox::Outbox,
-    protocol::{self, UserState},
+    protocol::{self, Audience, UserState},
 };
 
-/// How a reply changes its connection's subscriptions.
-#[derive(Debug, Clone)]
+/// How a request changes its connection's subscriptions once accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubChange {
     /// Nothing.
     None,
@@ -44,39 +50,32 @@ pub enum SubChange {
     Unwatch(Vec<UserId>),
 }
 
-/// Who an event is for.
-#[derive(Debug, Clone)]
-pub enum Audience {
-    /// Connections watching this user.
-    Watchers(UserId),
-    /// Connections that joined this room.
-    Room(RoomName),
-}
-
 /// One item of a dispatch, in store order.
 #[derive(Debug, Clone)]
 pub enum Delivery {
-    /// A reply (or error) to one connection, with its subscription change.
+    /// The answer to one connection's request: a reply (`accepted`) or an
+    /// error. Either settles the request's `change`, applied just before
+    /// the frame is queued when accepted, dropped when not.
     Reply {
         /// The connection that asked.
         conn: ConnId,
         /// The serialized frame.
         frame: Utf8Bytes,
-        /// Applied just before the frame is queued.
+        /// What the request asked to change.
         change: SubChange,
-        /// `Reply` or `Error`, for the metrics.
-        kind: FrameKind,
+        /// A reply (true) or an error frame (false).
+        accepted: bool,
     },
     /// Presence of watched users, to each watcher (see [`UserSync`]).
     SyncUsers(Arc<UserSync>),
-    /// An event for an audience.
-    Event {
+    /// A frame for an audience: an event, or a room's `sync`.
+    Broadcast {
         /// Who hears it.
         audience: Audience,
-        /// The event, serialized once.
+        /// The frame, serialized once.
         frame: Utf8Bytes,
-        /// Which event, for the metrics.
-        kind: FrameKind,
+        /// What it is, for the metrics.
+        kind: Sent,
     },
 }
 
@@ -86,21 +85,93 @@ pub enum Delivery {
 pub struct UserSync(pub HashMap<UserId, UserState>);
 
 /// A store batch's replies and events, for every worker.
-#[derive(Message, Clone)]
+#[derive(Message, Clone, Debug)]
 #[rtype(result = "()")]
 pub struct Dispatch(pub Arc<[Delivery]>);
 
-/// One connection as the hub knows it.
-struct Subscriber {
+/// The worker-side record of one connection.
+#[derive(Debug)]
+pub struct Subscriber {
     outbox: Outbox,
+    /// Rooms it is in (the store accepted the join).
     rooms: HashSet<RoomName>,
+    /// Users it watches.
     watching: HashSet<UserId>,
+    /// Joins and leaves sent and not answered yet, by room.
+    joining: HashMap<RoomName, u32>,
+    leaving: HashMap<RoomName, u32>,
+    /// Watches and unwatches sent and not answered yet, by user.
+    asked_to_watch: HashMap<UserId, u32>,
+    asked_to_unwatch: HashMap<UserId, u32>,
+}
+
+/// Takes one off a count, dropping it at zero.
+fn settle<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+/// What a connection holds once its requests in flight are answered as
+/// asked: what it has, plus what it asked for, minus what it asked to
+/// drop.
+fn expected<'a, K: std::hash::Hash + Eq>(
+    has: &'a HashSet<K>,
+    adding: &'a HashMap<K, u32>,
+    dropping: &'a HashMap<K, u32>,
+) -> impl Iterator<Item = &'a K> {
+    has.iter()
+        .chain(adding.keys().filter(|k| !has.contains(*k)))
+        .filter(|k| !dropping.contains_key(*k))
+}
+
+impl Subscriber {
+    /// Whether joining `room` keeps the connection within `max` rooms,
+    /// counting its joins and leaves in flight as if accepted.
+    pub fn may_join(&self, room: &RoomName, max: usize) -> bool {
+        let mut count = 0;
+        for held in expected(&self.rooms, &self.joining, &self.leaving) {
+            if held == room {
+                return true;
+            }
+            count += 1;
+        }
+        count < max
+    }
+
+    /// How many users it will watch once its requests in flight are
+    /// answered, and how many of `users` would be new.
+    pub fn watch_counts(&self, users: &[UserId]) -> (usize, usize) {
+        let held: HashSet<&UserId> =
+            expected(&self.watching, &self.asked_to_watch, &self.asked_to_unwatch).collect();
+        let new: HashSet<&UserId> = users.iter().filter(|u| !held.contains(u)).collect();
+        (held.len(), new.len())
+    }
+
+    /// Records a request on its way to the registry.
+    fn ask(&mut self, change: &SubChange) {
+        fn count<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, u32>, keys: &[K]) {
+            for key in keys {
+                *map.entry(key.clone()).or_default() += 1;
+            }
+        }
+        match change {
+            SubChange::Join(room) => count(&mut self.joining, std::slice::from_ref(room)),
+            SubChange::Leave(room) => count(&mut self.leaving, std::slice::from_ref(room)),
+            SubChange::Watch(users) => count(&mut self.asked_to_watch, users),
+            SubChange::Unwatch(users) => count(&mut self.asked_to_unwatch, users),
+            SubChange::None => {}
+        }
+    }
 }
 
 /// A worker's subscriptions: which local connection hears what. Shared
 /// (`Rc`) by the worker's broadcaster and its `Conn`s, which register and
 /// unregister themselves directly; all on one thread.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Hub {
     conns: HashMap<ConnId, Subscriber>,
     rooms: HashMap<RoomName, HashSet<ConnId>>,
@@ -136,6 +207,10 @@ impl Hub {
                 outbox,
                 rooms: HashSet::new(),
                 watching: HashSet::new(),
+                joining: HashMap::new(),
+                leaving: HashMap::new(),
+                asked_to_watch: HashMap::new(),
+                asked_to_unwatch: HashMap::new(),
             },
         );
     }
@@ -165,6 +240,18 @@ impl Hub {
         self.feed.remove(conn);
     }
 
+    /// The record of a connection of this worker.
+    pub fn subscriber(&self, conn: &ConnId) -> Option<&Subscriber> {
+        self.conns.get(conn)
+    }
+
+    /// Records that `conn` asked for `change` (the registry will answer).
+    pub fn ask(&mut self, conn: &ConnId, change: &SubChange) {
+        if let Some(sub) = self.conns.get_mut(conn) {
+            sub.ask(change);
+        }
+    }
+
     /// Starts (`true`) or stops a connection's global online/offline feed.
     pub fn set_feed(&mut self, conn: ConnId, on: bool) {
         if !self.conns.contains_key(&conn) {
@@ -177,37 +264,61 @@ impl Hub {
         }
     }
 
-    fn change(&mut self, conn: ConnId, change: SubChange) {
+    /// Settles a request's change: applied if it was accepted, and no
+    /// longer counted as in flight either way.
+    fn settle(&mut self, conn: ConnId, change: &SubChange, accepted: bool) {
         let Some(sub) = self.conns.get_mut(&conn) else {
             return;
         };
         match change {
             SubChange::None => {}
             SubChange::Join(room) => {
-                if sub.rooms.insert(room.clone()) {
-                    self.rooms.entry(room).or_default().insert(conn);
+                settle(&mut sub.joining, room);
+                if accepted && sub.rooms.insert(room.clone()) {
+                    self.rooms.entry(room.clone()).or_default().insert(conn);
                 }
             }
             SubChange::Leave(room) => {
-                if sub.rooms.remove(&room) {
-                    unlink(&mut self.rooms, &room, &conn);
+                settle(&mut sub.leaving, room);
+                if accepted && sub.rooms.remove(room) {
+                    unlink(&mut self.rooms, room, &conn);
                 }
             }
             SubChange::Watch(users) => {
                 for user in users {
-                    if sub.watching.insert(user.clone()) {
-                        self.watchers.entry(user).or_default().insert(conn);
+                    settle(&mut sub.asked_to_watch, user);
+                    if accepted && sub.watching.insert(user.clone()) {
+                        self.watchers.entry(user.clone()).or_default().insert(conn);
                     }
                 }
             }
             SubChange::Unwatch(users) => {
                 for user in users {
-                    if sub.watching.remove(&user) {
-                        unlink(&mut self.watchers, &user, &conn);
+                    settle(&mut sub.asked_to_unwatch, user);
+                    if accepted && sub.watching.remove(user) {
+                        unlink(&mut self.watchers, user, &conn);
                     }
                 }
             }
         }
+    }
+
+    /// The connections of this worker that hear `audience`, each once.
+    fn audience<'a>(&'a self, audience: &'a Audience) -> impl Iterator<Item = &'a Subscriber> {
+        let (targets, feed) = match audience {
+            Audience::Watchers(user) => (self.watchers.get(user), Some(&self.feed)),
+            Audience::Room(room) => (self.rooms.get(room), None),
+        };
+        // A feed subscriber that also watches the user hears it once.
+        let feed_only = feed
+            .into_iter()
+            .flatten()
+            .filter(move |conn| !targets.is_some_and(|t| t.contains(*conn)));
+        targets
+            .into_iter()
+            .flatten()
+            .chain(feed_only)
+            .filter_map(|conn| self.conns.get(conn))
     }
 
     /// Applies one dispatch in order. Returns how many frames were queued.
@@ -219,18 +330,18 @@ impl Hub {
                     conn,
                     frame,
                     change,
-                    kind,
+                    accepted,
                 } => {
                     if !self.conns.contains_key(conn) {
                         continue;
                     }
-                    self.change(*conn, change.clone());
+                    self.settle(*conn, change, *accepted);
                     let sent = self.conns.get(conn).map_or(0, |sub| {
                         // An overflow closes that connection; its Conn
                         // unregisters when it stops.
                         usize::from(sub.outbox.push(WsMessage::Text(frame.clone())).is_ok())
                     });
-                    (*kind, sent)
+                    (if *accepted { Sent::Reply } else { Sent::Error }, sent)
                 }
                 Delivery::SyncUsers(sync) => {
                     let mut sent = 0;
@@ -243,28 +354,15 @@ impl Hub {
                         let frame = protocol::sync_users_frame(&states);
                         sent += usize::from(sub.outbox.push(WsMessage::Text(frame)).is_ok());
                     }
-                    (FrameKind::Sync, sent)
+                    (Sent::Sync, sent)
                 }
-                Delivery::Event {
+                Delivery::Broadcast {
                     audience,
                     frame,
                     kind,
                 } => {
-                    let (targets, feed) = match audience {
-                        Audience::Watchers(user) => (self.watchers.get(user), Some(&self.feed)),
-                        Audience::Room(room) => (self.rooms.get(room), None),
-                    };
-                    // A feed subscriber that also watches the user hears
-                    // the event once.
-                    let feed_only = feed
-                        .into_iter()
-                        .flatten()
-                        .filter(|conn| !targets.is_some_and(|t| t.contains(*conn)));
-                    let sent = targets
-                        .into_iter()
-                        .flatten()
-                        .chain(feed_only)
-                        .filter_map(|conn| self.conns.get(conn))
+                    let sent = self
+                        .audience(audience)
                         .filter(|sub| sub.outbox.push(WsMessage::Text(frame.clone())).is_ok())
                         .count();
                     (*kind, sent)
@@ -336,6 +434,7 @@ impl Handler<Dispatch> for Broadcaster {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::EventKind;
 
     fn user(s: &str) -> UserId {
         UserId::parse(s).unwrap()
@@ -343,8 +442,28 @@ mod tests {
     fn room(s: &str) -> RoomName {
         RoomName::parse(s).unwrap()
     }
-    fn drain(out: &Outbox) -> usize {
-        out.len()
+    fn reply(conn: ConnId, change: SubChange) -> Delivery {
+        Delivery::Reply {
+            conn,
+            frame: "reply".into(),
+            change,
+            accepted: true,
+        }
+    }
+    fn refusal(conn: ConnId, change: SubChange) -> Delivery {
+        Delivery::Reply {
+            conn,
+            frame: "error".into(),
+            change,
+            accepted: false,
+        }
+    }
+    fn event(audience: Audience) -> Delivery {
+        Delivery::Broadcast {
+            audience,
+            frame: "e".into(),
+            kind: Sent::Event(EventKind::Online),
+        }
     }
 
     #[test]
@@ -354,21 +473,11 @@ mod tests {
         let (oa, ob) = (Outbox::new(10, 1000), Outbox::new(10, 1000));
         hub.register(a, oa.clone());
         hub.register(b, ob.clone());
-        let joined: Utf8Bytes = "joined".into();
         hub.deliver(&[
-            Delivery::Reply {
-                conn: a,
-                frame: "reply".into(),
-                change: SubChange::Join(room("r")),
-                kind: FrameKind::Reply,
-            },
-            Delivery::Event {
-                audience: Audience::Room(room("r")),
-                frame: joined.clone(),
-                kind: FrameKind::Joined,
-            },
+            reply(a, SubChange::Join(room("r"))),
+            event(Audience::Room(room("r"))),
         ]);
-        assert_eq!((drain(&oa), drain(&ob)), (2, 0));
+        assert_eq!((oa.len(), ob.len()), (2, 0));
         hub.unregister(&a);
         assert!(hub.rooms.is_empty(), "unregister drops room links");
     }
@@ -376,13 +485,7 @@ mod tests {
     #[test]
     fn replies_for_unknown_connections_subscribe_nothing() {
         let mut hub = Hub::default();
-        let gone = ConnId::new();
-        hub.deliver(&[Delivery::Reply {
-            conn: gone,
-            frame: "r".into(),
-            change: SubChange::Watch(vec![user("u")]),
-            kind: FrameKind::Reply,
-        }]);
+        hub.deliver(&[reply(ConnId::new(), SubChange::Watch(vec![user("u")]))]);
         assert!(hub.watchers.is_empty());
     }
 
@@ -392,20 +495,14 @@ mod tests {
         let a = ConnId::new();
         let oa = Outbox::new(10, 1000);
         hub.register(a, oa.clone());
-        let ev = |u: &str| Delivery::Event {
-            audience: Audience::Watchers(user(u)),
-            frame: "e".into(),
-            kind: FrameKind::Online,
-        };
-        let reply = |c| Delivery::Reply {
-            conn: a,
-            frame: "r".into(),
-            change: c,
-            kind: FrameKind::Reply,
-        };
-        hub.deliver(&[reply(SubChange::Watch(vec![user("u")])), ev("u"), ev("v")]);
+        let ev = |u: &str| event(Audience::Watchers(user(u)));
+        hub.deliver(&[
+            reply(a, SubChange::Watch(vec![user("u")])),
+            ev("u"),
+            ev("v"),
+        ]);
         assert_eq!(oa.len(), 2);
-        hub.deliver(&[reply(SubChange::Unwatch(vec![user("u")])), ev("u")]);
+        hub.deliver(&[reply(a, SubChange::Unwatch(vec![user("u")])), ev("u")]);
         assert_eq!(oa.len(), 3);
         assert!(hub.watchers.is_empty());
     }
@@ -419,38 +516,53 @@ mod tests {
         hub.register(b, ob.clone());
         hub.set_feed(a, true);
         hub.deliver(&[
-            Delivery::Reply {
-                conn: a,
-                frame: "r".into(),
-                change: SubChange::Watch(vec![user("u")]),
-                kind: FrameKind::Reply,
-            },
-            Delivery::Event {
-                audience: Audience::Watchers(user("u")),
-                frame: "e".into(),
-                kind: FrameKind::Online,
-            },
-            Delivery::Event {
-                audience: Audience::Watchers(user("v")),
-                frame: "e".into(),
-                kind: FrameKind::Online,
-            },
-            Delivery::Event {
-                audience: Audience::Room(room("r")),
-                frame: "e".into(),
-                kind: FrameKind::Joined,
-            },
+            reply(a, SubChange::Watch(vec![user("u")])),
+            event(Audience::Watchers(user("u"))),
+            event(Audience::Watchers(user("v"))),
+            event(Audience::Room(room("r"))),
         ]);
         assert_eq!((oa.len(), ob.len()), (3, 0), "reply + u once + v");
         hub.set_feed(a, false);
-        hub.deliver(&[Delivery::Event {
-            audience: Audience::Watchers(user("v")),
-            frame: "e".into(),
-            kind: FrameKind::Online,
-        }]);
+        hub.deliver(&[event(Audience::Watchers(user("v")))]);
         assert_eq!(oa.len(), 3);
         hub.set_feed(a, true);
         hub.unregister(&a);
         assert!(hub.feed.is_empty(), "unregister leaves the feed");
+    }
+
+    #[test]
+    fn the_record_counts_requests_in_flight_and_keeps_only_accepted_ones() {
+        let mut hub = Hub::default();
+        let a = ConnId::new();
+        hub.register(a, Outbox::new(10, 1000));
+        let record = |hub: &Hub| hub.subscriber(&a).unwrap().may_join(&room("new"), 2);
+        hub.ask(&a, &SubChange::Join(room("r1")));
+        hub.ask(&a, &SubChange::Join(room("r2")));
+        assert!(!record(&hub), "two joins in flight fill a bound of two");
+        assert!(
+            hub.subscriber(&a).unwrap().may_join(&room("r1"), 2),
+            "a room being joined is no new room"
+        );
+        // One is refused (say `unavailable`): no trace, room for another.
+        hub.deliver(&[refusal(a, SubChange::Join(room("r1")))]);
+        assert!(record(&hub));
+        assert!(!hub.rooms.contains_key(&room("r1")));
+        hub.deliver(&[reply(a, SubChange::Join(room("r2")))]);
+        assert!(hub.rooms.contains_key(&room("r2")));
+        assert!(record(&hub), "one room held, one free");
+
+        hub.ask(&a, &SubChange::Watch(vec![user("u"), user("v")]));
+        assert_eq!(
+            hub.subscriber(&a)
+                .unwrap()
+                .watch_counts(&[user("u"), user("w")]),
+            (2, 1)
+        );
+        hub.deliver(&[refusal(a, SubChange::Watch(vec![user("u"), user("v")]))]);
+        assert_eq!(
+            hub.subscriber(&a).unwrap().watch_counts(&[user("u")]),
+            (0, 1)
+        );
+        assert!(hub.watchers.is_empty(), "a refused watch hears nothing");
     }
 }

@@ -12,7 +12,6 @@
 //! disconnect path. A `Conn` never talks to the store.
 
 use std::{
-    collections::HashSet,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -25,13 +24,13 @@ use tokio_tungstenite::tungstenite::{
 
 use crate::{
     auth::{Grants, Identity, Slot, Verifier, now_s},
-    broadcast::SharedHub,
-    ids::{ConnId, NodeId, RoomName, UserId},
-    metrics::{CloseReason, FrameKind, metrics},
+    broadcast::{SharedHub, SubChange},
+    ids::{ConnId, Meta, NodeId, UserId},
+    metrics::{CloseReason, Received, Sent, metrics},
     outbox::{Outbox, close_frame},
     protocol::{self, ClientFrame, ErrorCode, Reason, ReplyBody, Request},
     rate::{RateLimiter, Verdict},
-    registry::{ConnEvent, RegistryLink},
+    registry::{Notice, RegistryLink},
 };
 
 /// Close code when nothing arrived within the idle timeout.
@@ -79,7 +78,7 @@ pub struct ConnSettings {
 pub struct Conn {
     id: ConnId,
     user: UserId,
-    meta: Option<Arc<str>>,
+    meta: Option<Meta>,
     /// The token set the metadata: the client may not replace it.
     meta_locked: bool,
     grants: Arc<Grants>,
@@ -87,10 +86,6 @@ pub struct Conn {
     expires_at: Option<u64>,
     /// The timer that closes the connection at `expires_at` + leeway.
     expiry: Option<SpawnHandle>,
-    /// Rooms asked for (joins sent, not left), for `--max-rooms`.
-    rooms: HashSet<RoomName>,
-    /// Users asked to watch, for `--max-watch`.
-    watching: HashSet<UserId>,
     rate: RateLimiter,
     /// This connection's place in the node's connection bounds.
     _slot: Option<Slot>,
@@ -146,8 +141,6 @@ impl Conn {
                 grants: identity.grants,
                 expires_at: identity.expires_at,
                 expiry: None,
-                rooms: HashSet::new(),
-                watching: HashSet::new(),
                 rate: RateLimiter::new(settings.rate_limit, settings.rate_burst, Instant::now()),
                 _slot: slot,
                 settings,
@@ -161,11 +154,11 @@ impl Conn {
         })
     }
 
-    fn send(&mut self, kind: FrameKind, frame: Utf8Bytes, ctx: &mut Context<Self>) {
+    fn send(&mut self, kind: Sent, frame: Utf8Bytes, ctx: &mut Context<Self>) {
         self.push(kind, WsMessage::Text(frame), ctx);
     }
 
-    fn push(&mut self, kind: FrameKind, msg: WsMessage, ctx: &mut Context<Self>) {
+    fn push(&mut self, kind: Sent, msg: WsMessage, ctx: &mut Context<Self>) {
         if self.outbox.push(msg).is_ok() {
             metrics().frames_sent.get(kind).inc();
         } else {
@@ -176,7 +169,7 @@ impl Conn {
 
     fn send_error(&mut self, code: ErrorCode, frame: Utf8Bytes, ctx: &mut Context<Self>) {
         metrics().errors_sent.get(code).inc();
-        self.send(FrameKind::Error, frame, ctx);
+        self.send(Sent::Error, frame, ctx);
     }
 
     fn close(
@@ -201,7 +194,7 @@ impl Conn {
         match self.rate.check(Instant::now()) {
             Verdict::Allow => true,
             Verdict::Refuse => {
-                metrics().frames_received.get(FrameKind::RateLimited).inc();
+                metrics().frames_received.get(Received::RateLimited).inc();
                 let message = format!(
                     "over {} messages per second (burst {}): this message was dropped",
                     self.settings.rate_limit, self.settings.rate_burst
@@ -211,7 +204,7 @@ impl Conn {
                 false
             }
             Verdict::Close => {
-                metrics().frames_received.get(FrameKind::RateLimited).inc();
+                metrics().frames_received.get(Received::RateLimited).inc();
                 self.close(CloseReason::RateLimited, RATE_LIMITED, "rate limited", ctx);
                 false
             }
@@ -231,12 +224,12 @@ impl Conn {
             Ok(frame) => {
                 metrics()
                     .frames_received
-                    .get(frame_kind(&frame.request))
+                    .get(Received::Request((&frame.request).into()))
                     .inc();
                 self.on_request(frame, ctx);
             }
             Err(e) => {
-                metrics().frames_received.get(FrameKind::Invalid).inc();
+                metrics().frames_received.get(Received::Invalid).inc();
                 self.send_error(e.code, e.to_frame(), ctx);
             }
         }
@@ -254,7 +247,9 @@ impl Conn {
     }
 
     /// Checks a decoded request against the token's grants and the
-    /// connection's bounds; answers it here or passes it to the registry.
+    /// connection's bounds (counted in the worker's record of it, with
+    /// what is still in flight); answers it here or passes it to the
+    /// registry.
     fn on_request(&mut self, frame: ClientFrame, ctx: &mut Context<Self>) {
         let ClientFrame { reference, request } = frame;
         let r = reference.as_ref();
@@ -265,9 +260,9 @@ impl Conn {
             self.refuse(r, ErrorCode::Forbidden, &message, ctx);
             return;
         }
-        match &request {
+        let change = match &request {
             Request::Ping => {
-                self.send(FrameKind::Pong, protocol::pong_frame(r), ctx);
+                self.send(Sent::Pong, protocol::pong_frame(r), ctx);
                 return;
             }
             Request::Refresh(token) => {
@@ -284,7 +279,7 @@ impl Conn {
                 }
                 self.hub.borrow_mut().set_feed(self.id, on);
                 let reply = protocol::reply_frame(r, &ReplyBody::Empty {});
-                self.send(FrameKind::Reply, reply, ctx);
+                self.send(Sent::Reply, reply, ctx);
                 return;
             }
             Request::Join(room, meta) => {
@@ -294,18 +289,19 @@ impl Conn {
                     self.refuse(r, ErrorCode::Forbidden, message, ctx);
                     return;
                 }
-                if !self.rooms.contains(room) && self.rooms.len() >= self.settings.max_rooms {
-                    let message = format!(
-                        "a connection may be in at most {} rooms (--max-rooms)",
-                        self.settings.max_rooms
-                    );
+                let max = self.settings.max_rooms;
+                let fits = self
+                    .hub
+                    .borrow()
+                    .subscriber(&self.id)
+                    .is_some_and(|record| record.may_join(room, max));
+                if !fits {
+                    let message =
+                        format!("a connection may be in at most {max} rooms (--max-rooms)");
                     self.refuse(r, ErrorCode::LimitExceeded, &message, ctx);
                     return;
                 }
-                self.rooms.insert(room.clone());
-            }
-            Request::Leave(room) => {
-                self.rooms.remove(room);
+                SubChange::Join(room.clone())
             }
             Request::Watch(users) | Request::Query(users) => {
                 if let Some(user) = users.iter().find(|u| !self.grants.may_watch(u)) {
@@ -314,28 +310,31 @@ impl Conn {
                     return;
                 }
                 if let Request::Watch(users) = &request {
-                    let new = users.iter().filter(|u| !self.watching.contains(*u)).count();
-                    if self.watching.len() + new > self.settings.max_watch {
+                    let max = self.settings.max_watch;
+                    let (held, new) = self
+                        .hub
+                        .borrow()
+                        .subscriber(&self.id)
+                        .map_or((0, 0), |record| record.watch_counts(users));
+                    if held + new > max {
                         let message = format!(
-                            "a connection may watch at most {} users (--max-watch); it watches {}",
-                            self.settings.max_watch,
-                            self.watching.len()
+                            "a connection may watch at most {max} users (--max-watch); it watches {held}"
                         );
                         self.refuse(r, ErrorCode::LimitExceeded, &message, ctx);
                         return;
                     }
-                    self.watching.extend(users.iter().cloned());
+                    SubChange::Watch(users.clone())
+                } else {
+                    SubChange::None
                 }
             }
-            Request::Unwatch(users) => {
-                for user in users {
-                    self.watching.remove(user);
-                }
-            }
-            Request::Room { .. } | Request::Count => {}
-        }
+            Request::Leave(room) => SubChange::Leave(room.clone()),
+            Request::Unwatch(users) => SubChange::Unwatch(users.clone()),
+            Request::Room { .. } | Request::Count => SubChange::None,
+        };
+        self.hub.borrow_mut().ask(&self.id, &change);
         self.registry
-            .send(ConnEvent::Request(self.id, reference, request));
+            .send(Notice::Request(self.id, reference, request));
     }
 
     /// `refresh`: a new token for the same user replaces the grants and
@@ -367,7 +366,7 @@ impl Conn {
         self.arm_expiry(ctx);
         let expires_at = identity.expires_at.unwrap_or_default();
         let reply = protocol::reply_frame(r, &ReplyBody::Refreshed { expires_at });
-        self.send(FrameKind::Reply, reply, ctx);
+        self.send(Sent::Reply, reply, ctx);
     }
 
     /// (Re)starts the timer that closes the connection with 4001 once its
@@ -402,23 +401,8 @@ impl Conn {
         if self.last_heard.elapsed() >= self.settings.idle_timeout {
             self.close(CloseReason::IdleTimeout, IDLE_TIMEOUT, "idle timeout", ctx);
         } else {
-            self.push(FrameKind::Ping, WsMessage::Ping(Bytes::new()), ctx);
+            self.push(Sent::Ping, WsMessage::Ping(Bytes::new()), ctx);
         }
-    }
-}
-
-fn frame_kind(request: &Request) -> FrameKind {
-    match request {
-        Request::Join(..) => FrameKind::Join,
-        Request::Leave(_) => FrameKind::Leave,
-        Request::Watch(_) => FrameKind::Watch,
-        Request::Unwatch(_) => FrameKind::Unwatch,
-        Request::Query(_) => FrameKind::Query,
-        Request::Room { .. } => FrameKind::Room,
-        Request::Count => FrameKind::Count,
-        Request::Ping => FrameKind::Ping,
-        Request::Refresh(_) => FrameKind::Refresh,
-        Request::SubscribeFeed | Request::UnsubscribeFeed => FrameKind::Feed,
     }
 }
 
@@ -427,7 +411,7 @@ impl Actor for Conn {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.hub.borrow_mut().register(self.id, self.outbox.clone());
-        self.registry.send(ConnEvent::Connected(
+        self.registry.send(Notice::Connected(
             self.id,
             self.user.clone(),
             self.meta.take(),
@@ -440,7 +424,7 @@ impl Actor for Conn {
         );
         metrics().connections_opened.inc();
         metrics().connections_open.inc();
-        self.send(FrameKind::Welcome, welcome, ctx);
+        self.send(Sent::Welcome, welcome, ctx);
         ctx.run_interval(self.settings.heartbeat, Self::heartbeat);
         self.arm_expiry(ctx);
     }
@@ -454,7 +438,7 @@ impl Actor for Conn {
             CloseReason::Shutdown => Reason::Shutdown,
             _ => Reason::Closed,
         };
-        self.registry.send(ConnEvent::Disconnected(self.id, reason));
+        self.registry.send(Notice::Disconnected(self.id, reason));
         self.outbox.close(self.close_with.take());
     }
 }
@@ -470,7 +454,7 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                         if !self.within_rate(None, ctx) {
                             return;
                         }
-                        metrics().frames_received.get(FrameKind::Invalid).inc();
+                        metrics().frames_received.get(Received::Invalid).inc();
                         self.send_error(
                             ErrorCode::BadRequest,
                             protocol::error_frame(

@@ -2,12 +2,16 @@
 //!
 //! Every id that enters from a client (a user id in the URL or a list, a
 //! room name in a frame) becomes a [`UserId`] or [`RoomName`] here or is
-//! refused here; the rest of the gateway never re-checks. The allowed
-//! characters exclude the space, which the Redis store uses to join a room
-//! and a user into one field name.
+//! refused here; the rest of the gateway never re-checks. Connection
+//! metadata likewise becomes a [`Meta`] where it enters (`?meta=`, a
+//! token's claim, a `join`), checked by one function. The allowed
+//! characters of ids exclude the space, which the Redis store uses to join
+//! a room and a user into one field name.
 
 use std::{fmt, sync::Arc};
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Value, value::RawValue};
 use uuid::Uuid;
 
 /// Longest accepted user id, in bytes.
@@ -91,9 +95,153 @@ macro_rules! text_id_fmt {
 }
 text_id_fmt!(UserId, RoomName);
 
-/// One WebSocket connection's id, unique across the cluster.
+/// Ids travel as their text (JSON frames, the Redis codec); reading one
+/// back checks the naming rules again, so a value from outside cannot
+/// smuggle an invalid id in.
+macro_rules! text_id_serde {
+    ($($t:ty),*) => {$(
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                <$t>::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+text_id_serde!(UserId, RoomName);
+
+/// Why metadata was refused; each edge maps it to its own wire code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    /// Not JSON at all.
+    #[error("meta must be a JSON object")]
+    NotJson,
+    /// JSON, but not an object.
+    #[error("meta must be a JSON object")]
+    NotObject,
+    /// Over the configured size once written compactly.
+    #[error("meta is {size} bytes; at most {max}")]
+    TooLarge {
+        /// Its compact size.
+        size: usize,
+        /// The bound (`--max-meta-bytes`).
+        max: usize,
+    },
+}
+
+/// A connection's metadata: a JSON object, stored compact, at most
+/// `--max-meta-bytes`. Built once where it enters; everywhere else it is
+/// opaque text that frames embed verbatim (no re-parse, no re-encoding of
+/// its numbers).
+#[derive(Clone)]
+pub struct Meta(Arc<RawValue>);
+
+impl Meta {
+    /// Checks a JSON value: an object of at most `max` bytes compact.
+    pub fn from_value(value: &Value, max: usize) -> Result<Self, MetaError> {
+        if !value.is_object() {
+            return Err(MetaError::NotObject);
+        }
+        let compact = value.to_string();
+        if compact.len() > max {
+            return Err(MetaError::TooLarge {
+                size: compact.len(),
+                max,
+            });
+        }
+        Ok(Self::trusted(compact))
+    }
+
+    /// Checks JSON text (a `?meta=` parameter). Text far over the bound is
+    /// refused before it is parsed.
+    pub fn parse(text: &str, max: usize) -> Result<Self, MetaError> {
+        if text.len() > max.saturating_mul(4) {
+            return Err(MetaError::TooLarge {
+                size: text.len(),
+                max,
+            });
+        }
+        let value: Value = serde_json::from_str(text).map_err(|_| MetaError::NotJson)?;
+        Self::from_value(&value, max)
+    }
+
+    /// Metadata read back from the store, which only ever holds what
+    /// [`Meta::from_value`] accepted; `None` if it is not JSON after all.
+    pub fn from_stored(text: impl Into<String>) -> Option<Self> {
+        RawValue::from_string(text.into())
+            .ok()
+            .map(|raw| Self(raw.into()))
+    }
+
+    fn trusted(compact: String) -> Self {
+        // unwrap: `compact` was just written by serde_json from a value.
+        Self(RawValue::from_string(compact).unwrap().into())
+    }
+
+    /// The compact JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for Meta {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Meta {}
+
+impl PartialOrd for Meta {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Meta {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl fmt::Debug for Meta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Embedded as the JSON object it is.
+impl Serialize for Meta {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// One WebSocket connection's id, unique across the cluster. It travels
+/// as its hyphenated text in every format (a compact format would make
+/// the uuid bytes, and the Redis codec keys records by this text).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct ConnId(pub Uuid);
+
+impl Serialize for ConnId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0.hyphenated())
+    }
+}
+
+impl<'de> Deserialize<'de> for ConnId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Uuid::parse_str(&text)
+            .map(ConnId)
+            .map_err(serde::de::Error::custom)
+    }
+}
 
 impl ConnId {
     /// A fresh random id.
@@ -154,6 +302,38 @@ mod tests {
             UserId::parse(&"x".repeat(MAX_USER_LEN + 1)),
             Err(IdError::User)
         );
+    }
+
+    #[test]
+    fn meta_is_an_object_within_the_bound_stored_compact() {
+        let meta = Meta::parse(r#"{"a": 1, "b": [true, null]}"#, 100).unwrap();
+        assert_eq!(meta.as_str(), r#"{"a":1,"b":[true,null]}"#);
+        assert_eq!(Meta::parse("[1]", 100), Err(MetaError::NotObject));
+        assert_eq!(Meta::parse("{", 100), Err(MetaError::NotJson));
+        assert_eq!(
+            Meta::parse(r#"{"name":"far too long"}"#, 10),
+            Err(MetaError::TooLarge { size: 23, max: 10 })
+        );
+        // Far over the bound: refused unparsed.
+        assert!(matches!(
+            Meta::parse(&" ".repeat(41), 10),
+            Err(MetaError::TooLarge { .. })
+        ));
+        assert_eq!(
+            serde_json::to_string(&meta).unwrap(),
+            meta.as_str(),
+            "embedded verbatim"
+        );
+        assert_eq!(Meta::from_stored(meta.as_str()), Some(meta));
+        assert_eq!(Meta::from_stored("{oops"), None);
+    }
+
+    #[test]
+    fn ids_read_back_are_checked_again() {
+        let user: UserId = serde_json::from_str("\"alice\"").unwrap();
+        assert_eq!(serde_json::to_string(&user).unwrap(), "\"alice\"");
+        assert!(serde_json::from_str::<UserId>("\"a b\"").is_err());
+        assert!(serde_json::from_str::<RoomName>("\"doc:1\"").is_ok());
     }
 
     #[test]

@@ -4,11 +4,11 @@
 //!
 //! ```text
 //! socket ─► http (hyper, upgrade) ─► Conn (actor, one per socket, on a worker)
-//!                                      │ Connected / Disconnected / ClientRequest
+//!                                      │ Notice: Connected / Disconnected / Request
 //!                                      ▼
 //!                               PresenceRegistry (one per node)
 //!                                      │ batch of ops ─► Store (memory | Redis, atomic)
-//!                                      │ ◄─ outcomes: transitions decided by the store
+//!                                      │ ◄─ outcomes: the Events the store decided
 //!                                      ▼ Dispatch (replies + events, serialized once)
 //!                               Broadcaster (one per worker) ─► Outbox of each
 //!                                                               subscribed Conn
@@ -21,6 +21,7 @@ pub mod auth;
 pub mod broadcast;
 pub mod config;
 pub mod conn;
+pub mod health;
 pub mod http;
 pub mod ids;
 pub mod metrics;

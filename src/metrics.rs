@@ -13,7 +13,9 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::protocol::ErrorCode;
+use strum::IntoEnumIterator;
+
+use crate::protocol::{ErrorCode, EventKind, RequestKind};
 
 /// Why a connection ended, as counted in `presenced_connections_closed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,139 +68,77 @@ impl CloseReason {
     }
 }
 
-/// What a frame is, for the frame counters.
+/// A client frame, as `presenced_frames_received_total{type}` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FrameKind {
-    /// Client `join`.
-    Join,
-    /// Client `leave`.
-    Leave,
-    /// Client `watch`.
-    Watch,
-    /// Client `unwatch`.
-    Unwatch,
-    /// Client `query`.
-    Query,
-    /// Client `room` (a page of members).
-    Room,
-    /// Client `count`.
-    Count,
-    /// Client or server application-level ping, or a server WebSocket ping.
-    Ping,
-    /// Client `refresh`.
-    Refresh,
-    /// Client `subscribe_feed` or `unsubscribe_feed`.
-    Feed,
+pub enum Received {
+    /// A request, by its kind.
+    Request(RequestKind),
     /// A client frame dropped by the rate limit.
     RateLimited,
     /// A client frame that could not be decoded (text or binary).
     Invalid,
-    /// Server `welcome`.
-    Welcome,
-    /// Server `reply`.
-    Reply,
-    /// Server `error`.
-    Error,
-    /// Server `pong`.
-    Pong,
-    /// Event `online`.
-    Online,
-    /// Event `offline`.
-    Offline,
-    /// Event `joined`.
-    Joined,
-    /// Event `left`.
-    Left,
-    /// Server `sync` (current state after events may have been missed).
-    Sync,
 }
 
-impl FrameKind {
-    const RECEIVED: [FrameKind; 12] = [
-        FrameKind::Join,
-        FrameKind::Leave,
-        FrameKind::Watch,
-        FrameKind::Unwatch,
-        FrameKind::Query,
-        FrameKind::Room,
-        FrameKind::Count,
-        FrameKind::Ping,
-        FrameKind::Refresh,
-        FrameKind::Feed,
-        FrameKind::RateLimited,
-        FrameKind::Invalid,
-    ];
-    const SENT: [FrameKind; 10] = [
-        FrameKind::Welcome,
-        FrameKind::Reply,
-        FrameKind::Error,
-        FrameKind::Pong,
-        FrameKind::Ping,
-        FrameKind::Online,
-        FrameKind::Offline,
-        FrameKind::Joined,
-        FrameKind::Left,
-        FrameKind::Sync,
-    ];
-    const EVENTS: [FrameKind; 4] = [
-        FrameKind::Online,
-        FrameKind::Offline,
-        FrameKind::Joined,
-        FrameKind::Left,
-    ];
+impl Received {
+    fn all() -> impl Iterator<Item = Self> {
+        RequestKind::iter()
+            .map(Received::Request)
+            .chain([Received::RateLimited, Received::Invalid])
+    }
 
     fn label(self) -> &'static str {
         match self {
-            FrameKind::Join => "join",
-            FrameKind::Leave => "leave",
-            FrameKind::Watch => "watch",
-            FrameKind::Unwatch => "unwatch",
-            FrameKind::Query => "query",
-            FrameKind::Room => "room",
-            FrameKind::Count => "count",
-            FrameKind::Ping => "ping",
-            FrameKind::Refresh => "refresh",
-            FrameKind::Feed => "feed",
-            FrameKind::RateLimited => "rate_limited",
-            FrameKind::Invalid => "invalid",
-            FrameKind::Welcome => "welcome",
-            FrameKind::Reply => "reply",
-            FrameKind::Error => "error",
-            FrameKind::Pong => "pong",
-            FrameKind::Online => "online",
-            FrameKind::Offline => "offline",
-            FrameKind::Joined => "joined",
-            FrameKind::Left => "left",
-            FrameKind::Sync => "sync",
+            Received::Request(kind) => kind.into(),
+            Received::RateLimited => "rate_limited",
+            Received::Invalid => "invalid",
         }
     }
 }
 
-const ERROR_CODES: [ErrorCode; 10] = [
-    ErrorCode::Unavailable,
-    ErrorCode::BadRequest,
-    ErrorCode::UnknownType,
-    ErrorCode::InvalidRoom,
-    ErrorCode::InvalidUser,
-    ErrorCode::NotJoined,
-    ErrorCode::LimitExceeded,
-    ErrorCode::Forbidden,
-    ErrorCode::RateLimited,
-    ErrorCode::InvalidToken,
-];
+/// A frame queued to a client, as `presenced_frames_sent_total{type}`
+/// counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// `welcome`.
+    Welcome,
+    /// `reply`.
+    Reply,
+    /// `error`.
+    Error,
+    /// `pong`.
+    Pong,
+    /// A WebSocket ping.
+    Ping,
+    /// `sync` (current state after events may have been missed).
+    Sync,
+    /// An event, by its kind.
+    Event(EventKind),
+}
 
-fn error_label(code: ErrorCode) -> &'static str {
-    match code {
-        ErrorCode::BadRequest => "bad_request",
-        ErrorCode::UnknownType => "unknown_type",
-        ErrorCode::InvalidRoom => "invalid_room",
-        ErrorCode::InvalidUser => "invalid_user",
-        ErrorCode::NotJoined => "not_joined",
-        ErrorCode::LimitExceeded => "limit_exceeded",
-        ErrorCode::Unavailable => "unavailable",
-        ErrorCode::Forbidden => "forbidden",
-        ErrorCode::RateLimited => "rate_limited",
-        ErrorCode::InvalidToken => "invalid_token",
+impl Sent {
+    fn all() -> impl Iterator<Item = Self> {
+        [
+            Sent::Welcome,
+            Sent::Reply,
+            Sent::Error,
+            Sent::Pong,
+            Sent::Ping,
+            Sent::Sync,
+        ]
+        .into_iter()
+        .chain(EventKind::iter().map(Sent::Event))
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Sent::Welcome => "welcome",
+            Sent::Reply => "reply",
+            Sent::Error => "error",
+            Sent::Pong => "pong",
+            Sent::Ping => "ping",
+            Sent::Sync => "sync",
+            Sent::Event(kind) => kind.into(),
+        }
     }
 }
 
@@ -225,9 +165,10 @@ const HANDSHAKE_REFUSALS: [&str; 18] = [
     "node_full",
 ];
 
-/// A counter family with one child per value of a small enum.
-pub struct Family<K: 'static> {
-    keys: &'static [K],
+/// A counter family with one child per value of a small enum, resolved
+/// once, so counting never looks a label up.
+pub struct Family<K> {
+    keys: Vec<K>,
     children: Vec<IntCounter>,
 }
 
@@ -237,13 +178,14 @@ impl<K: Copy + PartialEq> Family<K> {
         name: &str,
         help: &str,
         label: &str,
-        keys: &'static [K],
+        keys: impl IntoIterator<Item = K>,
         label_of: fn(K) -> &'static str,
     ) -> Self {
         let vec = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
         registry
             .register(Box::new(vec.clone()))
             .expect("unique metric");
+        let keys: Vec<K> = keys.into_iter().collect();
         let children = keys
             .iter()
             .map(|k| vec.with_label_values(&[label_of(*k)]))
@@ -270,9 +212,9 @@ pub struct Metrics {
     /// WebSocket connections ended, by reason.
     pub connections_closed: Family<CloseReason>,
     /// Client frames, by type.
-    pub frames_received: Family<FrameKind>,
+    pub frames_received: Family<Received>,
     /// Frames queued to clients, by type.
-    pub frames_sent: Family<FrameKind>,
+    pub frames_sent: Family<Sent>,
     /// Error frames sent, by code.
     pub errors_sent: Family<ErrorCode>,
     /// Ops per store batch.
@@ -282,9 +224,9 @@ pub struct Metrics {
     /// Store batches that failed (and were retried).
     pub batch_failures: IntCounter,
     /// Transitions decided by the store, by kind.
-    pub events_published: Family<FrameKind>,
+    pub events_published: Family<EventKind>,
     /// Transitions heard from the shared store's event channel, by kind.
-    pub events_received: Family<FrameKind>,
+    pub events_received: Family<EventKind>,
     /// Dead nodes this node reaped.
     pub nodes_reaped: IntCounter,
     /// Requests refused, or writes folded into a reassert, because the
@@ -341,7 +283,7 @@ impl Metrics {
                 "presenced_connections_closed_total",
                 "WebSocket connections ended on this node, by reason.",
                 "reason",
-                &CloseReason::ALL,
+                CloseReason::ALL,
                 CloseReason::label,
             ),
             frames_received: Family::new(
@@ -349,24 +291,24 @@ impl Metrics {
                 "presenced_frames_received_total",
                 "Client frames received, by type.",
                 "type",
-                &FrameKind::RECEIVED,
-                FrameKind::label,
+                Received::all(),
+                Received::label,
             ),
             frames_sent: Family::new(
                 &r,
                 "presenced_frames_sent_total",
                 "Frames queued to clients, by type.",
                 "type",
-                &FrameKind::SENT,
-                FrameKind::label,
+                Sent::all(),
+                Sent::label,
             ),
             errors_sent: Family::new(
                 &r,
                 "presenced_errors_sent_total",
                 "Error frames sent to clients, by code.",
                 "code",
-                &ERROR_CODES,
-                error_label,
+                ErrorCode::iter(),
+                <&'static str>::from,
             ),
             batch_ops: histogram(
                 "presenced_store_batch_ops",
@@ -390,16 +332,16 @@ impl Metrics {
                 "presenced_events_published_total",
                 "Presence transitions decided by the store for this node's ops, by kind.",
                 "kind",
-                &FrameKind::EVENTS,
-                FrameKind::label,
+                EventKind::iter(),
+                <&'static str>::from,
             ),
             events_received: Family::new(
                 &r,
                 "presenced_events_received_total",
                 "Presence transitions received from the shared store's event channel, by kind.",
                 "kind",
-                &FrameKind::EVENTS,
-                FrameKind::label,
+                EventKind::iter(),
+                <&'static str>::from,
             ),
             nodes_reaped: counter(
                 "presenced_nodes_reaped_total",
@@ -418,7 +360,7 @@ impl Metrics {
                 "presenced_handshakes_refused_total",
                 "WebSocket handshakes refused before the upgrade, by error code.",
                 "code",
-                &HANDSHAKE_REFUSALS,
+                HANDSHAKE_REFUSALS,
                 |code| code,
             ),
             handshake_timeouts: counter(

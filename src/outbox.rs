@@ -68,6 +68,16 @@ struct Inner {
     abort: Notify,
 }
 
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("queued", &self.len())
+            .field("bytes", &self.0.bytes.get())
+            .field("closing", &self.is_closing())
+            .finish()
+    }
+}
+
 /// What the writer should do next.
 enum Step {
     Send(Message),

@@ -5,21 +5,27 @@
 //! sees raw JSON from a client. Encoding produces [`Utf8Bytes`], so an event
 //! is serialized once and every recipient gets a cheap clone of the same
 //! bytes.
+//!
+//! This is the one definition of the vocabulary: every request
+//! ([`Request`], its [`RequestKind`]), every event ([`Event`], its
+//! [`EventKind`] and its [`Audience`]) and every error code. Their wire
+//! names come from serde and strum derives on these types; metrics, the
+//! store codec and the fan-out take them from here.
 
-use std::sync::Arc;
-
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use strum::{EnumDiscriminants, EnumIter, IntoStaticStr};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::ids::{ConnId, IdError, NodeId, RoomName, UserId};
+use crate::ids::{ConnId, IdError, Meta, MetaError, NodeId, RoomName, UserId};
 
 /// Longest `ref` string a client may send, in characters.
 pub const MAX_REF_LEN: usize = 64;
 
 /// The `code` of an error frame; one variant per documented code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, EnumIter, IntoStaticStr)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ErrorCode {
     /// Not JSON, not an object, a missing or ill-typed field, a binary frame.
     BadRequest,
@@ -52,12 +58,18 @@ impl From<IdError> for ErrorCode {
     }
 }
 
-/// What a client asked for.
-#[derive(Debug, Clone, PartialEq)]
+/// What a client asked for. [`RequestKind`] names each kind (its wire
+/// `type`, and the metrics label).
+#[derive(Debug, Clone, PartialEq, EnumDiscriminants)]
+#[strum_discriminants(
+    name(RequestKind),
+    derive(EnumIter, IntoStaticStr),
+    strum(serialize_all = "snake_case")
+)]
 pub enum Request {
-    /// Join a room; with metadata (a JSON object, compact), which becomes
-    /// the connection's metadata from then on.
-    Join(RoomName, Option<Arc<str>>),
+    /// Join a room; with metadata, which becomes the connection's metadata
+    /// from then on.
+    Join(RoomName, Option<Meta>),
     /// Leave a room.
     Leave(RoomName),
     /// Subscribe to these users' online/offline events.
@@ -82,8 +94,10 @@ pub enum Request {
     /// Replace the connection's token before it expires.
     Refresh(String),
     /// Receive every user's online/offline (needs the `feed` claim).
+    #[strum_discriminants(strum(serialize = "feed"))]
     SubscribeFeed,
     /// Undo `SubscribeFeed`.
+    #[strum_discriminants(strum(serialize = "feed"))]
     UnsubscribeFeed,
 }
 
@@ -224,26 +238,22 @@ fn meta_field(
     obj: &Map<String, Value>,
     reference: &Option<Value>,
     max: usize,
-) -> Result<Option<Arc<str>>, DecodeError> {
-    match obj.get("meta") {
-        None | Some(Value::Null) => Ok(None),
-        Some(meta @ Value::Object(_)) => {
-            let compact = meta.to_string();
-            if compact.len() > max {
-                return Err(DecodeError::new(
-                    reference.clone(),
-                    ErrorCode::LimitExceeded,
-                    format!("\"meta\" is {} bytes; at most {max}", compact.len()),
-                ));
-            }
-            Ok(Some(compact.into()))
-        }
-        Some(_) => Err(DecodeError::new(
+) -> Result<Option<Meta>, DecodeError> {
+    let Some(meta) = obj.get("meta").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    Meta::from_value(meta, max).map(Some).map_err(|e| match e {
+        MetaError::TooLarge { size, max } => DecodeError::new(
+            reference.clone(),
+            ErrorCode::LimitExceeded,
+            format!("\"meta\" is {size} bytes; at most {max}"),
+        ),
+        MetaError::NotJson | MetaError::NotObject => DecodeError::new(
             reference.clone(),
             ErrorCode::BadRequest,
             "\"meta\" must be a JSON object",
-        )),
-    }
+        ),
+    })
 }
 
 fn room_query(
@@ -412,21 +422,29 @@ pub fn pong_frame(reference: Option<&Value>) -> Utf8Bytes {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UserState {
     /// The user.
-    pub user: String,
+    pub user: UserId,
     /// Whether any connection of theirs is live.
     pub online: bool,
     /// Their current presence sequence (0: never seen).
     pub seq: u64,
 }
 
-/// One member in a room snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One member in a room snapshot, with the user's metadata (the latest
+/// attached connection's).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Member {
     /// The member's user id.
-    pub user: String,
+    pub user: UserId,
     /// The member's metadata, when any connection of theirs carried some.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub meta: Option<Value>,
+    pub meta: Option<Meta>,
+}
+
+impl Member {
+    /// A member without metadata.
+    pub fn plain(user: UserId) -> Self {
+        Self { user, meta: None }
+    }
 }
 
 /// The body of a successful reply, beside `type`, `ref` and `ok`.
@@ -436,14 +454,14 @@ pub enum ReplyBody {
     /// `join`: the room and its members.
     Joined {
         /// The room joined.
-        room: String,
+        room: RoomName,
         /// Members right after the join, sorted by user id.
         members: Vec<Member>,
     },
     /// `leave`: the room left.
     Left {
         /// The room left.
-        room: String,
+        room: RoomName,
     },
     /// `watch` / `query`: each user's state.
     Users {
@@ -453,11 +471,11 @@ pub enum ReplyBody {
     /// `room`: one page of members.
     RoomPage {
         /// The room.
-        room: String,
+        room: RoomName,
         /// How many members the room has.
         count: u64,
         /// This page's members.
-        users: Vec<String>,
+        users: Vec<UserId>,
         /// Where the next page starts; `null` after the last.
         next_cursor: Option<String>,
     },
@@ -497,7 +515,7 @@ pub fn reply_frame(reference: Option<&Value>, body: &ReplyBody) -> Utf8Bytes {
 }
 
 /// Why a user went offline or left a room, carried by `offline` and `left`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// The client closed the connection, or sent `leave`.
@@ -510,31 +528,16 @@ pub enum Reason {
     Shutdown,
 }
 
-impl Reason {
-    /// The word on the wire and in Redis.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Closed => "closed",
-            Reason::Timeout => "timeout",
-            Reason::NodeLost => "node_lost",
-            Reason::Shutdown => "shutdown",
-        }
-    }
-
-    /// The reason `as_str` wrote.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "closed" => Reason::Closed,
-            "timeout" => Reason::Timeout,
-            "node_lost" => Reason::NodeLost,
-            "shutdown" => Reason::Shutdown,
-            _ => return None,
-        })
-    }
-}
-
-/// A presence transition, as decided by the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A presence transition, as decided by the store, exactly as it goes on
+/// the wire (`{"type":"online",...}`) and through the Redis codec.
+/// [`EventKind`] names each kind; [`Event::audience`] says who hears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, EnumDiscriminants)]
+#[serde(tag = "type", rename_all = "lowercase")]
+#[strum_discriminants(
+    name(EventKind),
+    derive(EnumIter, IntoStaticStr),
+    strum(serialize_all = "lowercase")
+)]
 pub enum Event {
     /// The user's first connection came up.
     Online {
@@ -572,58 +575,35 @@ pub enum Event {
     },
 }
 
+/// Who hears an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// The connections watching this user, and the connections holding
+    /// the global feed (each once).
+    Watchers(UserId),
+    /// The connections that joined this room.
+    Room(RoomName),
+}
+
 impl Event {
+    /// Who hears this event: the one place that decides it.
+    pub fn audience(&self) -> Audience {
+        match self {
+            Event::Online { user, .. } | Event::Offline { user, .. } => {
+                Audience::Watchers(user.clone())
+            }
+            Event::Joined { room, .. } | Event::Left { room, .. } => Audience::Room(room.clone()),
+        }
+    }
+
+    /// Which kind of event this is.
+    pub fn kind(&self) -> EventKind {
+        self.into()
+    }
+
     /// Serializes the event frame once; recipients share the bytes.
     pub fn encode(&self) -> Utf8Bytes {
-        #[derive(Serialize)]
-        #[serde(tag = "type", rename_all = "lowercase")]
-        enum Wire<'a> {
-            Online {
-                user: &'a str,
-                seq: u64,
-            },
-            Offline {
-                user: &'a str,
-                seq: u64,
-                last_seen: u64,
-                reason: Reason,
-            },
-            Joined {
-                room: &'a str,
-                user: &'a str,
-            },
-            Left {
-                room: &'a str,
-                user: &'a str,
-                reason: Reason,
-            },
-        }
-        encode(&match self {
-            Event::Online { user, seq } => Wire::Online {
-                user: user.as_str(),
-                seq: *seq,
-            },
-            Event::Offline {
-                user,
-                seq,
-                last_seen,
-                reason,
-            } => Wire::Offline {
-                user: user.as_str(),
-                seq: *seq,
-                last_seen: *last_seen,
-                reason: *reason,
-            },
-            Event::Joined { room, user } => Wire::Joined {
-                room: room.as_str(),
-                user: user.as_str(),
-            },
-            Event::Left { room, user, reason } => Wire::Left {
-                room: room.as_str(),
-                user: user.as_str(),
-                reason: *reason,
-            },
-        })
+        encode(self)
     }
 }
 
@@ -655,7 +635,7 @@ mod tests {
             f.request,
             Request::Join(
                 RoomName::parse("r").unwrap(),
-                Some(r#"{"name":"Ann"}"#.into())
+                Some(Meta::parse(r#"{"name":"Ann"}"#, 100).unwrap())
             )
         );
         let f = decode(r#"{"type":"watch","users":["b","a","b"],"ref":"x"}"#, B).unwrap();
@@ -785,11 +765,8 @@ mod tests {
             json!({"type":"left","room":"doc:1","user":"bob","reason":"closed"})
         );
         let body = ReplyBody::Joined {
-            room: "doc:1".into(),
-            members: vec![Member {
-                user: "bob".into(),
-                meta: None,
-            }],
+            room: room.clone(),
+            members: vec![Member::plain(UserId::parse("bob").unwrap())],
         };
         assert_eq!(
             v(reply_frame(Some(&json!(1)), &body)),

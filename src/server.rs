@@ -23,11 +23,12 @@ use crate::{
     broadcast::{Broadcaster, CloseAll, Hub},
     config::Config,
     conn::ConnSettings,
+    health::Health,
     http::{self, WorkerState},
     ids::NodeId,
     metrics::metrics,
     outbox::close_frame,
-    registry::{Batching, Drain, Health, PresenceRegistry, RegistryLink},
+    registry::{Batching, Drain, PresenceRegistry, RegistryLink},
     store::{FeedItem, MemoryStore, RedisStore, Store, StoreError},
 };
 

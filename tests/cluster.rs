@@ -952,6 +952,12 @@ struct StoreState {
     conns: BTreeMap<String, Counts>,
 }
 
+/// A `P:user:U:conns` record (MessagePack, see docs/operations.md).
+#[derive(serde::Deserialize)]
+struct ConnRecord {
+    node: String,
+}
+
 impl StoreState {
     /// The state `tabs` (every live connection) on `nodes` (every live
     /// node) call for.
@@ -1015,9 +1021,8 @@ impl StoreState {
         for key in redis.keys(&format!("{user_prefix}*:conns")).await {
             let user = key[user_prefix.len()..key.len() - ":conns".len()].to_owned();
             let per_node = state.conns.entry(user).or_default();
-            for record in redis.hgetall_text(&key).await.into_values() {
-                let node = record.split(' ').next().unwrap_or_default().to_owned();
-                *per_node.entry(node).or_default() += 1;
+            for record in redis.hgetall_packed::<ConnRecord>(&key).await.into_values() {
+                *per_node.entry(record.node).or_default() += 1;
             }
         }
         state

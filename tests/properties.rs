@@ -26,14 +26,12 @@ use std::{
 
 use futures_util::{FutureExt, future::BoxFuture};
 use presenced::{
-    ids::{ConnId, NodeId, RoomName, UserId},
+    ids::{ConnId, Meta, NodeId, RoomName, UserId},
     protocol::{
-        Bounds, ClientFrame, DEFAULT_PAGE, DecodeError, ErrorCode, MAX_REF_LEN, Reason, Request,
-        decode, pong_frame,
+        Bounds, ClientFrame, DEFAULT_PAGE, DecodeError, ErrorCode, Event, MAX_REF_LEN, Member,
+        Reason, Request, decode, pong_frame,
     },
-    store::{
-        MemoryStore, Outcome, RedisStore, RoomMember, Store, StoreError, StoreOp, UserPresence,
-    },
+    store::{MemoryStore, Outcome, Read, RedisStore, Store, StoreError, StoreOp, UserPresence},
 };
 use proptest::{
     collection::{btree_map, vec},
@@ -269,7 +267,7 @@ fn well_formed() -> impl Strategy<Value = (String, ClientFrame)> {
                 let meta = Value::Object(meta);
                 let compact = meta.to_string();
                 fields.push(("meta", meta));
-                compact.into()
+                Meta::from_stored(compact).expect("compact JSON")
             });
             ("join", fields, Request::Join(parse_room(&room), compact))
         }),
@@ -527,7 +525,8 @@ proptest! {
         let text = frame("join", &reference, vec![("room", json!(room)), ("meta", meta)]);
         let result = decode(&text, bounds);
         if compact.len() <= max_meta_bytes {
-            let request = Request::Join(parse_room(&room), Some(compact.into()));
+            let meta = Meta::from_stored(compact).expect("compact JSON");
+            let request = Request::Join(parse_room(&room), Some(meta));
             prop_assert_eq!(result, Ok(ClientFrame { reference, request }));
         } else {
             let error = refused(result)?;
@@ -699,16 +698,20 @@ impl Model {
             .count()
     }
 
-    fn members(&self, room: usize) -> Vec<RoomMember> {
-        let mut members: Vec<RoomMember> = (0..USERS.len())
+    fn members(&self, room: usize) -> Vec<Member> {
+        let mut members: Vec<Member> = (0..USERS.len())
             .filter(|&u| self.in_room(room, u) > 0)
-            .map(|u| RoomMember {
+            .map(|u| Member {
                 user: user(u),
-                meta: self.meta[u].map(str::to_owned),
+                meta: self.meta[u].map(meta_of),
             })
             .collect();
         members.sort();
         members
+    }
+
+    fn members_read(&self, room: usize) -> Outcome {
+        Outcome::read(Read::Members(self.members(room)))
     }
 
     fn presence(&self, users: &[usize]) -> Vec<UserPresence> {
@@ -728,8 +731,8 @@ impl Model {
         if meta.is_some() {
             self.meta[u] = meta;
         }
-        let op = StoreOp::Attach(user(u), id, meta.map(Arc::from));
-        (op, Outcome::Recorded)
+        let op = StoreOp::Attach(user(u), id, meta.map(meta_of));
+        (op, Outcome::default())
     }
 
     /// The ops the registry issues for `action`, each with the outcome the
@@ -746,11 +749,17 @@ impl Model {
                     rooms: Vec::new(),
                     meta: None,
                 });
-                let seq = online.then(|| {
-                    self.seq[u] += 1;
-                    self.seq[u]
-                });
-                ops.push((StoreOp::Connect(user(u)), Outcome::Connected(seq)));
+                let events = online
+                    .then(|| {
+                        self.seq[u] += 1;
+                        Event::Online {
+                            user: user(u),
+                            seq: self.seq[u],
+                        }
+                    })
+                    .into_iter()
+                    .collect();
+                ops.push((StoreOp::Connect(user(u)), Outcome::events(events)));
                 ops.push(self.attach(self.conns.len() - 1, meta));
             }
             Action::Join {
@@ -764,14 +773,17 @@ impl Model {
                 }
                 let u = self.conns[at].user;
                 if self.conns[at].rooms.contains(r) {
-                    ops.push((
-                        StoreOp::Members(room(*r)),
-                        Outcome::Members(self.members(*r)),
-                    ));
+                    ops.push((StoreOp::Members(room(*r)), self.members_read(*r)));
                 } else {
                     let first = self.in_room(*r, u) == 0;
                     self.conns[at].rooms.push(*r);
-                    let outcome = Outcome::Joined(first, self.members(*r));
+                    let mut outcome = self.members_read(*r);
+                    if first {
+                        outcome.events.push(Event::Joined {
+                            room: room(*r),
+                            user: user(u),
+                        });
+                    }
                     ops.push((StoreOp::Join(room(*r), user(u)), outcome));
                 }
             }
@@ -783,9 +795,8 @@ impl Model {
                 if !rooms.is_empty() {
                     let r = rooms.remove(which.index(rooms.len()));
                     let u = self.conns[at].user;
-                    let last = self.in_room(r, u) == 0;
                     let op = StoreOp::Leave(room(r), user(u), Reason::Closed);
-                    ops.push((op, Outcome::Left(last)));
+                    ops.push((op, self.left(r, u, Reason::Closed)));
                 }
             }
             Action::Disconnect { conn, reason } if !self.conns.is_empty() => {
@@ -794,34 +805,57 @@ impl Model {
                 // The registry's order: each room left, the record
                 // detached, then the disconnect.
                 for &r in &gone.rooms {
-                    let last = self.in_room(r, u) == 0;
                     let op = StoreOp::Leave(room(r), user(u), *reason);
-                    ops.push((op, Outcome::Left(last)));
+                    ops.push((op, self.left(r, u, *reason)));
                 }
-                ops.push((StoreOp::Detach(user(u), gone.id), Outcome::Recorded));
-                let offline = (self.live(u) == 0).then(|| {
-                    self.seq[u] += 1;
-                    self.went_offline[u] = true;
-                    (self.seq[u], 0)
-                });
+                ops.push((StoreOp::Detach(user(u), gone.id), Outcome::default()));
+                let offline = (self.live(u) == 0)
+                    .then(|| {
+                        self.seq[u] += 1;
+                        self.went_offline[u] = true;
+                        Event::Offline {
+                            user: user(u),
+                            seq: self.seq[u],
+                            last_seen: 0,
+                            reason: *reason,
+                        }
+                    })
+                    .into_iter()
+                    .collect();
                 let op = StoreOp::Disconnect(user(u), *reason);
-                ops.push((op, Outcome::Disconnected(offline)));
+                ops.push((op, Outcome::events(offline)));
             }
             Action::Presence(users) => {
                 let op = StoreOp::Presence(users.iter().map(|&u| user(u)).collect());
-                ops.push((op, Outcome::Presence(self.presence(users))));
+                ops.push((op, Outcome::read(Read::Presence(self.presence(users)))));
             }
             Action::Members(r) => {
-                ops.push((
-                    StoreOp::Members(room(*r)),
-                    Outcome::Members(self.members(*r)),
-                ));
+                ops.push((StoreOp::Members(room(*r)), self.members_read(*r)));
             }
             // A join, leave or disconnect with no live connection.
             _ => {}
         }
         ops
     }
+
+    /// The outcome of a leave of `r` by one of `u`'s connections (already
+    /// removed from the model).
+    fn left(&self, r: usize, u: usize, reason: Reason) -> Outcome {
+        let last = self.in_room(r, u) == 0;
+        Outcome::events(
+            last.then(|| Event::Left {
+                room: room(r),
+                user: user(u),
+                reason,
+            })
+            .into_iter()
+            .collect(),
+        )
+    }
+}
+
+fn meta_of(text: &str) -> Meta {
+    Meta::parse(text, BOUNDS.max_meta_bytes).expect("a valid meta")
 }
 
 fn now_ms() -> u64 {
@@ -844,13 +878,15 @@ async fn within<T, E: Display>(
     }
 }
 
-/// Checks an offline's `last_seen` against the clock, then zeroes it: the
-/// model does not know the store's clock.
-fn without_last_seen(outcome: Outcome, since_ms: u64) -> Result<Outcome, TestCaseError> {
-    if let Outcome::Disconnected(Some((seq, last_seen))) = outcome {
-        let window = since_ms - CLOCK_SLACK_MS..=now_ms() + CLOCK_SLACK_MS;
-        prop_assert!(window.contains(&last_seen), "last_seen {}", last_seen);
-        return Ok(Outcome::Disconnected(Some((seq, 0))));
+/// Checks each offline's `last_seen` against the clock, then zeroes it:
+/// the model does not know the store's clock.
+fn without_last_seen(mut outcome: Outcome, since_ms: u64) -> Result<Outcome, TestCaseError> {
+    for event in &mut outcome.events {
+        if let Event::Offline { last_seen, .. } = event {
+            let window = since_ms - CLOCK_SLACK_MS..=now_ms() + CLOCK_SLACK_MS;
+            prop_assert!(window.contains(last_seen), "last_seen {}", last_seen);
+            *last_seen = 0;
+        }
     }
     Ok(outcome)
 }
@@ -881,13 +917,10 @@ async fn follows_the_model(
     let everyone: Vec<usize> = (0..USERS.len()).collect();
     let mut reads = vec![(
         StoreOp::Presence(everyone.iter().map(|&u| user(u)).collect()),
-        Outcome::Presence(model.presence(&everyone)),
+        Outcome::read(Read::Presence(model.presence(&everyone))),
     )];
     for r in 0..ROOMS.len() {
-        reads.push((
-            StoreOp::Members(room(r)),
-            Outcome::Members(model.members(r)),
-        ));
+        reads.push((StoreOp::Members(room(r)), model.members_read(r)));
     }
     apply_and_compare(store, reads, since_ms).await?;
 
@@ -900,7 +933,7 @@ async fn follows_the_model(
         let record = within("user", store.user(user(u))).await?;
         prop_assert_eq!(record.online, model.live(u) > 0);
         prop_assert_eq!(record.last_seen_ms.is_some(), model.went_offline[u]);
-        prop_assert_eq!(record.meta.as_deref(), model.meta[u]);
+        prop_assert_eq!(record.meta.as_ref().map(Meta::as_str), model.meta[u]);
         let mut want: Vec<(String, Option<&str>)> = model
             .conns
             .iter()
@@ -911,7 +944,7 @@ async fn follows_the_model(
         let got: Vec<(String, Option<&str>)> = record
             .connections
             .iter()
-            .map(|c| (c.conn.clone(), c.meta.as_deref()))
+            .map(|c| (c.conn.clone(), c.meta.as_ref().map(Meta::as_str)))
             .collect();
         prop_assert_eq!(got, want);
         for c in &record.connections {

@@ -9,11 +9,11 @@ use std::{sync::Arc, time::Duration};
 use futures_util::StreamExt;
 
 use presenced::{
-    ids::{ConnId, NodeId, RoomName, UserId},
-    protocol::{Event, Reason},
+    ids::{ConnId, Meta, NodeId, RoomName, UserId},
+    protocol::{Event, Member, Reason},
     store::{
-        FeedItem, MemoryStore, NodeState, Outcome, RedisStore, RoomMember, Store, StoreError,
-        StoreOp, UserPresence,
+        FeedItem, MemoryStore, NodeState, Outcome, Read, RedisStore, Store, StoreError, StoreOp,
+        UserPresence,
     },
 };
 use support::RedisServer;
@@ -26,8 +26,62 @@ fn user(s: &str) -> UserId {
 fn room(s: &str) -> RoomName {
     RoomName::parse(s).unwrap()
 }
-fn members(v: &[&str]) -> Vec<RoomMember> {
-    users(v).into_iter().map(RoomMember::plain).collect()
+fn members(v: &[&str]) -> Vec<Member> {
+    users(v).into_iter().map(Member::plain).collect()
+}
+fn meta(text: &str) -> Meta {
+    Meta::parse(text, 1024).unwrap()
+}
+
+// Outcomes, as the scenarios expect them.
+
+/// Nothing decided, nothing read.
+fn quiet() -> Outcome {
+    Outcome::default()
+}
+/// `u` went online with `seq`.
+fn online(u: &str, seq: u64) -> Outcome {
+    Outcome::events(vec![Event::Online { user: user(u), seq }])
+}
+/// `u`'s first connection in `r`, and the members after it.
+fn joined(r: &str, u: &str, after: Vec<Member>) -> Outcome {
+    Outcome {
+        events: vec![Event::Joined {
+            room: room(r),
+            user: user(u),
+        }],
+        read: Read::Members(after),
+    }
+}
+/// The room's members, and nothing decided (a join of a user already in
+/// the room, or a members read).
+fn members_read(now: Vec<Member>) -> Outcome {
+    Outcome::read(Read::Members(now))
+}
+/// `u`'s last connection left `r`.
+fn left(r: &str, u: &str) -> Outcome {
+    Outcome::events(vec![Event::Left {
+        room: room(r),
+        user: user(u),
+        reason: Reason::Closed,
+    }])
+}
+fn presence(states: Vec<UserPresence>) -> Outcome {
+    Outcome::read(Read::Presence(states))
+}
+/// The seq of an online the outcome holds.
+fn online_seq(outcome: &Outcome) -> Option<u64> {
+    match outcome.events.as_slice() {
+        [Event::Online { seq, .. }] => Some(*seq),
+        _ => None,
+    }
+}
+/// The seq and last_seen of an offline the outcome holds.
+fn offline_seq(outcome: &Outcome) -> Option<(u64, u64)> {
+    match outcome.events.as_slice() {
+        [Event::Offline { seq, last_seen, .. }] => Some((*seq, *last_seen)),
+        _ => None,
+    }
 }
 fn users(v: &[&str]) -> Vec<UserId> {
     v.iter().map(|s| user(s)).collect()
@@ -102,16 +156,22 @@ async fn second_tab_is_no_transition(b: Backend) {
         vec![StoreOp::Connect(u.clone()), StoreOp::Connect(u.clone())],
     )
     .await;
-    assert_eq!(
-        out,
-        vec![Outcome::Connected(Some(1)), Outcome::Connected(None)]
-    );
+    assert_eq!(out, vec![online("alice", 1), quiet()]);
     let out = apply(&s, vec![StoreOp::Disconnect(u.clone(), Reason::Closed)]).await;
-    assert_eq!(out, vec![Outcome::Disconnected(None)]);
+    assert_eq!(out, vec![quiet()]);
     let out = apply(&s, vec![StoreOp::Disconnect(u.clone(), Reason::Closed)]).await;
-    let Outcome::Disconnected(Some((seq, last_seen))) = out[0] else {
+    let Some((seq, last_seen)) = offline_seq(&out[0]) else {
         panic!("last tab gone must be a transition: {out:?}");
     };
+    assert_eq!(
+        out[0].events[0],
+        Event::Offline {
+            user: u.clone(),
+            seq,
+            last_seen,
+            reason: Reason::Closed
+        }
+    );
     assert_eq!(seq, 2);
     assert!(
         last_seen > 1_700_000_000_000,
@@ -131,8 +191,11 @@ async fn seq_counts_every_transition(b: Backend) {
             ],
         )
         .await;
-        assert_eq!(out[0], Outcome::Connected(Some(round * 2 + 1)));
-        assert!(matches!(out[1], Outcome::Disconnected(Some((seq, _))) if seq == round * 2 + 2));
+        assert_eq!(out[0], online("bob", round * 2 + 1));
+        assert_eq!(
+            offline_seq(&out[1]).map(|(seq, _)| seq),
+            Some(round * 2 + 2)
+        );
     }
 }
 
@@ -151,9 +214,9 @@ async fn room_transitions_follow_first_and_last_tab(b: Backend) {
     assert_eq!(
         out,
         vec![
-            Outcome::Joined(true, members(&["v"])),
-            Outcome::Joined(true, members(&["u", "v"])),
-            Outcome::Joined(false, members(&["u", "v"])),
+            joined("doc:1", "v", members(&["v"])),
+            joined("doc:1", "u", members(&["u", "v"])),
+            members_read(members(&["u", "v"])),
         ]
     );
     let out = apply(
@@ -171,12 +234,12 @@ async fn room_transitions_follow_first_and_last_tab(b: Backend) {
     assert_eq!(
         out,
         vec![
-            Outcome::Left(false),
-            Outcome::Members(members(&["u", "v"])),
-            Outcome::Left(true),
-            Outcome::Members(members(&["v"])),
-            Outcome::Left(true),
-            Outcome::Members(vec![]),
+            quiet(),
+            members_read(members(&["u", "v"])),
+            left("doc:1", "u"),
+            members_read(members(&["v"])),
+            left("doc:1", "v"),
+            members_read(vec![]),
         ]
     );
 }
@@ -203,7 +266,7 @@ async fn presence_reads_state_and_seq(b: Backend) {
     assert_eq!(
         out,
         vec![
-            Outcome::Presence(vec![
+            presence(vec![
                 UserPresence {
                     online: false,
                     seq: 0
@@ -217,7 +280,7 @@ async fn presence_reads_state_and_seq(b: Backend) {
                     seq: 2
                 },
             ]),
-            Outcome::Presence(vec![]),
+            presence(vec![]),
         ]
     );
 }
@@ -233,14 +296,14 @@ async fn unknown_disconnect_is_no_event(b: Backend) {
         ],
     )
     .await;
-    assert_eq!(out, vec![Outcome::Disconnected(None), Outcome::Left(false)]);
+    assert_eq!(out, vec![quiet(), quiet()]);
     // The count did not go below zero: the next connect is a transition.
     let out = apply(&s, vec![StoreOp::Connect(u.clone()), StoreOp::Join(r, u)]).await;
     assert_eq!(
         out,
         vec![
-            Outcome::Connected(Some(1)),
-            Outcome::Joined(true, members(&["ghost"]))
+            online("ghost", 1),
+            joined("r", "ghost", members(&["ghost"]))
         ]
     );
 }
@@ -261,10 +324,12 @@ async fn racing_nodes_see_each_transition_once(b: Backend) {
                     StoreOp::Connect(u.clone()),
                     StoreOp::Disconnect(u.clone(), Reason::Closed),
                 ] {
-                    match apply(&store, vec![op]).await[0] {
-                        Outcome::Connected(Some(seq)) => seen.push((seq, true)),
-                        Outcome::Disconnected(Some((seq, _))) => seen.push((seq, false)),
-                        _ => {}
+                    let outcome = &apply(&store, vec![op]).await[0];
+                    if let Some(seq) = online_seq(outcome) {
+                        seen.push((seq, true));
+                    }
+                    if let Some((seq, _)) = offline_seq(outcome) {
+                        seen.push((seq, false));
                     }
                 }
             }
@@ -288,7 +353,7 @@ async fn racing_nodes_see_each_transition_once(b: Backend) {
     let out = apply(&nodes[0], vec![StoreOp::Presence(vec![u])]).await;
     assert_eq!(
         out,
-        vec![Outcome::Presence(vec![UserPresence {
+        vec![presence(vec![UserPresence {
             online: false,
             seq: all.len() as u64
         }])]
@@ -377,7 +442,7 @@ async fn redis_batch_is_one_transaction() {
         .collect();
     let out = apply(&s, ops).await;
     assert_eq!(out.len(), 300);
-    assert!(out.iter().all(|o| matches!(o, Outcome::Connected(Some(1)))));
+    assert!(out.iter().all(|o| online_seq(o) == Some(1)));
     assert_eq!(server.command_calls("exec").await, 1);
     assert_eq!(server.command_calls("evalsha").await, 1);
 }
@@ -434,7 +499,7 @@ async fn redis_restart_without_persistence_reloads_the_script() {
     assert_eq!(
         out,
         vec![
-            Outcome::Reasserted(vec![
+            Outcome::events(vec![
                 Event::Joined {
                     room: room("r"),
                     user: user("u")
@@ -444,7 +509,7 @@ async fn redis_restart_without_persistence_reloads_the_script() {
                     seq: 1
                 },
             ]),
-            Outcome::Connected(Some(1)),
+            online("v", 1),
         ]
     );
 }
@@ -576,7 +641,7 @@ async fn user_records_follow_connections(b: Backend) {
         &s,
         vec![
             StoreOp::Connect(u.clone()),
-            StoreOp::Attach(u.clone(), c1, Some(r#"{"tab":1}"#.into())),
+            StoreOp::Attach(u.clone(), c1, Some(meta(r#"{"tab":1}"#))),
             StoreOp::Connect(u.clone()),
             StoreOp::Attach(u.clone(), c2, None),
         ],
@@ -585,8 +650,8 @@ async fn user_records_follow_connections(b: Backend) {
     let record = s.user(u.clone()).await.unwrap();
     assert!(record.online);
     assert_eq!(
-        record.meta.as_deref(),
-        Some(r#"{"tab":1}"#),
+        record.meta,
+        Some(meta(r#"{"tab":1}"#)),
         "the latest metadata given"
     );
     let mut conns: Vec<_> = record.connections.iter().map(|c| c.conn.clone()).collect();
@@ -599,12 +664,12 @@ async fn user_records_follow_connections(b: Backend) {
             assert_eq!(c.node, id.to_string());
         }
         assert!(c.since_ms > 1_700_000_000_000);
-        let meta = if c.conn == c1.to_string() {
-            Some(r#"{"tab":1}"#)
+        let expected = if c.conn == c1.to_string() {
+            Some(meta(r#"{"tab":1}"#))
         } else {
             None
         };
-        assert_eq!(c.meta.as_deref(), meta);
+        assert_eq!(c.meta, expected);
     }
     assert_eq!(record.last_seen_ms, None);
 
@@ -619,14 +684,14 @@ async fn user_records_follow_connections(b: Backend) {
     )
     .await;
     let with_meta = vec![
-        RoomMember {
+        Member {
             user: u.clone(),
-            meta: Some(r#"{"tab":1}"#.into()),
+            meta: Some(meta(r#"{"tab":1}"#)),
         },
-        RoomMember::plain(user("bob")),
+        Member::plain(user("bob")),
     ];
-    assert_eq!(out[2], Outcome::Members(with_meta.clone()));
-    assert_eq!(out[1], Outcome::Joined(true, with_meta));
+    assert_eq!(out[2], members_read(with_meta.clone()));
+    assert_eq!(out[1], joined("r", "bob", with_meta));
 
     // New metadata for a recorded connection (a join carrying meta):
     // replaced, since_ms kept, and snapshots show it.
@@ -641,25 +706,22 @@ async fn user_records_follow_connections(b: Backend) {
     let out = apply(
         &s,
         vec![
-            StoreOp::Attach(u.clone(), c2, Some(r#"{"tab":2}"#.into())),
+            StoreOp::Attach(u.clone(), c2, Some(meta(r#"{"tab":2}"#))),
             StoreOp::Members(room("r")),
         ],
     )
     .await;
     let record = s.user(u.clone()).await.unwrap();
-    assert_eq!(
-        since(&record, c2),
-        (c2_since, Some(r#"{"tab":2}"#.to_owned()))
-    );
-    assert_eq!(record.meta.as_deref(), Some(r#"{"tab":2}"#));
+    assert_eq!(since(&record, c2), (c2_since, Some(meta(r#"{"tab":2}"#))));
+    assert_eq!(record.meta, Some(meta(r#"{"tab":2}"#)));
     assert_eq!(
         out[1],
-        Outcome::Members(vec![
-            RoomMember {
+        members_read(vec![
+            Member {
                 user: u.clone(),
-                meta: Some(r#"{"tab":2}"#.into()),
+                meta: Some(meta(r#"{"tab":2}"#)),
             },
-            RoomMember::plain(user("bob")),
+            Member::plain(user("bob")),
         ])
     );
 
@@ -678,8 +740,8 @@ async fn user_records_follow_connections(b: Backend) {
     assert!(record.connections.is_empty());
     assert!(record.last_seen_ms.is_some_and(|t| t > 1_700_000_000_000));
     assert_eq!(
-        record.meta.as_deref(),
-        Some(r#"{"tab":2}"#),
+        record.meta,
+        Some(meta(r#"{"tab":2}"#)),
         "kept after offline"
     );
 }
@@ -716,15 +778,14 @@ async fn reassert_makes_the_store_match_the_node(b: Backend) {
     let state = Arc::new(NodeState {
         conns: vec![
             (user("u"), keep, None),
-            (user("w"), new, Some(Arc::from(r#"{"k":1}"#))),
+            (user("w"), new, Some(meta(r#"{"k":1}"#))),
         ],
         rooms: vec![(room("r"), user("u"), 1), (room("q"), user("w"), 1)],
         gone: Reason::Shutdown,
     });
     let out = apply(&s, vec![StoreOp::Reassert(state.clone())]).await;
-    let Outcome::Reasserted(events) = &out[0] else {
-        panic!("not a reassert outcome: {out:?}");
-    };
+    let events = &out[0].events;
+    assert_eq!(out[0].read, Read::Nothing);
     let last_seen = match events.iter().find(|e| matches!(e, Event::Offline { .. })) {
         Some(Event::Offline { last_seen, .. }) => *last_seen,
         _ => panic!("v went offline: {events:?}"),
@@ -763,7 +824,7 @@ async fn reassert_makes_the_store_match_the_node(b: Backend) {
     .await;
     assert_eq!(
         out[0],
-        Outcome::Presence(vec![
+        presence(vec![
             UserPresence {
                 online: true,
                 seq: 1
@@ -778,7 +839,7 @@ async fn reassert_makes_the_store_match_the_node(b: Backend) {
             },
         ])
     );
-    assert_eq!(out[1], Outcome::Members(members(&["u"])));
+    assert_eq!(out[1], members_read(members(&["u"])));
     let stats = s.stats().await.unwrap();
     assert_eq!((stats.users_online, stats.connections), (2, 2));
     let u = s.user(user("u")).await.unwrap();
@@ -789,10 +850,10 @@ async fn reassert_makes_the_store_match_the_node(b: Backend) {
     );
     assert!(s.user(user("v")).await.unwrap().connections.is_empty());
     let w = s.user(user("w")).await.unwrap();
-    assert_eq!(w.connections[0].meta.as_deref(), Some(r#"{"k":1}"#));
+    assert_eq!(w.connections[0].meta, Some(meta(r#"{"k":1}"#)));
 
     let again = apply(&s, vec![StoreOp::Reassert(state)]).await;
-    assert_eq!(again, vec![Outcome::Reasserted(vec![])]);
+    assert_eq!(again, vec![quiet()]);
 }
 
 /// Waits (bounded) for the next events from a feed, skipping
@@ -800,7 +861,7 @@ async fn reassert_makes_the_store_match_the_node(b: Backend) {
 async fn next_events(feed: &mut futures_util::stream::BoxStream<'static, FeedItem>) -> Vec<Event> {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), feed.next()).await {
-            Ok(Some(FeedItem::Events(events))) => {
+            Ok(Some(FeedItem::Published(events))) => {
                 return events.into_iter().map(|(_, e)| e).collect();
             }
             Ok(Some(FeedItem::Subscribed { .. })) => {}

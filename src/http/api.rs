@@ -12,14 +12,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tracing::warn;
 
 use super::{HttpError, WorkerState, json};
 use crate::{
-    ids::{RoomName, UserId},
+    ids::{Meta, RoomName, UserId},
     metrics::metrics,
-    store::{Outcome, StoreError, StoreOp},
+    store::{Read, StoreError, StoreOp},
 };
 
 /// Default page size when `?limit=` is absent.
@@ -164,7 +163,7 @@ async fn presence(
         .store
         .apply(vec![StoreOp::Presence(users.clone())])
         .await?;
-    let Some(Outcome::Presence(states)) = outcome.outcomes.into_iter().next() else {
+    let Some(Read::Presence(states)) = outcome.outcomes.into_iter().next().map(|o| o.read) else {
         return Err(HttpError::Unavailable);
     };
     let online = users
@@ -178,7 +177,7 @@ async fn presence(
 /// A page of user ids and where the next one starts.
 #[derive(Serialize)]
 struct UsersPage {
-    users: Vec<String>,
+    users: Vec<UserId>,
     next_cursor: Option<String>,
 }
 
@@ -190,7 +189,7 @@ async fn room_members(
 ) -> Result<Response<Body>, HttpError> {
     #[derive(Serialize)]
     struct Answer {
-        room: String,
+        room: RoomName,
         count: u64,
         #[serde(flatten)]
         page: UsersPage,
@@ -198,10 +197,10 @@ async fn room_members(
     let (limit, cursor) = page_params(req, state.config.max_page)?;
     let (page, count) = state.store.room_page(room.clone(), cursor, limit).await?;
     Ok(ok_json(&Answer {
-        room: room.to_string(),
+        room,
         count,
         page: UsersPage {
-            users: page.users.iter().map(ToString::to_string).collect(),
+            users: page.users,
             next_cursor: page.next,
         },
     }))
@@ -212,15 +211,9 @@ async fn users(req: &Request<Incoming>, state: &WorkerState) -> Result<Response<
     let (limit, cursor) = page_params(req, state.config.max_page)?;
     let page = state.store.users_page(cursor, limit).await?;
     Ok(ok_json(&UsersPage {
-        users: page.users.iter().map(ToString::to_string).collect(),
+        users: page.users,
         next_cursor: page.next,
     }))
-}
-
-/// Stored metadata text back to JSON (it was validated going in).
-fn meta_json(meta: Option<&str>) -> Value {
-    meta.and_then(|m| serde_json::from_str(m).ok())
-        .unwrap_or(Value::Null)
 }
 
 /// `GET /v1/users/{id}`: presence, live connections, metadata, last seen.
@@ -231,7 +224,7 @@ async fn one_user(user: UserId, state: &WorkerState) -> Result<Response<Body>, H
         conn: &'a str,
         node: &'a str,
         since_ms: u64,
-        meta: Value,
+        meta: &'a Option<Meta>,
     }
     #[derive(Serialize)]
     struct Answer<'a> {
@@ -239,7 +232,7 @@ async fn one_user(user: UserId, state: &WorkerState) -> Result<Response<Body>, H
         online: bool,
         connections: Vec<Connection<'a>>,
         last_seen_ms: Option<u64>,
-        meta: Value,
+        meta: &'a Option<Meta>,
     }
     let record = state.store.user(user.clone()).await?;
     Ok(ok_json(&Answer {
@@ -252,11 +245,11 @@ async fn one_user(user: UserId, state: &WorkerState) -> Result<Response<Body>, H
                 conn: &c.conn,
                 node: &c.node,
                 since_ms: c.since_ms,
-                meta: meta_json(c.meta.as_deref()),
+                meta: &c.meta,
             })
             .collect(),
         last_seen_ms: record.last_seen_ms,
-        meta: meta_json(record.meta.as_deref()),
+        meta: &record.meta,
     }))
 }
 

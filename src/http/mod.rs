@@ -41,9 +41,10 @@ use crate::{
     broadcast::SharedHub,
     config::Config,
     conn::{Conn, ConnSettings},
-    ids::UserId,
+    health::Health,
+    ids::{Meta, MetaError, UserId},
     metrics::metrics,
-    registry::{Health, RegistryLink},
+    registry::RegistryLink,
     store::Store,
 };
 
@@ -233,25 +234,16 @@ fn dev_user(req: &Request<Incoming>) -> Result<UserId, HttpError> {
     UserId::parse(&user).map_err(|_| HttpError::InvalidUser)
 }
 
-/// A `--dev` connection's metadata, from `?meta=` (a JSON object), stored
-/// compact; `None` when absent.
-fn dev_meta(req: &Request<Incoming>, max: usize) -> Result<Option<Arc<str>>, HttpError> {
+/// A connection's metadata from `?meta=` (a JSON object); `None` when
+/// absent.
+fn query_meta(req: &Request<Incoming>, max: usize) -> Result<Option<Meta>, HttpError> {
     let Some(raw) = query_param(req, "meta") else {
         return Ok(None);
     };
-    if raw.len() > max.saturating_mul(4) {
-        return Err(HttpError::MetaTooLarge(max));
-    }
-    let value: serde_json::Value =
-        serde_json::from_str(&raw).map_err(|_| HttpError::InvalidMeta)?;
-    if !value.is_object() {
-        return Err(HttpError::InvalidMeta);
-    }
-    let compact = value.to_string();
-    if compact.len() > max {
-        return Err(HttpError::MetaTooLarge(max));
-    }
-    Ok(Some(compact.into()))
+    Meta::parse(&raw, max).map(Some).map_err(|e| match e {
+        MetaError::TooLarge { .. } => HttpError::MetaTooLarge(max),
+        MetaError::NotJson | MetaError::NotObject => HttpError::InvalidMeta,
+    })
 }
 
 fn upgrade(
@@ -283,7 +275,7 @@ fn upgrade(
         return Err(HttpError::ForbiddenOrigin);
     }
     let mut identity = identify(&req, state)?;
-    let meta = dev_meta(&req, state.config.max_meta_bytes)?;
+    let meta = query_meta(&req, state.config.max_meta_bytes)?;
     if meta.is_some() {
         if identity.meta_locked {
             return Err(HttpError::MetaLocked);

@@ -13,12 +13,12 @@ use std::{
 use futures_util::{FutureExt, future::BoxFuture, stream::BoxStream};
 
 use super::{
-    Applied, ConnRecord, FeedItem, NodeState, Outcome, Page, Reaped, RoomMember, Stats, Store,
+    Applied, ConnRecord, FeedItem, NodeState, Outcome, Page, Read, Reaped, Stats, Store,
     StoreError, StoreOp, UserPresence, UserRecord,
 };
 use crate::{
-    ids::{ConnId, NodeId, RoomName, UserId},
-    protocol::Event,
+    ids::{ConnId, Meta, NodeId, RoomName, UserId},
+    protocol::{Event, Member},
 };
 
 /// In-process presence state.
@@ -32,7 +32,7 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Attached {
     since_ms: u64,
-    meta: Option<Arc<str>>,
+    meta: Option<Meta>,
 }
 
 #[derive(Debug, Default)]
@@ -46,7 +46,7 @@ struct State {
     /// user → connection → its record
     records: HashMap<UserId, HashMap<ConnId, Attached>>,
     /// user → metadata of the latest attached connection
-    meta: HashMap<UserId, Arc<str>>,
+    meta: HashMap<UserId, Meta>,
     /// user → when they last went offline
     last_seen: HashMap<UserId, u64>,
 }
@@ -75,12 +75,12 @@ fn now_ms() -> u64 {
 /// Room members with their metadata, sorted by user.
 fn snapshot<'a>(
     users: impl Iterator<Item = &'a UserId>,
-    meta: &HashMap<UserId, Arc<str>>,
-) -> Vec<RoomMember> {
-    let mut v: Vec<RoomMember> = users
-        .map(|u| RoomMember {
+    meta: &HashMap<UserId, Meta>,
+) -> Vec<Member> {
+    let mut v: Vec<Member> = users
+        .map(|u| Member {
             user: u.clone(),
-            meta: meta.get(u).map(|m| m.to_string()),
+            meta: meta.get(u).cloned(),
         })
         .collect();
     v.sort();
@@ -109,14 +109,27 @@ impl State {
             StoreOp::Connect(user) => {
                 let n = self.connections.entry(user.clone()).or_default();
                 *n += 1;
-                Outcome::Connected((*n == 1).then(|| self.bump(&user)))
+                let first = *n == 1;
+                Outcome::events(if first {
+                    vec![Event::Online {
+                        seq: self.bump(&user),
+                        user,
+                    }]
+                } else {
+                    Vec::new()
+                })
             }
-            StoreOp::Disconnect(user, _) => {
-                let offline = decrement(&mut self.connections, &user);
-                if offline {
-                    self.last_seen.insert(user.clone(), now);
+            StoreOp::Disconnect(user, reason) => {
+                if !decrement(&mut self.connections, &user) {
+                    return Outcome::default();
                 }
-                Outcome::Disconnected(offline.then(|| (self.bump(&user), now)))
+                self.last_seen.insert(user.clone(), now);
+                Outcome::events(vec![Event::Offline {
+                    seq: self.bump(&user),
+                    user,
+                    last_seen: now,
+                    reason,
+                }])
             }
             StoreOp::Attach(user, conn, meta) => {
                 if let Some(m) = &meta {
@@ -125,7 +138,7 @@ impl State {
                 let records = self.records.entry(user).or_default();
                 let since_ms = records.get(&conn).map_or(now, |a| a.since_ms);
                 records.insert(conn, Attached { since_ms, meta });
-                Outcome::Recorded
+                Outcome::default()
             }
             StoreOp::Detach(user, conn) => {
                 if let Some(records) = self.records.get_mut(&user) {
@@ -134,32 +147,43 @@ impl State {
                         self.records.remove(&user);
                     }
                 }
-                Outcome::Recorded
+                Outcome::default()
             }
             StoreOp::Join(room, user) => {
-                let members = self.rooms.entry(room).or_default();
-                let n = members.entry(user).or_default();
+                let members = self.rooms.entry(room.clone()).or_default();
+                let n = members.entry(user.clone()).or_default();
                 *n += 1;
                 let first = *n == 1;
-                let members = snapshot(members.keys(), &self.meta);
-                Outcome::Joined(first, members)
+                let snapshot = snapshot(members.keys(), &self.meta);
+                Outcome {
+                    events: if first {
+                        vec![Event::Joined { room, user }]
+                    } else {
+                        Vec::new()
+                    },
+                    read: Read::Members(snapshot),
+                }
             }
-            StoreOp::Leave(room, user, _) => {
+            StoreOp::Leave(room, user, reason) => {
                 let Some(members) = self.rooms.get_mut(&room) else {
-                    return Outcome::Left(false);
+                    return Outcome::default();
                 };
                 let last = decrement(members, &user);
                 if members.is_empty() {
                     self.rooms.remove(&room);
                 }
-                Outcome::Left(last)
+                Outcome::events(if last {
+                    vec![Event::Left { room, user, reason }]
+                } else {
+                    Vec::new()
+                })
             }
-            StoreOp::Members(room) => Outcome::Members(snapshot(
+            StoreOp::Members(room) => Outcome::read(Read::Members(snapshot(
                 self.rooms.get(&room).into_iter().flat_map(|m| m.keys()),
                 &self.meta,
-            )),
-            StoreOp::Reassert(state) => Outcome::Reasserted(self.reassert(&state, now)),
-            StoreOp::Presence(users) => Outcome::Presence(
+            ))),
+            StoreOp::Reassert(state) => Outcome::events(self.reassert(&state, now)),
+            StoreOp::Presence(users) => Outcome::read(Read::Presence(
                 users
                     .iter()
                     .map(|u| UserPresence {
@@ -167,7 +191,7 @@ impl State {
                         seq: self.seq.get(u).copied().unwrap_or(0),
                     })
                     .collect(),
-            ),
+            )),
         }
     }
 
@@ -341,7 +365,7 @@ impl Store for MemoryStore {
                 conn: conn.to_string(),
                 node: self.node.clone(),
                 since_ms: attached.since_ms,
-                meta: attached.meta.as_deref().map(str::to_owned),
+                meta: attached.meta.clone(),
             })
             .collect();
         connections.sort_by(|a, b| a.conn.cmp(&b.conn));
@@ -349,7 +373,7 @@ impl Store for MemoryStore {
             online: state.connections.contains_key(&user),
             connections,
             last_seen_ms: state.last_seen.get(&user).copied(),
-            meta: state.meta.get(&user).map(|m| m.to_string()),
+            meta: state.meta.get(&user).cloned(),
         };
         futures_util::future::ready(Ok(record)).boxed()
     }

@@ -8,21 +8,21 @@
 //! answers one [`Outcome`] per op, in order. A transition (a user's 0 → 1
 //! connections, 1 → 0, a user's first tab in a room, last tab out) is
 //! decided inside that atomic step, so of two racing connections exactly one
-//! sees each transition. The store never talks to clients.
+//! sees each transition. An outcome carries the transitions as
+//! [`Event`]s, the wire's own type, so nothing between the store and the
+//! sockets translates them. The store never talks to clients.
 
 mod memory;
 mod redis;
 
-use futures_util::future::BoxFuture;
-
-pub use self::{memory::MemoryStore, redis::RedisStore};
 use std::sync::Arc;
 
-use futures_util::stream::BoxStream;
+use futures_util::{future::BoxFuture, stream::BoxStream};
 
+pub use self::{memory::MemoryStore, redis::RedisStore};
 use crate::{
-    ids::{ConnId, RoomName, UserId},
-    protocol::{Event, Reason},
+    ids::{ConnId, Meta, RoomName, UserId},
+    protocol::{Event, Member, Reason},
 };
 
 /// One write or read in a batch.
@@ -32,7 +32,7 @@ pub enum StoreOp {
     Connect(UserId),
     /// A connection of `user` went away, for `reason`.
     Disconnect(UserId, Reason),
-    /// A connection of `user` joined `room`.
+    /// A connection of `user` joined `room`; reads the members after it.
     Join(RoomName, UserId),
     /// A connection of `user` left `room`, for `reason`.
     Leave(RoomName, UserId, Reason),
@@ -40,10 +40,10 @@ pub enum StoreOp {
     Members(RoomName),
     /// Read these users' presence.
     Presence(Vec<UserId>),
-    /// Record a connection of `user` on this node, with its metadata (a
-    /// JSON object, already validated), for `GET /v1/users/{id}`. Again for
-    /// a recorded connection: replaces its metadata, keeps its `since_ms`.
-    Attach(UserId, ConnId, Option<Arc<str>>),
+    /// Record a connection of `user` on this node, with its metadata, for
+    /// `GET /v1/users/{id}`; metadata becomes the user's. Again for a
+    /// recorded connection: replaces its metadata, keeps its `since_ms`.
+    Attach(UserId, ConnId, Option<Meta>),
     /// Forget that connection record.
     Detach(UserId, ConnId),
     /// Make the store's view of this node exactly `state` (and renew the
@@ -54,11 +54,30 @@ pub enum StoreOp {
     Reassert(Arc<NodeState>),
 }
 
+impl StoreOp {
+    /// Whether the op changes the store (a read needs no lease, and may be
+    /// dropped when nobody waits for its answer).
+    pub fn is_write(&self) -> bool {
+        !matches!(self, StoreOp::Members(_) | StoreOp::Presence(_))
+    }
+
+    /// What is left of a queued op once the writes are folded into a
+    /// reassert (which writes their sum): the read its answer still needs,
+    /// if any. A join still answers with the room's members.
+    pub fn read_part(&self) -> Option<StoreOp> {
+        match self {
+            StoreOp::Join(room, _) => Some(StoreOp::Members(room.clone())),
+            read if !read.is_write() => Some(read.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// Everything one node holds, as [`StoreOp::Reassert`] writes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeState {
     /// Every live connection: its user, id and metadata.
-    pub conns: Vec<(UserId, ConnId, Option<Arc<str>>)>,
+    pub conns: Vec<(UserId, ConnId, Option<Meta>)>,
     /// Every (room, user) with how many of that user's connections on this
     /// node are in the room.
     pub rooms: Vec<(RoomName, UserId, u64)>,
@@ -67,26 +86,44 @@ pub struct NodeState {
     pub gone: Reason,
 }
 
-/// What the store decided for one op.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// `Connect`: `Some(seq)` when the user went online.
-    Connected(Option<u64>),
-    /// `Disconnect`: `Some((seq, last_seen_ms))` when the user went offline.
-    Disconnected(Option<(u64, u64)>),
-    /// `Join`: whether this was the user's first connection in the room,
-    /// and the members right after it, sorted.
-    Joined(bool, Vec<RoomMember>),
-    /// `Leave`: whether the user's last connection left the room.
-    Left(bool),
-    /// `Members`: the room's members, sorted.
-    Members(Vec<RoomMember>),
+/// What the store decided for one op: the transitions it took, in order,
+/// and what it read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// The events the op caused (a write's transitions).
+    pub events: Vec<Event>,
+    /// What the op read.
+    pub read: Read,
+}
+
+impl Outcome {
+    /// A write's outcome: these transitions, nothing read.
+    pub fn events(events: Vec<Event>) -> Self {
+        Self {
+            events,
+            read: Read::Nothing,
+        }
+    }
+
+    /// A read's outcome.
+    pub fn read(read: Read) -> Self {
+        Self {
+            events: Vec::new(),
+            read,
+        }
+    }
+}
+
+/// What an op read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Read {
+    /// Nothing (a plain write).
+    #[default]
+    Nothing,
+    /// `Join`, `Members`: the room's members, sorted by user id.
+    Members(Vec<Member>),
     /// `Presence`: one entry per requested user, in order.
     Presence(Vec<UserPresence>),
-    /// `Attach` or `Detach`: recorded.
-    Recorded,
-    /// `Reassert`: the transitions it took, in order.
-    Reasserted(Vec<Event>),
 }
 
 /// What a batch did.
@@ -110,8 +147,9 @@ pub enum FeedItem {
         /// The feed's sequence number when the subscription began.
         floor: u64,
     },
-    /// Events, in the order the store decided them, with their numbers.
-    Events(Vec<(u64, Event)>),
+    /// Events any node published, in the order the store decided them,
+    /// with their numbers.
+    Published(Vec<(u64, Event)>),
     /// The subscription broke; events may be missed until the next
     /// `Subscribed`.
     Lost,
@@ -135,8 +173,8 @@ pub struct ConnRecord {
     pub node: String,
     /// When it was recorded, Unix milliseconds (store clock).
     pub since_ms: u64,
-    /// Its metadata, a JSON object as text.
-    pub meta: Option<String>,
+    /// Its metadata.
+    pub meta: Option<Meta>,
 }
 
 /// Everything the store knows of one user.
@@ -149,24 +187,7 @@ pub struct UserRecord {
     /// When the user last went offline, Unix milliseconds.
     pub last_seen_ms: Option<u64>,
     /// The metadata of the user's most recently attached connection.
-    pub meta: Option<String>,
-}
-
-/// A room member in a snapshot, with the user's metadata (the latest
-/// attached connection's, a JSON object as text).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct RoomMember {
-    /// The member.
-    pub user: UserId,
-    /// Their metadata, if any connection of theirs carried some.
-    pub meta: Option<String>,
-}
-
-impl RoomMember {
-    /// A member without metadata.
-    pub fn plain(user: UserId) -> Self {
-        Self { user, meta: None }
-    }
+    pub meta: Option<Meta>,
 }
 
 /// A user's presence as the store sees it.

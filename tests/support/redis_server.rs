@@ -95,6 +95,22 @@ impl RedisServer {
         self.command(&["HGETALL", key]).await
     }
 
+    /// `HGETALL key` with MessagePack values (the gateway's connection
+    /// records), each decoded as `T`; an absent key is empty.
+    pub async fn hgetall_packed<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> BTreeMap<String, T> {
+        let raw: BTreeMap<String, Vec<u8>> = self.command(&["HGETALL", key]).await;
+        raw.into_iter()
+            .map(|(field, value)| {
+                let decoded = rmp_serde::from_slice(&value)
+                    .unwrap_or_else(|e| panic!("{key} {field}: not MessagePack: {e}"));
+                (field, decoded)
+            })
+            .collect()
+    }
+
     /// `GET key` as an integer, `None` when the key does not exist.
     pub async fn get_integer(&self, key: &str) -> Option<i64> {
         self.command(&["GET", key]).await
