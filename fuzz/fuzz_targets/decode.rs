@@ -113,8 +113,8 @@ fn check_frame(text: &str, frame: &ClientFrame) {
             assert_eq!(kind, "join");
             assert_eq!(object["room"], room.as_str());
             if let Some(meta) = meta {
-                assert!(meta.len() <= BOUNDS.max_meta_bytes);
-                let parsed: Value = serde_json::from_str(meta).expect("meta is JSON");
+                assert!(meta.as_str().len() <= BOUNDS.max_meta_bytes);
+                let parsed: Value = serde_json::from_str(meta.as_str()).expect("meta is JSON");
                 assert!(parsed.is_object());
                 assert_eq!(&parsed, &object["meta"]);
             } else {
