@@ -123,9 +123,14 @@ async fn every_op_and_event_crosses_the_codec_unchanged() {
             other => panic!("no events from the feed: {other:?}"),
         }
     }
-    let base = applied.published_after.expect("a shared store numbers events");
+    let base = applied
+        .published_after
+        .expect("a shared store numbers events");
     let numbers: Vec<u64> = heard.iter().map(|(n, _)| *n).collect();
-    assert_eq!(numbers, (base + 1..=base + published.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        numbers,
+        (base + 1..=base + published.len() as u64).collect::<Vec<_>>()
+    );
     assert_eq!(
         heard.into_iter().map(|(_, e)| e).collect::<Vec<_>>(),
         published

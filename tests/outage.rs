@@ -130,3 +130,82 @@ async fn a_broken_subscription_is_replaced_and_clients_resynced() {
     })
     .await
 }
+
+/// A reply to the request with this `ref`.
+fn reply_to(reference: u64) -> support::Matcher {
+    support::Matcher::new(format!("the answer to ref {reference}"), move |f| {
+        matches!(f["type"].as_str(), Some("reply" | "error")) && f["ref"] == reference
+    })
+}
+
+/// Polls `/metrics` until `series` reaches `at_least` (a counter has no
+/// change signal a test could await).
+async fn wait_for_metric(gateway: &Gateway, series: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gateway.metric(series).await < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "{series} never reached {at_least}"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A join refused `unavailable` (the store hangs and the queue is full)
+/// leaves no trace: not in the room once the store answers again, not in
+/// the reassert that follows the failed batch, not as a `left` when the tab
+/// closes, and not against the connection's `--max-rooms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_join_leaves_no_trace_after_the_store_recovers() {
+    support::within_scenario_timeout(async {
+        let redis = RedisServer::start().await;
+        let gateway = Gateway::redis(&redis, &["--max-pending", "1", "--max-rooms", "3"]).await;
+        let mut observer = Client::connect(&gateway.ws_url("observer")).await;
+        observer.join("r").await;
+        observer.watch(&["tab"]).await;
+        let mut tab = Client::connect(&gateway.ws_url("tab")).await;
+        observer.expect_event(support::online("tab")).await;
+
+        redis.pause();
+        // One in flight, one waiting: the third cannot be queued, whatever
+        // the batching.
+        tab.send_json_burst(&[
+            json!({"type": "join", "room": "r2", "ref": 1}),
+            json!({"type": "join", "room": "r3", "ref": 2}),
+            json!({"type": "join", "room": "r", "ref": 3}),
+        ])
+        .await;
+        let refused = tab.expect_event(reply_to(3)).await;
+        assert_eq!(refused["type"], "error", "{refused}");
+        assert_eq!(refused["code"], "unavailable", "{refused}");
+        // The batch in flight times out: the node will reassert.
+        wait_for_metric(&gateway, "presenced_store_batch_failures_total", 1.0).await;
+        redis.resume();
+
+        assert_eq!(tab.expect_event(reply_to(1)).await["type"], "reply");
+        let second = tab.expect_event(reply_to(2)).await;
+        let held = 1 + usize::from(second["type"] == "reply");
+        // The store answers again, reassert included.
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while http::get(gateway.addr, "/readyz").await.status != 200 {
+            assert!(Instant::now() < deadline, "/readyz never turned 200 again");
+            sleep(Duration::from_millis(100)).await;
+        }
+        let page = tab.ask_ok(json!({"type": "room", "room": "r"})).await;
+        assert_eq!(page["users"], json!(["observer"]), "{page}");
+        let fields: Vec<String> = redis.command(&["HKEYS", "presence:room:r"]).await;
+        assert_eq!(fields, vec!["observer".to_owned()]);
+
+        // Its room bound counts only the rooms it holds.
+        for room in ["r4", "r5"].iter().take(3 - held) {
+            tab.ask_ok(json!({"type": "join", "room": room})).await;
+        }
+        let over = tab.ask(json!({"type": "join", "room": "r6"})).await;
+        assert_eq!(over["code"], "limit_exceeded", "{over}");
+
+        tab.close().await;
+        observer.expect_event(support::offline("tab")).await;
+        observer.expect_no_event(support::left("r", "tab")).await;
+    })
+    .await;
+}

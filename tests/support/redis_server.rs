@@ -61,6 +61,32 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP: the server keeps its data and its sockets but answers
+    /// nothing until [`RedisServer::resume`] (a hung or overloaded Redis).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`RedisServer::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .process
+            .as_ref()
+            .expect("redis-server is running")
+            .id()
+            .to_string();
+        // kill(1), as the gateway harness does: no unsafe, no extra crate.
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill {signal} {pid}: {e}"));
+        assert!(status.success(), "kill {signal} {pid} failed: {status}");
+    }
+
     /// Kills the server and starts a fresh, empty one on the same port.
     pub async fn restart(&mut self) {
         self.kill();
