@@ -45,7 +45,7 @@ fn browser_end_to_end_passes() {
     require_node_and_packages();
     assert!(
         Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing; the browser test needs it: apt-get install chromium"
+        "{CHROMIUM} is missing; the browser test needs it: run .ci/test (or apt-get install chromium)"
     );
     run_suite("node", &["e2e/run.mjs"], E2E_TIMEOUT);
 }
@@ -65,13 +65,13 @@ fn require_node_and_packages() {
         assert!(
             found,
             "`{tool}` is not on the PATH; the JavaScript client's tests need it: \
-             apt-get install nodejs npm chromium, then cd client-js && npm ci"
+             run .ci/test (or apt-get install nodejs npm chromium, then cd client-js && npm ci)"
         );
     }
     assert!(
         client_dir().join("node_modules").is_dir(),
         "client-js/node_modules is missing; install the client's dev dependencies: \
-         cd client-js && npm ci"
+         run .ci/test (or cd client-js && npm ci)"
     );
 }
 

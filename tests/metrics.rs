@@ -148,7 +148,7 @@ async fn promtool_accepts_the_metrics_page() {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("promtool on the PATH (Debian package `prometheus`; .ci/run installs it)");
+        .expect("promtool on the PATH (Debian package `prometheus`; .ci/test installs it)");
     let mut stdin = promtool.stdin.take().expect("stdin");
     stdin.write_all(page.as_bytes()).await.expect("write page");
     drop(stdin);
