@@ -32,7 +32,7 @@ use crate::{
     ids::{ConnId, RoomName, UserId},
     metrics::{Sent, metrics},
     outbox::Outbox,
-    protocol::{self, Audience, UserState},
+    protocol::{self, Audience, Request, UserState},
 };
 
 /// How a request changes its connection's subscriptions once accepted.
@@ -48,6 +48,21 @@ pub enum SubChange {
     Watch(Vec<UserId>),
     /// Stop hearing these users' online/offline.
     Unwatch(Vec<UserId>),
+}
+
+impl SubChange {
+    /// What `request` asks to change in what its connection hears: the one
+    /// place that says it, for the `Conn` (which counts it in flight) and
+    /// the registry (whose reply settles it).
+    pub fn of(request: &Request) -> Self {
+        match request {
+            Request::Join(room, _) => SubChange::Join(room.clone()),
+            Request::Leave(room) => SubChange::Leave(room.clone()),
+            Request::Watch(users) => SubChange::Watch(users.clone()),
+            Request::Unwatch(users) => SubChange::Unwatch(users.clone()),
+            _ => SubChange::None,
+        }
+    }
 }
 
 /// One item of a dispatch, in store order.

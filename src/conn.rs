@@ -253,14 +253,14 @@ impl Conn {
     fn on_request(&mut self, frame: ClientFrame, ctx: &mut Context<Self>) {
         let ClientFrame { reference, request } = frame;
         let r = reference.as_ref();
-        if let Request::Join(room, _) | Request::Room { room, .. } = &request
+        if let Some(room) = request.room_to_grant()
             && !self.grants.may_join(room)
         {
             let message = format!("this token does not allow room {room}");
             self.refuse(r, ErrorCode::Forbidden, &message, ctx);
             return;
         }
-        let change = match &request {
+        match &request {
             Request::Ping => {
                 self.send(Sent::Pong, protocol::pong_frame(r), ctx);
                 return;
@@ -301,7 +301,6 @@ impl Conn {
                     self.refuse(r, ErrorCode::LimitExceeded, &message, ctx);
                     return;
                 }
-                SubChange::Join(room.clone())
             }
             Request::Watch(users) | Request::Query(users) => {
                 if let Some(user) = users.iter().find(|u| !self.grants.may_watch(u)) {
@@ -309,30 +308,29 @@ impl Conn {
                     self.refuse(r, ErrorCode::Forbidden, &message, ctx);
                     return;
                 }
-                if let Request::Watch(users) = &request {
-                    let max = self.settings.max_watch;
-                    let (held, new) = self
+                let max = self.settings.max_watch;
+                let (held, new) = match &request {
+                    Request::Watch(users) => self
                         .hub
                         .borrow()
                         .subscriber(&self.id)
-                        .map_or((0, 0), |record| record.watch_counts(users));
-                    if held + new > max {
-                        let message = format!(
-                            "a connection may watch at most {max} users (--max-watch); it watches {held}"
-                        );
-                        self.refuse(r, ErrorCode::LimitExceeded, &message, ctx);
-                        return;
-                    }
-                    SubChange::Watch(users.clone())
-                } else {
-                    SubChange::None
+                        .map_or((0, 0), |record| record.watch_counts(users)),
+                    _ => (0, 0),
+                };
+                if held + new > max {
+                    let message = format!(
+                        "a connection may watch at most {max} users (--max-watch); it watches {held}"
+                    );
+                    self.refuse(r, ErrorCode::LimitExceeded, &message, ctx);
+                    return;
                 }
             }
-            Request::Leave(room) => SubChange::Leave(room.clone()),
-            Request::Unwatch(users) => SubChange::Unwatch(users.clone()),
-            Request::Room { .. } | Request::Count => SubChange::None,
-        };
-        self.hub.borrow_mut().ask(&self.id, &change);
+            // Everything else is the registry's to answer.
+            _ => {}
+        }
+        self.hub
+            .borrow_mut()
+            .ask(&self.id, &SubChange::of(&request));
         self.registry
             .send(Notice::Request(self.id, reference, request));
     }

@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use strum::{EnumDiscriminants, EnumIter, IntoStaticStr};
+use strum::{EnumDiscriminants, EnumIter, EnumString, IntoStaticStr};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::ids::{ConnId, IdError, Meta, MetaError, NodeId, RoomName, UserId};
@@ -58,12 +58,12 @@ impl From<IdError> for ErrorCode {
     }
 }
 
-/// What a client asked for. [`RequestKind`] names each kind (its wire
-/// `type`, and the metrics label).
+/// What a client asked for. [`RequestKind`] names each kind: its wire
+/// `type` (what [`decode`] reads) and its metrics label.
 #[derive(Debug, Clone, PartialEq, EnumDiscriminants)]
 #[strum_discriminants(
     name(RequestKind),
-    derive(EnumIter, IntoStaticStr),
+    derive(EnumIter, EnumString, IntoStaticStr),
     strum(serialize_all = "snake_case")
 )]
 pub enum Request {
@@ -94,11 +94,25 @@ pub enum Request {
     /// Replace the connection's token before it expires.
     Refresh(String),
     /// Receive every user's online/offline (needs the `feed` claim).
-    #[strum_discriminants(strum(serialize = "feed"))]
     SubscribeFeed,
     /// Undo `SubscribeFeed`.
-    #[strum_discriminants(strum(serialize = "feed"))]
     UnsubscribeFeed,
+}
+
+impl Request {
+    /// Which kind of request this is.
+    pub fn kind(&self) -> RequestKind {
+        self.into()
+    }
+
+    /// The room this request reads or changes, which the token's `rooms`
+    /// claim must allow (leaving is always allowed).
+    pub fn room_to_grant(&self) -> Option<&RoomName> {
+        match self {
+            Request::Join(room, _) | Request::Room { room, .. } => Some(room),
+            _ => None,
+        }
+    }
 }
 
 /// A decoded client frame: the request and the `ref` to echo.
@@ -171,36 +185,35 @@ pub fn decode(text: &str, bounds: Bounds) -> Result<ClientFrame, DecodeError> {
         }
     };
     let kind = match obj.get("type") {
-        Some(Value::String(s)) => s.as_str(),
+        Some(Value::String(s)) => s.as_str().parse::<RequestKind>().map_err(|_| {
+            DecodeError::new(
+                reference.clone(),
+                ErrorCode::UnknownType,
+                format!("unknown type {:?}", truncate(s, 40)),
+            )
+        })?,
         Some(_) => return Err(bad(&reference, "\"type\" must be a string")),
         None => return Err(bad(&reference, "missing \"type\"")),
     };
     let request = match kind {
-        "join" => Request::Join(
+        RequestKind::Join => Request::Join(
             room_field(&obj, &reference)?,
             meta_field(&obj, &reference, bounds.max_meta_bytes)?,
         ),
-        "leave" => Request::Leave(room_field(&obj, &reference)?),
-        "watch" => Request::Watch(users_field(&obj, &reference, max_ids)?),
-        "unwatch" => Request::Unwatch(users_field(&obj, &reference, max_ids)?),
-        "query" => Request::Query(users_field(&obj, &reference, max_ids)?),
-        "ping" => Request::Ping,
-        "count" => Request::Count,
-        "room" => room_query(&obj, &reference, bounds.max_page)?,
-        "refresh" => match obj.get("token") {
+        RequestKind::Leave => Request::Leave(room_field(&obj, &reference)?),
+        RequestKind::Watch => Request::Watch(users_field(&obj, &reference, max_ids)?),
+        RequestKind::Unwatch => Request::Unwatch(users_field(&obj, &reference, max_ids)?),
+        RequestKind::Query => Request::Query(users_field(&obj, &reference, max_ids)?),
+        RequestKind::Ping => Request::Ping,
+        RequestKind::Count => Request::Count,
+        RequestKind::Room => room_query(&obj, &reference, bounds.max_page)?,
+        RequestKind::Refresh => match obj.get("token") {
             Some(Value::String(token)) if !token.is_empty() => Request::Refresh(token.clone()),
             Some(_) => return Err(bad(&reference, "\"token\" must be a non-empty string")),
             None => return Err(bad(&reference, "missing \"token\"")),
         },
-        "subscribe_feed" => Request::SubscribeFeed,
-        "unsubscribe_feed" => Request::UnsubscribeFeed,
-        other => {
-            return Err(DecodeError::new(
-                reference,
-                ErrorCode::UnknownType,
-                format!("unknown type {:?}", truncate(other, 40)),
-            ));
-        }
+        RequestKind::SubscribeFeed => Request::SubscribeFeed,
+        RequestKind::UnsubscribeFeed => Request::UnsubscribeFeed,
     };
     Ok(ClientFrame { reference, request })
 }
@@ -673,6 +686,21 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn every_request_kind_is_decoded_from_its_own_name() {
+        use strum::IntoEnumIterator;
+        for kind in RequestKind::iter() {
+            let name: &str = kind.into();
+            let frame = format!(r#"{{"type":"{name}"}}"#);
+            match decode(&frame, B) {
+                Ok(decoded) => assert_eq!(decoded.request.kind(), kind),
+                // Fields missing, but the type was known.
+                Err(e) => assert_eq!(e.code, ErrorCode::BadRequest, "{name}: {e:?}"),
+            }
+        }
+        assert_eq!(code(r#"{"type":"Join"}"#), ErrorCode::UnknownType);
     }
 
     #[test]

@@ -108,6 +108,10 @@ fn check_frame(text: &str, frame: &ClientFrame) {
     let echoed = object.get("ref").filter(|r| !r.is_null());
     assert_eq!(frame.reference.as_ref(), echoed, "ref echoed verbatim");
     let kind = object["type"].as_str().expect("type is a string");
+    // Every request decodes from exactly its kind's wire type.
+    assert_eq!(kind, <&str>::from(frame.request.kind()));
+    // The fields of the kinds that carry any; a kind this target does not
+    // know yet is checked for its type and ref only.
     match &frame.request {
         Request::Join(room, meta) => {
             assert_eq!(kind, "join");
@@ -152,14 +156,10 @@ fn check_frame(text: &str, frame: &ClientFrame) {
                 assert_eq!(object["cursor"], cursor.as_str());
             }
         }
-        Request::Count => assert_eq!(kind, "count"),
-        Request::Ping => assert_eq!(kind, "ping"),
         Request::Refresh(token) => {
-            assert_eq!(kind, "refresh");
             assert!(!token.is_empty(), "an empty token is refused");
             assert_eq!(object["token"], token.as_str());
         }
-        Request::SubscribeFeed => assert_eq!(kind, "subscribe_feed"),
-        Request::UnsubscribeFeed => assert_eq!(kind, "unsubscribe_feed"),
+        _ => {}
     }
 }

@@ -503,31 +503,22 @@ impl PresenceRegistry {
         if !self.conns.contains_key(&conn) {
             return;
         }
+        let change = SubChange::of(&request);
         match request {
-            Request::Join(room, meta) => self.join(conn, reference, room, meta),
-            Request::Leave(room) => self.leave(conn, reference, room),
-            Request::Watch(users) => {
-                let change = SubChange::Watch(users.clone());
-                self.ask(conn, reference, change, StoreOp::Presence(users.clone()), {
-                    move |read| ReplyBody::Users {
-                        users: render::states(&users, &read.into_presence()),
-                    }
-                });
-            }
-            Request::Query(users) => {
+            Request::Join(room, meta) => self.join(conn, reference, change, room, meta),
+            Request::Leave(room) => self.leave(conn, reference, change, room),
+            Request::Watch(users) | Request::Query(users) => {
                 let op = StoreOp::Presence(users.clone());
-                self.ask(conn, reference, SubChange::None, op, move |read| {
-                    ReplyBody::Users {
-                        users: render::states(&users, &read.into_presence()),
-                    }
+                self.ask(conn, reference, change, op, move |read| ReplyBody::Users {
+                    users: render::states(&users, &read.into_presence()),
                 });
             }
-            Request::Unwatch(users) => {
+            Request::Unwatch(_) => {
                 let frame = protocol::reply_frame(reference.as_ref(), &ReplyBody::Empty {});
                 self.answer_in_order(Delivery::Reply {
                     conn,
                     frame,
-                    change: SubChange::Unwatch(users),
+                    change,
                     accepted: true,
                 });
             }
@@ -565,8 +556,14 @@ impl PresenceRegistry {
         }
     }
 
-    fn join(&mut self, conn: ConnId, reference: Option<Value>, room: RoomName, meta: Option<Meta>) {
-        let change = SubChange::Join(room.clone());
+    fn join(
+        &mut self,
+        conn: ConnId,
+        reference: Option<Value>,
+        change: SubChange,
+        room: RoomName,
+        meta: Option<Meta>,
+    ) {
         if !self.admit(conn, &reference, &change) {
             return;
         }
@@ -602,8 +599,7 @@ impl PresenceRegistry {
         });
     }
 
-    fn leave(&mut self, conn: ConnId, reference: Option<Value>, room: RoomName) {
-        let change = SubChange::Leave(room.clone());
+    fn leave(&mut self, conn: ConnId, reference: Option<Value>, change: SubChange, room: RoomName) {
         let in_room = self
             .conns
             .get(&conn)

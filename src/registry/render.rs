@@ -11,7 +11,7 @@ use crate::{
     broadcast::{Delivery, SubChange, UserSync},
     ids::{ConnId, RoomName, UserId},
     metrics::{Sent, metrics},
-    protocol::{self, Audience, ErrorCode, Event, Member, ReplyBody, UserState},
+    protocol::{self, Audience, ErrorCode, Event, ReplyBody, UserState},
     store::{Read, UserPresence},
 };
 
@@ -164,22 +164,4 @@ pub(super) fn states(users: &[UserId], presence: &[UserPresence]) -> Vec<UserSta
             seq: p.seq,
         })
         .collect()
-}
-
-impl Read {
-    /// The members this read holds (none for another read).
-    pub(super) fn into_members(self) -> Vec<Member> {
-        match self {
-            Read::Members(members) => members,
-            _ => Vec::new(),
-        }
-    }
-
-    /// The presence this read holds (none for another read).
-    pub(super) fn into_presence(self) -> Vec<UserPresence> {
-        match self {
-            Read::Presence(presence) => presence,
-            _ => Vec::new(),
-        }
-    }
 }

@@ -61,6 +61,16 @@ impl StoreOp {
         !matches!(self, StoreOp::Members(_) | StoreOp::Presence(_))
     }
 
+    /// What the op reads besides deciding its transitions, so a store's
+    /// reply can be checked against it.
+    pub fn reads(&self) -> ReadKind {
+        match self {
+            StoreOp::Join(..) | StoreOp::Members(_) => ReadKind::Members,
+            StoreOp::Presence(_) => ReadKind::Presence,
+            _ => ReadKind::Nothing,
+        }
+    }
+
     /// What is left of a queued op once the writes are folded into a
     /// reassert (which writes their sum): the read its answer still needs,
     /// if any. A join still answers with the room's members.
@@ -124,6 +134,35 @@ pub enum Read {
     Members(Vec<Member>),
     /// `Presence`: one entry per requested user, in order.
     Presence(Vec<UserPresence>),
+}
+
+/// Which [`Read`] an op makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadKind {
+    /// [`Read::Nothing`].
+    Nothing,
+    /// [`Read::Members`].
+    Members,
+    /// [`Read::Presence`].
+    Presence,
+}
+
+impl Read {
+    /// The members this read holds (none for another read).
+    pub fn into_members(self) -> Vec<Member> {
+        match self {
+            Read::Members(members) => members,
+            _ => Vec::new(),
+        }
+    }
+
+    /// The presence this read holds (none for another read).
+    pub fn into_presence(self) -> Vec<UserPresence> {
+        match self {
+            Read::Presence(presence) => presence,
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// What a batch did.

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize, Serializer, de::DeserializeOwned};
 use crate::{
     ids::{Meta, UserId},
     protocol::{Event, Member},
-    store::{NodeState, Outcome, Read, StoreError, StoreOp, UserPresence},
+    store::{NodeState, Outcome, Read, ReadKind, StoreError, StoreOp, UserPresence},
 };
 
 /// A reply that is one MessagePack value, decoded into `T`.
@@ -132,8 +132,8 @@ impl OutcomeWire {
     /// The outcome of `op`; a read the op does not make is a protocol
     /// error (the script and this file disagree).
     pub(super) fn into_outcome(self, op: &StoreOp) -> Result<Outcome, StoreError> {
-        let read = match (op, self.m, self.p) {
-            (StoreOp::Join(..) | StoreOp::Members(_), Some(members), None) => {
+        let read = match (op.reads(), self.m, self.p) {
+            (ReadKind::Members, Some(members), None) => {
                 let mut members: Vec<Member> = members
                     .into_iter()
                     .map(|m| Member {
@@ -144,28 +144,17 @@ impl OutcomeWire {
                 members.sort();
                 Read::Members(members)
             }
-            (StoreOp::Presence(users), None, Some(presence)) if presence.len() == users.len() => {
-                Read::Presence(
-                    presence
-                        .into_iter()
-                        .map(|p| UserPresence {
-                            online: p.online,
-                            seq: p.seq,
-                        })
-                        .collect(),
-                )
-            }
-            (
-                StoreOp::Connect(_)
-                | StoreOp::Disconnect(..)
-                | StoreOp::Leave(..)
-                | StoreOp::Attach(..)
-                | StoreOp::Detach(..)
-                | StoreOp::Reassert(_),
-                None,
-                None,
-            ) => Read::Nothing,
-            (op, m, p) => {
+            (ReadKind::Presence, None, Some(presence)) => Read::Presence(
+                presence
+                    .into_iter()
+                    .map(|p| UserPresence {
+                        online: p.online,
+                        seq: p.seq,
+                    })
+                    .collect(),
+            ),
+            (ReadKind::Nothing, None, None) => Read::Nothing,
+            (_, m, p) => {
                 return Err(StoreError::Protocol(format!(
                     "outcome of {op:?} read members: {}, presence: {}",
                     m.is_some(),
@@ -173,6 +162,15 @@ impl OutcomeWire {
                 )));
             }
         };
+        if let (StoreOp::Presence(users), Read::Presence(presence)) = (op, &read)
+            && users.len() != presence.len()
+        {
+            return Err(StoreError::Protocol(format!(
+                "{} presence entries for {} users",
+                presence.len(),
+                users.len()
+            )));
+        }
         Ok(Outcome {
             events: self.e,
             read,
