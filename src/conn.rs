@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use crate::{
-    auth::{Grants, Identity, Slot, Verifier, now_s},
+    auth::{Grants, Identity, Verifier, now_s},
     broadcast::SharedHub,
     ids::{ConnId, NodeId, RoomName, UserId},
     metrics::{CloseReason, FrameKind, metrics},
@@ -32,6 +32,7 @@ use crate::{
     protocol::{self, ClientFrame, ErrorCode, Reason, ReplyBody, Request},
     rate::{RateLimiter, Verdict},
     registry::{ConnEvent, RegistryLink},
+    slots::Slot,
 };
 
 /// Close code when nothing arrived within the idle timeout.

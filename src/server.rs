@@ -19,15 +19,17 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    auth::{ConnSlots, KeyError, OriginPattern, Verifier},
+    auth::{KeyError, Verifier},
     broadcast::{Broadcaster, CloseAll, Hub},
     config::Config,
     conn::ConnSettings,
     http::{self, WorkerState},
     ids::NodeId,
     metrics::metrics,
+    origin::OriginPattern,
     outbox::close_frame,
     registry::{Batching, Drain, Health, PresenceRegistry, RegistryLink},
+    slots::ConnSlots,
     store::{FeedItem, MemoryStore, RedisStore, Store, StoreError},
 };
 

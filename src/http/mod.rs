@@ -37,13 +37,15 @@ use tracing::{debug, info};
 
 pub use self::error::HttpError;
 use crate::{
-    auth::{ConnSlots, Identity, OriginPattern, SlotError, TokenError, redact_token},
+    auth::{Identity, TokenError, redact_token},
     broadcast::SharedHub,
     config::Config,
     conn::{Conn, ConnSettings},
     ids::UserId,
     metrics::metrics,
+    origin::OriginPattern,
     registry::{Health, RegistryLink},
+    slots::{ConnSlots, SlotError},
     store::Store,
 };
 
