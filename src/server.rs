@@ -25,7 +25,6 @@ use crate::{
     conn::ConnSettings,
     http::{self, WorkerState},
     ids::NodeId,
-    metrics::metrics,
     origin::OriginPattern,
     outbox::close_frame,
     registry::{Batching, Drain, Health, PresenceRegistry, RegistryLink},
@@ -215,7 +214,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
     let deadline = Instant::now() + config.drain_timeout();
     info!(%node, timeout = ?config.drain_timeout(), "draining");
     let _ = stop_accepting.send(false);
-    drain(registry, &broadcasters, deadline).await;
+    drain(registry, &broadcasters, &slots, deadline).await;
     info!(%node, "stopped");
     Ok(())
 }
@@ -226,6 +225,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
 async fn drain(
     registry: Addr<PresenceRegistry>,
     broadcasters: &[Addr<Broadcaster>],
+    slots: &ConnSlots,
     deadline: Instant,
 ) {
     let (done, written) = oneshot::channel();
@@ -240,17 +240,16 @@ async fn drain(
     }
     info!(connections = open, "drain: closing sockets with 1012");
     // Each socket's writer sends the close frame and ends; its Conn then
-    // stops. Poll the open-connections gauge: nothing else counts them
-    // across workers.
-    while metrics().connections_open.get() > 0 {
-        if Instant::now() >= deadline {
-            warn!(
-                left = metrics().connections_open.get(),
-                "drain timeout: exiting with sockets still open"
-            );
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // stops and gives its slot back. The slots count connections across
+    // workers and say when the last one is gone.
+    if tokio::time::timeout_at(deadline, slots.all_returned())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = slots.held(),
+            "drain timeout: exiting with sockets still open"
+        );
     }
 }
 

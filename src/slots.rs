@@ -3,13 +3,17 @@
 //!
 //! A `/ws` handshake takes a [`Slot`] before it is upgraded and the
 //! connection gives it back when it ends, so `--max-connections` and
-//! `--max-conns-per-user` hold on every worker at once. A leaf: it knows
-//! user ids and nothing else of ours.
+//! `--max-conns-per-user` hold on every worker at once, and a drain can wait
+//! for the last connection to go ([`ConnSlots::all_returned`]) instead of
+//! polling a gauge. A leaf: it knows user ids and nothing else of ours.
 
 use std::{
     collections::HashMap,
+    pin::pin,
     sync::{Arc, Mutex},
 };
+
+use tokio::sync::Notify;
 
 use crate::ids::UserId;
 
@@ -30,6 +34,8 @@ pub struct ConnSlots {
     max_total: usize,
     max_per_user: usize,
     held: Mutex<Held>,
+    /// Woken when the last slot is given back.
+    emptied: Notify,
 }
 
 /// The connections holding a slot.
@@ -46,12 +52,13 @@ impl ConnSlots {
             max_total,
             max_per_user,
             held: Mutex::default(),
+            emptied: Notify::new(),
         })
     }
 
     /// Takes a slot for one connection of `user`.
     pub fn take(self: &Arc<Self>, user: &UserId) -> Result<Slot, SlotError> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.lock();
         if held.total >= self.max_total {
             return Err(SlotError::NodeFull);
         }
@@ -67,8 +74,28 @@ impl ConnSlots {
         })
     }
 
+    /// Slots held now: connections open or being upgraded.
+    pub fn held(&self) -> usize {
+        self.lock().total
+    }
+
+    /// Resolves once no slot is held (at once if none is). A slot taken
+    /// meanwhile is waited for too.
+    pub async fn all_returned(&self) {
+        loop {
+            // Registered before the count is read, so a give-back between
+            // the two still wakes this wait.
+            let mut emptied = pin!(self.emptied.notified());
+            emptied.as_mut().enable();
+            if self.held() == 0 {
+                return;
+            }
+            emptied.await;
+        }
+    }
+
     fn give_back(&self, user: &UserId) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.lock();
         if let Some(of_user) = held.per_user.get_mut(user) {
             *of_user -= 1;
             if *of_user == 0 {
@@ -76,6 +103,15 @@ impl ConnSlots {
             }
         }
         held.total -= 1;
+        if held.total == 0 {
+            self.emptied.notify_waiters();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        // A panic while holding the lock cannot leave the counts half
+        // updated: each change is one statement.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -109,5 +145,25 @@ mod tests {
         drop(a1);
         let _a3 = slots.take(&a).unwrap();
         assert_eq!(slots.take(&a).unwrap_err(), SlotError::NodeFull);
+    }
+
+    #[tokio::test]
+    async fn all_returned_waits_for_the_last_slot() {
+        let slots = ConnSlots::new(10, 10);
+        let a = UserId::parse("a").unwrap();
+        slots.all_returned().await;
+        let first = slots.take(&a).unwrap();
+        let second = slots.take(&a).unwrap();
+        let mut wait = pin!(slots.all_returned());
+        drop(first);
+        assert!(
+            futures_util::poll!(&mut wait).is_pending(),
+            "one slot is still held"
+        );
+        drop(second);
+        tokio::time::timeout(std::time::Duration::from_secs(5), wait)
+            .await
+            .expect("the wait ends with the last slot");
+        assert_eq!(slots.held(), 0);
     }
 }
