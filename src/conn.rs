@@ -26,25 +26,15 @@ use tokio_tungstenite::tungstenite::{
 use crate::{
     auth::{Grants, Identity, Verifier, now_s},
     broadcast::SharedHub,
+    close::CloseReason,
     ids::{ConnId, NodeId, RoomName, UserId},
-    metrics::{CloseReason, FrameKind, metrics},
-    outbox::{Outbox, close_frame},
+    metrics::{FrameKind, metrics},
+    outbox::Outbox,
     protocol::{self, ClientFrame, ErrorCode, Reason, ReplyBody, Request},
     rate::{RateLimiter, Verdict},
     registry::{ConnEvent, RegistryLink},
     slots::Slot,
 };
-
-/// Close code when nothing arrived within the idle timeout.
-pub const IDLE_TIMEOUT: u16 = 1001;
-/// Close code for a frame or message over the size limit.
-pub const TOO_BIG: u16 = 1009;
-/// Close code for a WebSocket protocol violation.
-pub const PROTOCOL_ERROR: u16 = 1002;
-/// Close code when the connection's token expired and was not refreshed.
-pub const TOKEN_EXPIRED: u16 = 4001;
-/// Close code for a client that kept sending past its rate limit.
-pub const RATE_LIMITED: u16 = 4029;
 
 /// Longest single wait of the expiry timer; it re-arms past that.
 const EXPIRY_CHECK_MAX: Duration = Duration::from_secs(3600);
@@ -180,15 +170,10 @@ impl Conn {
         self.send(FrameKind::Error, frame, ctx);
     }
 
-    fn close(
-        &mut self,
-        why: CloseReason,
-        code: u16,
-        reason: &'static str,
-        ctx: &mut Context<Self>,
-    ) {
+    /// Closes the connection with `why`'s close frame (see [`crate::close`]).
+    fn close(&mut self, why: CloseReason, ctx: &mut Context<Self>) {
         self.close_reason = why;
-        self.close_with = Some(close_frame(code, reason));
+        self.close_with = why.frame();
         ctx.stop();
     }
 
@@ -213,7 +198,7 @@ impl Conn {
             }
             Verdict::Close => {
                 metrics().frames_received.get(FrameKind::RateLimited).inc();
-                self.close(CloseReason::RateLimited, RATE_LIMITED, "rate limited", ctx);
+                self.close(CloseReason::RateLimited, ctx);
                 false
             }
         }
@@ -384,12 +369,7 @@ impl Conn {
         let deadline = exp.saturating_add(leeway);
         let now = now_s();
         if now >= deadline {
-            self.close(
-                CloseReason::TokenExpired,
-                TOKEN_EXPIRED,
-                "token expired",
-                ctx,
-            );
+            self.close(CloseReason::TokenExpired, ctx);
             return;
         }
         let wait = Duration::from_secs(deadline - now).min(EXPIRY_CHECK_MAX);
@@ -401,7 +381,7 @@ impl Conn {
 
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
         if self.last_heard.elapsed() >= self.settings.idle_timeout {
-            self.close(CloseReason::IdleTimeout, IDLE_TIMEOUT, "idle timeout", ctx);
+            self.close(CloseReason::IdleTimeout, ctx);
         } else {
             self.push(FrameKind::Ping, WsMessage::Ping(Bytes::new()), ctx);
         }
@@ -488,17 +468,11 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                     WsMessage::Close(_) => ctx.stop(),
                 }
             }
-            Err(WsError::Capacity(_)) => {
-                self.close(CloseReason::TooBig, TOO_BIG, "message too big", ctx);
-            }
-            Err(WsError::Protocol(_)) => {
-                self.close(
-                    CloseReason::ProtocolError,
-                    PROTOCOL_ERROR,
-                    "protocol error",
-                    ctx,
-                );
-            }
+            Err(WsError::Capacity(_)) => self.close(CloseReason::TooBig, ctx),
+            // tungstenite checks text messages (and Close reasons) for
+            // UTF-8; RFC 6455 section 7.4.1 has 1007 for that.
+            Err(WsError::Utf8(_)) => self.close(CloseReason::InvalidPayload, ctx),
+            Err(WsError::Protocol(_)) => self.close(CloseReason::ProtocolError, ctx),
             Err(_) => ctx.stop(),
         }
     }

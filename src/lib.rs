@@ -19,6 +19,7 @@
 
 pub mod auth;
 pub mod broadcast;
+pub mod close;
 pub mod config;
 pub mod conn;
 pub mod http;

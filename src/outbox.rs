@@ -25,16 +25,12 @@ use tokio::time::Instant;
 
 use futures_util::{Sink, SinkExt};
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::{
-    Error as WsError, Message,
-    protocol::{CloseFrame, frame::coding::CloseCode},
-};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, protocol::CloseFrame};
+
+use crate::close::CloseReason;
 
 /// How long a closing socket may take to take its last frames.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Close code for a connection whose outbox overflowed.
-pub const SLOW_CONSUMER: u16 = 4008;
 
 /// How long a queue may stay over its bound before the connection counts
 /// as a slow consumer.
@@ -75,14 +71,6 @@ enum Step {
     Wait,
 }
 
-/// Builds a close frame.
-pub fn close_frame(code: u16, reason: &'static str) -> CloseFrame {
-    CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    }
-}
-
 impl Outbox {
     /// An empty outbox bounded by `max_messages` frames and `max_bytes`.
     pub fn new(max_messages: usize, max_bytes: usize) -> Self {
@@ -120,7 +108,7 @@ impl Outbox {
             inner.over_since.set(Some(since));
             if !queue.is_empty() && (far_over || now - since > SLOW_CONSUMER_GRACE) {
                 drop(queue);
-                self.abort(close_frame(SLOW_CONSUMER, "slow consumer"));
+                self.abort(CloseReason::SlowConsumer.frame());
                 return Err(Overflow);
             }
         }
@@ -141,8 +129,9 @@ impl Outbox {
         inner.wake.notify_one();
     }
 
-    /// Drops what is queued and closes the socket with `frame` at once.
-    pub fn abort(&self, frame: CloseFrame) {
+    /// Drops what is queued and closes the socket with `frame` (if any) at
+    /// once.
+    pub fn abort(&self, frame: Option<CloseFrame>) {
         let inner = &self.0;
         if inner.aborted.replace(true) {
             return;
@@ -150,7 +139,7 @@ impl Outbox {
         inner.queue.borrow_mut().clear();
         inner.bytes.set(0);
         inner.closing.set(true);
-        *inner.close_frame.borrow_mut() = Some(frame);
+        *inner.close_frame.borrow_mut() = frame;
         inner.abort.notify_waiters();
         inner.wake.notify_one();
     }
@@ -363,7 +352,7 @@ mod tests {
         let out = Outbox::new(10, 1000);
         out.push(Message::text("one")).unwrap();
         out.push(Message::text("two")).unwrap();
-        out.close(Some(close_frame(1001, "bye")));
+        out.close(CloseReason::IdleTimeout.frame());
         let mut got: Vec<Message> = Vec::new();
         let sink = (&mut got).sink_map_err(|e: std::convert::Infallible| match e {});
         out.write_to(sink, || panic!("not aborted")).await;
@@ -372,7 +361,7 @@ mod tests {
             vec![
                 Message::text("one"),
                 Message::text("two"),
-                Message::Close(Some(close_frame(1001, "bye")))
+                Message::Close(CloseReason::IdleTimeout.frame())
             ]
         );
     }

@@ -21,12 +21,12 @@ use tracing::{error, info, warn};
 use crate::{
     auth::{KeyError, Verifier},
     broadcast::{Broadcaster, CloseAll, Hub},
+    close::CloseReason,
     config::Config,
     conn::ConnSettings,
     http::{self, WorkerState},
     ids::NodeId,
     origin::OriginPattern,
-    outbox::close_frame,
     registry::{Batching, Drain, Health, PresenceRegistry, RegistryLink},
     slots::ConnSlots,
     store::{FeedItem, MemoryStore, RedisStore, Store, StoreError},
@@ -34,9 +34,6 @@ use crate::{
 
 /// Longest start-up wait for the subscription to the cluster's events.
 const FEED_START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Close code for the sockets of a draining node: reconnect elsewhere.
-pub const SERVICE_RESTART: u16 = 1012;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +230,8 @@ async fn drain(
     if tokio::time::timeout_at(deadline, written).await.is_err() {
         warn!("drain: the removals were not written in time; other nodes will reap this one");
     }
-    let frame = close_frame(SERVICE_RESTART, "node shutting down");
+    // unwrap: the table gives the shutdown reason a code (close.rs tests).
+    let frame = CloseReason::Shutdown.frame().unwrap();
     let mut open = 0;
     for b in broadcasters {
         open += b.send(CloseAll(frame.clone())).await.unwrap_or(0);

@@ -106,6 +106,16 @@ impl SilentClient {
             .unwrap_or_else(|error| panic!("{}: write failed: {error}", self.label));
     }
 
+    /// Sends one masked text frame whose payload is exactly `payload`, valid
+    /// UTF-8 or not.
+    pub async fn send_text_bytes(&mut self, payload: &[u8]) {
+        let bytes = masked_frame(OPCODE_TEXT, payload);
+        self.stream
+            .write_all(&bytes)
+            .await
+            .unwrap_or_else(|error| panic!("{}: write failed: {error}", self.label));
+    }
+
     /// Sends one text frame WITHOUT the mask RFC 6455 requires of a client:
     /// a protocol violation the server must close the connection for.
     pub async fn send_unmasked_json(&mut self, frame: &Value) {
