@@ -20,7 +20,8 @@ use std::{
 use actix::prelude::*;
 use futures_util::{Sink, Stream, StreamExt, stream::SplitStream};
 use tokio_tungstenite::tungstenite::{
-    Bytes, Error as WsError, Message as WsMessage, Utf8Bytes, protocol::CloseFrame,
+    Bytes, Error as WsError, Message as WsMessage, Utf8Bytes, error::ProtocolError,
+    protocol::CloseFrame,
 };
 
 use crate::{
@@ -472,6 +473,9 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
             // tungstenite checks text messages (and Close reasons) for
             // UTF-8; RFC 6455 section 7.4.1 has 1007 for that.
             Err(WsError::Utf8(_)) => self.close(CloseReason::InvalidPayload, ctx),
+            // The TCP connection ended without a Close: the client went
+            // away, it broke no rule, and nobody is left to tell.
+            Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => ctx.stop(),
             Err(WsError::Protocol(_)) => self.close(CloseReason::ProtocolError, ctx),
             Err(_) => ctx.stop(),
         }
