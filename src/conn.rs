@@ -119,16 +119,14 @@ impl Conn {
         Conn::create(move |ctx| {
             ctx.add_stream(stream);
             let outbox = Outbox::new(settings.outbox_messages, settings.outbox_bytes);
-            let addr = ctx.address();
-            let gone = addr.clone();
+            let gone = ctx.address();
             let writer = outbox.clone();
             actix_rt::spawn(async move {
-                writer
+                // Once the writer is done the Conn stops (a no-op if it
+                // already has): a socket it cannot write to is dead.
+                let _ = writer
                     .write_to(sink, move || gone.do_send(WriterGone))
                     .await;
-                // A socket the writer could not write to is dead: stop
-                // reading it too (a no-op once the actor has stopped).
-                addr.do_send(WriterGone);
             });
             Conn {
                 id: ConnId::new(),
