@@ -1,7 +1,9 @@
 //! The [`Conn`] actor: one per WebSocket, living on one worker for its life.
 //!
 //! The socket's read half is the actor's stream; its write half belongs to
-//! a writer task draining the connection's bounded [`Outbox`]. A `Conn`
+//! a writer task draining the connection's bounded [`Outbox`], which takes
+//! the read half back for the lingering close ([`linger`]) once it is done,
+//! and holds the connection's slot until the socket is closed. A `Conn`
 //! parses client frames (bad ones get an error frame and change nothing),
 //! enforces what the connection's token allows (rooms, watched users, the
 //! feed), its rate limit and its room and watch bounds, answers pings and
@@ -18,10 +20,13 @@ use std::{
 };
 
 use actix::prelude::*;
-use futures_util::{Sink, Stream, StreamExt, stream::SplitStream};
-use tokio_tungstenite::tungstenite::{
-    Bytes, Error as WsError, Message as WsMessage, Utf8Bytes, error::ProtocolError,
-    protocol::CloseFrame,
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Bytes, Error as WsError, Message as WsMessage, Utf8Bytes, error::ProtocolError,
+        protocol::CloseFrame,
+    },
 };
 
 use crate::{
@@ -29,6 +34,7 @@ use crate::{
     broadcast::SharedHub,
     close::CloseReason,
     ids::{ConnId, NodeId, RoomName, UserId},
+    linger,
     metrics::{FrameKind, metrics},
     outbox::Outbox,
     protocol::{self, ClientFrame, ErrorCode, Reason, ReplyBody, Request},
@@ -84,8 +90,6 @@ pub struct Conn {
     /// Users asked to watch, for `--max-watch`.
     watching: HashSet<UserId>,
     rate: RateLimiter,
-    /// This connection's place in the node's connection bounds.
-    _slot: Option<Slot>,
     settings: ConnSettings,
     registry: RegistryLink,
     hub: SharedHub,
@@ -103,9 +107,10 @@ pub struct Conn {
 struct WriterGone;
 
 impl Conn {
-    /// Starts a `Conn` on the current worker for an upgraded socket.
-    pub fn start<S>(
-        socket: S,
+    /// Starts a `Conn` on the current worker for an upgraded socket, which
+    /// holds `slot` until it is closed.
+    pub fn start<T>(
+        socket: WebSocketStream<T>,
         identity: Identity,
         slot: Option<Slot>,
         settings: ConnSettings,
@@ -113,20 +118,27 @@ impl Conn {
         hub: SharedHub,
     ) -> Addr<Conn>
     where
-        S: Stream<Item = Result<WsMessage, WsError>> + Sink<WsMessage, Error = WsError> + 'static,
+        T: AsyncRead + AsyncWrite + Unpin + 'static,
     {
-        let (sink, stream): (_, SplitStream<S>) = socket.split();
+        let (sink, reader, tail) = linger::split(socket);
         Conn::create(move |ctx| {
-            ctx.add_stream(stream);
+            ctx.add_stream(reader);
             let outbox = Outbox::new(settings.outbox_messages, settings.outbox_bytes);
             let gone = ctx.address();
             let writer = outbox.clone();
             actix_rt::spawn(async move {
                 // Once the writer is done the Conn stops (a no-op if it
-                // already has): a socket it cannot write to is dead.
-                let _ = writer
+                // already has): a socket it cannot write to is dead, and
+                // presence must not wait for the linger below.
+                let sink = writer
                     .write_to(sink, move || gone.do_send(WriterGone))
                     .await;
+                // Boxed: what the linger holds is allocated when it runs,
+                // not kept in every connection's task while it is idle.
+                Box::pin(tail.linger(sink)).await;
+                // The socket is closed only now: so is its place in the
+                // node's bounds, and the drain waits for it.
+                drop(slot);
             });
             Conn {
                 id: ConnId::new(),
@@ -139,7 +151,6 @@ impl Conn {
                 rooms: HashSet::new(),
                 watching: HashSet::new(),
                 rate: RateLimiter::new(settings.rate_limit, settings.rate_burst, Instant::now()),
-                _slot: slot,
                 settings,
                 registry,
                 hub,

@@ -24,6 +24,7 @@ pub mod config;
 pub mod conn;
 pub mod http;
 pub mod ids;
+pub mod linger;
 pub mod metrics;
 pub mod origin;
 pub mod outbox;

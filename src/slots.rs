@@ -2,7 +2,8 @@
 //! per user, across workers.
 //!
 //! A `/ws` handshake takes a [`Slot`] before it is upgraded and the
-//! connection gives it back when it ends, so `--max-connections` and
+//! connection gives it back once its socket is closed (after the lingering
+//! close, see [`crate::linger`]), so `--max-connections` and
 //! `--max-conns-per-user` hold on every worker at once, and a drain can wait
 //! for the last connection to go ([`ConnSlots::all_returned`]) instead of
 //! polling a gauge. A leaf: it knows user ids and nothing else of ours.
