@@ -10,14 +10,13 @@
 //! The token's claims become [`Grants`]: the rooms the connection may join,
 //! the users it may watch or query, and whether it may read the global
 //! online/offline feed. The `/ws` handshake ([`crate::http`]) checks the
-//! origin ([`OriginPattern`]), the identity ([`Verifier`]) and takes a
-//! connection slot ([`ConnSlots`]) before anything is upgraded. Nothing
+//! origin ([`crate::origin`]), the identity ([`Verifier`]) and takes a
+//! connection slot ([`crate::slots`]) before anything is upgraded. Nothing
 //! here talks to the store.
 
 use std::{
-    collections::HashMap,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -361,135 +360,6 @@ pub fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// One `--allowed-origin`: `[scheme://]host[:port]`, where host may start
-/// with `*.` (any subdomain, not the bare domain).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OriginPattern {
-    scheme: Option<String>,
-    host: String,
-    wildcard: bool,
-}
-
-impl OriginPattern {
-    /// Parses a pattern; `None` if it has a path or is empty.
-    pub fn parse(pattern: &str) -> Option<Self> {
-        let pattern = pattern.trim().to_ascii_lowercase();
-        let (scheme, rest) = match pattern.split_once("://") {
-            Some((scheme, rest)) => (Some(scheme.to_owned()), rest.to_owned()),
-            None => (None, pattern),
-        };
-        let (wildcard, host) = match rest.strip_prefix("*.") {
-            Some(host) => (true, host.to_owned()),
-            None => (false, rest),
-        };
-        if host.is_empty() || host.contains(['/', '*', ' ']) {
-            return None;
-        }
-        Some(Self {
-            scheme,
-            host,
-            wildcard,
-        })
-    }
-
-    /// Whether the `Origin` header value `origin` matches.
-    pub fn matches(&self, origin: &str) -> bool {
-        let origin = origin.to_ascii_lowercase();
-        let Some((scheme, host)) = origin.split_once("://") else {
-            return false;
-        };
-        if self.scheme.as_deref().is_some_and(|s| s != scheme) {
-            return false;
-        }
-        if self.wildcard {
-            host.strip_suffix(self.host.as_str())
-                .and_then(|sub| sub.strip_suffix('.'))
-                .is_some_and(|sub| !sub.is_empty())
-        } else {
-            host == self.host
-        }
-    }
-}
-
-/// Why the connection slots refused a handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotError {
-    /// The node holds `--max-connections`.
-    NodeFull,
-    /// The user holds `--max-conns-per-user` on this node.
-    UserFull,
-}
-
-/// Counts the node's WebSocket connections, in total and per user, across
-/// workers. A handshake takes a [`Slot`] before it is upgraded; the slot
-/// goes back when the connection ends.
-#[derive(Debug)]
-pub struct ConnSlots {
-    max_total: usize,
-    max_per_user: usize,
-    held: Mutex<Held>,
-}
-
-/// The connections holding a slot.
-#[derive(Debug, Default)]
-struct Held {
-    total: usize,
-    per_user: HashMap<UserId, usize>,
-}
-
-impl ConnSlots {
-    /// Slots for at most `max_total` connections, `max_per_user` per user.
-    pub fn new(max_total: usize, max_per_user: usize) -> Arc<Self> {
-        Arc::new(Self {
-            max_total,
-            max_per_user,
-            held: Mutex::default(),
-        })
-    }
-
-    /// Takes a slot for one connection of `user`.
-    pub fn take(self: &Arc<Self>, user: &UserId) -> Result<Slot, SlotError> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.total >= self.max_total {
-            return Err(SlotError::NodeFull);
-        }
-        let of_user = held.per_user.entry(user.clone()).or_insert(0);
-        if *of_user >= self.max_per_user {
-            return Err(SlotError::UserFull);
-        }
-        *of_user += 1;
-        held.total += 1;
-        Ok(Slot {
-            slots: self.clone(),
-            user: user.clone(),
-        })
-    }
-
-    fn give_back(&self, user: &UserId) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(of_user) = held.per_user.get_mut(user) {
-            *of_user -= 1;
-            if *of_user == 0 {
-                held.per_user.remove(user);
-            }
-        }
-        held.total -= 1;
-    }
-}
-
-/// One connection's place in [`ConnSlots`], given back on drop.
-#[derive(Debug)]
-pub struct Slot {
-    slots: Arc<ConnSlots>,
-    user: UserId,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.slots.give_back(&self.user);
-    }
-}
-
 /// `target` with the value of every `token` query parameter replaced, for
 /// logs.
 pub fn redact_token(target: &str) -> String {
@@ -520,44 +390,6 @@ mod tests {
         assert!(!allowed.permits("doc"));
         assert!(!Allowed::Only(Vec::new()).permits("lobby"));
         assert!(Allowed::All.permits("anything"));
-    }
-
-    #[test]
-    fn origins_match_exactly_or_by_subdomain() {
-        let exact = OriginPattern::parse("https://app.example.com").unwrap();
-        assert!(exact.matches("https://app.example.com"));
-        assert!(exact.matches("HTTPS://APP.example.com"));
-        assert!(!exact.matches("http://app.example.com"));
-        assert!(!exact.matches("https://app.example.com.evil.net"));
-        assert!(!exact.matches("https://app.example.com:8443"));
-        assert!(!exact.matches("null"));
-
-        let any_scheme = OriginPattern::parse("*.example.com").unwrap();
-        assert!(any_scheme.matches("https://a.example.com"));
-        assert!(any_scheme.matches("http://a.b.example.com"));
-        assert!(!any_scheme.matches("https://example.com"));
-        assert!(!any_scheme.matches("https://evilexample.com"));
-        assert!(!any_scheme.matches("https://a.example.com.evil.net"));
-
-        let https_only = OriginPattern::parse("https://*.example.com").unwrap();
-        assert!(!https_only.matches("http://a.example.com"));
-        assert!(OriginPattern::parse("https://example.com/path").is_none());
-        assert!(OriginPattern::parse("").is_none());
-    }
-
-    #[test]
-    fn slots_bound_each_user_and_the_node() {
-        let slots = ConnSlots::new(3, 2);
-        let a = UserId::parse("a").unwrap();
-        let b = UserId::parse("b").unwrap();
-        let a1 = slots.take(&a).unwrap();
-        let _a2 = slots.take(&a).unwrap();
-        assert_eq!(slots.take(&a).unwrap_err(), SlotError::UserFull);
-        let _b1 = slots.take(&b).unwrap();
-        assert_eq!(slots.take(&b).unwrap_err(), SlotError::NodeFull);
-        drop(a1);
-        let _a3 = slots.take(&a).unwrap();
-        assert_eq!(slots.take(&a).unwrap_err(), SlotError::NodeFull);
     }
 
     #[test]

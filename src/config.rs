@@ -1,9 +1,12 @@
 //! Configuration: one struct, parsed from flags and `PRESENCED_*` env vars,
-//! validated in one place, logged once at start.
+//! validated in one place, logged once at start. It imports only leaves
+//! (the origin patterns it validates).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
+
+use crate::origin::OriginPattern;
 
 /// Default listen address: loopback, so a bare `cargo run` is private.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -287,7 +290,7 @@ impl Config {
         if let Some(bad) = self
             .allowed_origins
             .iter()
-            .find(|o| crate::auth::OriginPattern::parse(o).is_none())
+            .find(|o| OriginPattern::parse(o).is_none())
         {
             return Err(ConfigError::Invalid(format!(
                 "--allowed-origin {bad:?} is not an origin: give scheme://host[:port], \

@@ -1,7 +1,9 @@
 //! The [`Conn`] actor: one per WebSocket, living on one worker for its life.
 //!
 //! The socket's read half is the actor's stream; its write half belongs to
-//! a writer task draining the connection's bounded [`Outbox`]. A `Conn`
+//! a writer task draining the connection's bounded [`Outbox`], which takes
+//! the read half back for the lingering close ([`linger`]) once it is done,
+//! and holds the connection's slot until the socket is closed. A `Conn`
 //! parses client frames (bad ones get an error frame and change nothing),
 //! enforces what the connection's token allows (rooms, watched users, the
 //! feed), its rate limit and its room and watch bounds, answers pings and
@@ -17,32 +19,28 @@ use std::{
 };
 
 use actix::prelude::*;
-use futures_util::{Sink, Stream, StreamExt, stream::SplitStream};
-use tokio_tungstenite::tungstenite::{
-    Bytes, Error as WsError, Message as WsMessage, Utf8Bytes, protocol::CloseFrame,
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Bytes, Error as WsError, Message as WsMessage, Utf8Bytes, error::ProtocolError,
+        protocol::CloseFrame,
+    },
 };
 
 use crate::{
-    auth::{Grants, Identity, Slot, Verifier, now_s},
+    auth::{Grants, Identity, Verifier, now_s},
     broadcast::{SharedHub, SubChange},
+    close::CloseReason,
     ids::{ConnId, Meta, NodeId, UserId},
-    metrics::{CloseReason, Received, Sent, metrics},
-    outbox::{Outbox, close_frame},
+    linger,
+    metrics::{Received, Sent, metrics},
+    outbox::Outbox,
     protocol::{self, ClientFrame, ErrorCode, Reason, ReplyBody, Request},
     rate::{RateLimiter, Verdict},
     registry::{Notice, RegistryLink},
+    slots::Slot,
 };
-
-/// Close code when nothing arrived within the idle timeout.
-pub const IDLE_TIMEOUT: u16 = 1001;
-/// Close code for a frame or message over the size limit.
-pub const TOO_BIG: u16 = 1009;
-/// Close code for a WebSocket protocol violation.
-pub const PROTOCOL_ERROR: u16 = 1002;
-/// Close code when the connection's token expired and was not refreshed.
-pub const TOKEN_EXPIRED: u16 = 4001;
-/// Close code for a client that kept sending past its rate limit.
-pub const RATE_LIMITED: u16 = 4029;
 
 /// Longest single wait of the expiry timer; it re-arms past that.
 const EXPIRY_CHECK_MAX: Duration = Duration::from_secs(3600);
@@ -87,8 +85,6 @@ pub struct Conn {
     /// The timer that closes the connection at `expires_at` + leeway.
     expiry: Option<SpawnHandle>,
     rate: RateLimiter,
-    /// This connection's place in the node's connection bounds.
-    _slot: Option<Slot>,
     settings: ConnSettings,
     registry: RegistryLink,
     hub: SharedHub,
@@ -106,9 +102,10 @@ pub struct Conn {
 struct WriterGone;
 
 impl Conn {
-    /// Starts a `Conn` on the current worker for an upgraded socket.
-    pub fn start<S>(
-        socket: S,
+    /// Starts a `Conn` on the current worker for an upgraded socket, which
+    /// holds `slot` until it is closed.
+    pub fn start<T>(
+        socket: WebSocketStream<T>,
         identity: Identity,
         slot: Option<Slot>,
         settings: ConnSettings,
@@ -116,22 +113,27 @@ impl Conn {
         hub: SharedHub,
     ) -> Addr<Conn>
     where
-        S: Stream<Item = Result<WsMessage, WsError>> + Sink<WsMessage, Error = WsError> + 'static,
+        T: AsyncRead + AsyncWrite + Unpin + 'static,
     {
-        let (sink, stream): (_, SplitStream<S>) = socket.split();
+        let (sink, reader, tail) = linger::split(socket);
         Conn::create(move |ctx| {
-            ctx.add_stream(stream);
+            ctx.add_stream(reader);
             let outbox = Outbox::new(settings.outbox_messages, settings.outbox_bytes);
-            let addr = ctx.address();
-            let gone = addr.clone();
+            let gone = ctx.address();
             let writer = outbox.clone();
             actix_rt::spawn(async move {
-                writer
+                // Once the writer is done the Conn stops (a no-op if it
+                // already has): a socket it cannot write to is dead, and
+                // presence must not wait for the linger below.
+                let sink = writer
                     .write_to(sink, move || gone.do_send(WriterGone))
                     .await;
-                // A socket the writer could not write to is dead: stop
-                // reading it too (a no-op once the actor has stopped).
-                addr.do_send(WriterGone);
+                // Boxed: what the linger holds is allocated when it runs,
+                // not kept in every connection's task while it is idle.
+                Box::pin(tail.linger(sink)).await;
+                // The socket is closed only now: so is its place in the
+                // node's bounds, and the drain waits for it.
+                drop(slot);
             });
             Conn {
                 id: ConnId::new(),
@@ -142,7 +144,6 @@ impl Conn {
                 expires_at: identity.expires_at,
                 expiry: None,
                 rate: RateLimiter::new(settings.rate_limit, settings.rate_burst, Instant::now()),
-                _slot: slot,
                 settings,
                 registry,
                 hub,
@@ -172,15 +173,10 @@ impl Conn {
         self.send(Sent::Error, frame, ctx);
     }
 
-    fn close(
-        &mut self,
-        why: CloseReason,
-        code: u16,
-        reason: &'static str,
-        ctx: &mut Context<Self>,
-    ) {
+    /// Closes the connection with `why`'s close frame (see [`crate::close`]).
+    fn close(&mut self, why: CloseReason, ctx: &mut Context<Self>) {
         self.close_reason = why;
-        self.close_with = Some(close_frame(code, reason));
+        self.close_with = why.frame();
         ctx.stop();
     }
 
@@ -205,7 +201,7 @@ impl Conn {
             }
             Verdict::Close => {
                 metrics().frames_received.get(Received::RateLimited).inc();
-                self.close(CloseReason::RateLimited, RATE_LIMITED, "rate limited", ctx);
+                self.close(CloseReason::RateLimited, ctx);
                 false
             }
         }
@@ -380,12 +376,7 @@ impl Conn {
         let deadline = exp.saturating_add(leeway);
         let now = now_s();
         if now >= deadline {
-            self.close(
-                CloseReason::TokenExpired,
-                TOKEN_EXPIRED,
-                "token expired",
-                ctx,
-            );
+            self.close(CloseReason::TokenExpired, ctx);
             return;
         }
         let wait = Duration::from_secs(deadline - now).min(EXPIRY_CHECK_MAX);
@@ -397,7 +388,7 @@ impl Conn {
 
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
         if self.last_heard.elapsed() >= self.settings.idle_timeout {
-            self.close(CloseReason::IdleTimeout, IDLE_TIMEOUT, "idle timeout", ctx);
+            self.close(CloseReason::IdleTimeout, ctx);
         } else {
             self.push(Sent::Ping, WsMessage::Ping(Bytes::new()), ctx);
         }
@@ -469,17 +460,14 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                     WsMessage::Close(_) => ctx.stop(),
                 }
             }
-            Err(WsError::Capacity(_)) => {
-                self.close(CloseReason::TooBig, TOO_BIG, "message too big", ctx);
-            }
-            Err(WsError::Protocol(_)) => {
-                self.close(
-                    CloseReason::ProtocolError,
-                    PROTOCOL_ERROR,
-                    "protocol error",
-                    ctx,
-                );
-            }
+            Err(WsError::Capacity(_)) => self.close(CloseReason::TooBig, ctx),
+            // tungstenite checks text messages (and Close reasons) for
+            // UTF-8; RFC 6455 section 7.4.1 has 1007 for that.
+            Err(WsError::Utf8(_)) => self.close(CloseReason::InvalidPayload, ctx),
+            // The TCP connection ended without a Close: the client went
+            // away, it broke no rule, and nobody is left to tell.
+            Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => ctx.stop(),
+            Err(WsError::Protocol(_)) => self.close(CloseReason::ProtocolError, ctx),
             Err(_) => ctx.stop(),
         }
     }

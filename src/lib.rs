@@ -19,15 +19,19 @@
 
 pub mod auth;
 pub mod broadcast;
+pub mod close;
 pub mod config;
 pub mod conn;
 pub mod health;
 pub mod http;
 pub mod ids;
+pub mod linger;
 pub mod metrics;
+pub mod origin;
 pub mod outbox;
 pub mod protocol;
 pub mod rate;
 pub mod registry;
 pub mod server;
+pub mod slots;
 pub mod store;

@@ -15,58 +15,10 @@ use prometheus::{
 
 use strum::IntoEnumIterator;
 
-use crate::protocol::{ErrorCode, EventKind, RequestKind};
-
-/// Why a connection ended, as counted in `presenced_connections_closed_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client closed, or the TCP connection ended.
-    Client,
-    /// Nothing heard within the idle timeout (1001).
-    IdleTimeout,
-    /// A frame or message over the size limit (1009).
-    TooBig,
-    /// A WebSocket protocol violation (1002).
-    ProtocolError,
-    /// The outbox overflowed (4008).
-    SlowConsumer,
-    /// The socket failed while writing.
-    WriteError,
-    /// The node drained (1012).
-    Shutdown,
-    /// Kept sending past the rate limit (4029).
-    RateLimited,
-    /// The token expired and was not refreshed (4001).
-    TokenExpired,
-}
-
-impl CloseReason {
-    const ALL: [CloseReason; 9] = [
-        CloseReason::Client,
-        CloseReason::IdleTimeout,
-        CloseReason::TooBig,
-        CloseReason::ProtocolError,
-        CloseReason::SlowConsumer,
-        CloseReason::WriteError,
-        CloseReason::Shutdown,
-        CloseReason::RateLimited,
-        CloseReason::TokenExpired,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            CloseReason::Client => "client",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::TooBig => "too_big",
-            CloseReason::ProtocolError => "protocol_error",
-            CloseReason::SlowConsumer => "slow_consumer",
-            CloseReason::WriteError => "write_error",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::RateLimited => "rate_limited",
-            CloseReason::TokenExpired => "token_expired",
-        }
-    }
-}
+use crate::{
+    close::CloseReason,
+    protocol::{ErrorCode, EventKind, RequestKind},
+};
 
 /// A client frame, as `presenced_frames_received_total{type}` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

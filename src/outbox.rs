@@ -25,16 +25,12 @@ use tokio::time::Instant;
 
 use futures_util::{Sink, SinkExt};
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::{
-    Error as WsError, Message,
-    protocol::{CloseFrame, frame::coding::CloseCode},
-};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, protocol::CloseFrame};
+
+use crate::close::CloseReason;
 
 /// How long a closing socket may take to take its last frames.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Close code for a connection whose outbox overflowed.
-pub const SLOW_CONSUMER: u16 = 4008;
 
 /// How long a queue may stay over its bound before the connection counts
 /// as a slow consumer.
@@ -62,10 +58,13 @@ struct Inner {
     /// queued, then this close frame (if any), then closes.
     closing: Cell<bool>,
     close_frame: RefCell<Option<CloseFrame>>,
+    /// Set with `closing`: by then what is left must have been written.
+    close_by: Cell<Option<Instant>>,
     /// Set when the queue was dropped: the writer stops at once.
     aborted: Cell<bool>,
     wake: Notify,
-    abort: Notify,
+    /// Woken when the queue is dropped or the close starts.
+    interrupt: Notify,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -85,14 +84,6 @@ enum Step {
     Wait,
 }
 
-/// Builds a close frame.
-pub fn close_frame(code: u16, reason: &'static str) -> CloseFrame {
-    CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    }
-}
-
 impl Outbox {
     /// An empty outbox bounded by `max_messages` frames and `max_bytes`.
     pub fn new(max_messages: usize, max_bytes: usize) -> Self {
@@ -104,9 +95,10 @@ impl Outbox {
             over_since: Cell::new(None),
             closing: Cell::new(false),
             close_frame: RefCell::new(None),
+            close_by: Cell::new(None),
             aborted: Cell::new(false),
             wake: Notify::new(),
-            abort: Notify::new(),
+            interrupt: Notify::new(),
         }))
     }
 
@@ -130,7 +122,7 @@ impl Outbox {
             inner.over_since.set(Some(since));
             if !queue.is_empty() && (far_over || now - since > SLOW_CONSUMER_GRACE) {
                 drop(queue);
-                self.abort(close_frame(SLOW_CONSUMER, "slow consumer"));
+                self.abort(CloseReason::SlowConsumer.frame());
                 return Err(Overflow);
             }
         }
@@ -141,18 +133,22 @@ impl Outbox {
         Ok(())
     }
 
-    /// Sends what is queued, then `frame` (if any), then closes the socket.
+    /// Sends what is queued, then `frame` (if any), then closes the socket,
+    /// all within [`CLOSE_GRACE`].
     pub fn close(&self, frame: Option<CloseFrame>) {
         let inner = &self.0;
         if inner.closing.replace(true) {
             return;
         }
         *inner.close_frame.borrow_mut() = frame;
+        inner.close_by.set(Some(Instant::now() + CLOSE_GRACE));
+        inner.interrupt.notify_waiters();
         inner.wake.notify_one();
     }
 
-    /// Drops what is queued and closes the socket with `frame` at once.
-    pub fn abort(&self, frame: CloseFrame) {
+    /// Drops what is queued and closes the socket with `frame` (if any) at
+    /// once.
+    pub fn abort(&self, frame: Option<CloseFrame>) {
         let inner = &self.0;
         if inner.aborted.replace(true) {
             return;
@@ -160,8 +156,9 @@ impl Outbox {
         inner.queue.borrow_mut().clear();
         inner.bytes.set(0);
         inner.closing.set(true);
-        *inner.close_frame.borrow_mut() = Some(frame);
-        inner.abort.notify_waiters();
+        *inner.close_frame.borrow_mut() = frame;
+        inner.close_by.set(Some(Instant::now() + CLOSE_GRACE));
+        inner.interrupt.notify_waiters();
         inner.wake.notify_one();
     }
 
@@ -203,27 +200,49 @@ impl Outbox {
         Step::Wait
     }
 
+    /// Resolves once the queue was dropped.
     async fn aborted(&self) {
         loop {
-            let notified = self.0.abort.notified();
-            let mut notified = pin!(notified);
-            notified.as_mut().enable();
+            let mut woken = pin!(self.0.interrupt.notified());
+            woken.as_mut().enable();
             if self.0.aborted.get() {
                 return;
             }
-            notified.await;
+            woken.await;
         }
     }
 
-    /// Drains the outbox into `sink` until the socket closes; runs as one
-    /// task per connection on its worker. `on_abort` runs as soon as an
-    /// overflow aborts the queue, before the (bounded) close handshake, so
-    /// the connection's presence goes away without waiting for a slow peer.
-    pub async fn write_to<S>(self, mut sink: S, on_abort: impl FnOnce())
+    /// Resolves once the socket is closing and its close grace is over.
+    async fn close_grace_over(&self) {
+        loop {
+            let mut woken = pin!(self.0.interrupt.notified());
+            woken.as_mut().enable();
+            if let Some(deadline) = self.0.close_by.get() {
+                tokio::time::sleep_until(deadline).await;
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// Drains the outbox into `sink` until the socket closes, then hands
+    /// the sink back (for the lingering close); runs as one task per
+    /// connection on its worker. `on_done` runs once no more frames will be
+    /// written (the queue is closing or was dropped, or the socket failed),
+    /// before the close handshake, so the connection's presence goes away
+    /// without waiting for a slow peer. Once closing, what is left (queued
+    /// frames, then the Close frame) must be written within
+    /// [`CLOSE_GRACE`]: a peer that takes nothing cannot hold the socket.
+    pub async fn write_to<S>(self, mut sink: S, on_done: impl FnOnce()) -> S
     where
         S: Sink<Message, Error = WsError> + Unpin,
     {
-        let mut on_abort = Some(on_abort);
+        let mut on_done = Some(on_done);
+        let mut done = move || {
+            if let Some(f) = on_done.take() {
+                f();
+            }
+        };
         loop {
             match self.next_step() {
                 Step::Send(msg) => {
@@ -236,32 +255,41 @@ impl Outbox {
                     };
                     let failed = tokio::select! {
                         biased;
+                        // The queue is gone: on to its Close frame.
                         () = self.aborted() => false,
+                        () = self.close_grace_over() => {
+                            done();
+                            return sink;
+                        }
                         result = write => result.is_err(),
                     };
                     if failed {
+                        done();
                         // Typically the peer's Close was read meanwhile
                         // (tungstenite refuses data after it): closing
                         // still sends the queued reply to that Close, so
                         // the peer sees a clean handshake, not a reset.
                         let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
-                        return;
+                        return sink;
                     }
                 }
                 Step::Close(frame) => {
-                    if self.0.aborted.get()
-                        && let Some(f) = on_abort.take()
-                    {
-                        f();
-                    }
-                    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                    done();
+                    let deadline = self
+                        .0
+                        .close_by
+                        .get()
+                        .unwrap_or_else(|| Instant::now() + CLOSE_GRACE);
+                    let _ = tokio::time::timeout_at(deadline, async {
                         if let Some(frame) = frame {
-                            sink.send(Message::Close(Some(frame))).await?;
+                            // Refused if the peer's Close crossed ours;
+                            // closing still flushes the reply to it.
+                            let _ = sink.send(Message::Close(Some(frame))).await;
                         }
                         sink.close().await
                     })
                     .await;
-                    return;
+                    return sink;
                 }
                 Step::Wait => self.0.wake.notified().await,
             }
@@ -364,8 +392,59 @@ mod tests {
         out.push(Message::text("an event after the peer's Close"))
             .unwrap();
         let mut sink = PeerClosed::default();
-        out.write_to(&mut sink, || panic!("not aborted")).await;
+        let mut done = false;
+        out.write_to(&mut sink, || done = true).await;
         assert!(sink.closed, "the reply to the peer's Close is flushed");
+        assert!(done, "the Conn is told the writer is done");
+    }
+
+    /// A sink whose peer takes nothing: never ready.
+    struct Stuck;
+
+    impl Sink<Message> for Stuck {
+        type Error = WsError;
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
+            std::task::Poll::Pending
+        }
+        fn start_send(self: std::pin::Pin<&mut Self>, _: Message) -> Result<(), WsError> {
+            unreachable!("never ready")
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
+            std::task::Poll::Pending
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_socket_whose_peer_takes_nothing_is_given_up_after_the_grace() {
+        let out = Outbox::new(10, 1000);
+        out.push(Message::text("queued before the close")).unwrap();
+        out.push(Message::text("and this")).unwrap();
+        let mut done = false;
+        let write = out.clone().write_to(Stuck, || done = true);
+        let close = async {
+            // The writer is stuck on the first frame when the close comes.
+            tokio::task::yield_now().await;
+            out.close(CloseReason::IdleTimeout.frame());
+            Instant::now()
+        };
+        let (_, closed_at) =
+            tokio::time::timeout(CLOSE_GRACE * 2, async { tokio::join!(write, close) })
+                .await
+                .expect("the writer gives up");
+        assert!(done, "the Conn is told the writer is done");
+        assert!(closed_at.elapsed() >= CLOSE_GRACE, "not before the grace");
     }
 
     #[tokio::test]
@@ -373,16 +452,16 @@ mod tests {
         let out = Outbox::new(10, 1000);
         out.push(Message::text("one")).unwrap();
         out.push(Message::text("two")).unwrap();
-        out.close(Some(close_frame(1001, "bye")));
+        out.close(CloseReason::IdleTimeout.frame());
         let mut got: Vec<Message> = Vec::new();
         let sink = (&mut got).sink_map_err(|e: std::convert::Infallible| match e {});
-        out.write_to(sink, || panic!("not aborted")).await;
+        let _ = out.write_to(sink, || ()).await;
         assert_eq!(
             got,
             vec![
                 Message::text("one"),
                 Message::text("two"),
-                Message::Close(Some(close_frame(1001, "bye")))
+                Message::Close(CloseReason::IdleTimeout.frame())
             ]
         );
     }

@@ -19,24 +19,22 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    auth::{ConnSlots, KeyError, OriginPattern, Verifier},
+    auth::{KeyError, Verifier},
     broadcast::{Broadcaster, CloseAll, Hub},
+    close::CloseReason,
     config::Config,
     conn::ConnSettings,
     health::Health,
     http::{self, WorkerState},
     ids::NodeId,
-    metrics::metrics,
-    outbox::close_frame,
+    origin::OriginPattern,
     registry::{Batching, Drain, PresenceRegistry, RegistryLink},
+    slots::ConnSlots,
     store::{FeedItem, MemoryStore, RedisStore, Store, StoreError},
 };
 
 /// Longest start-up wait for the subscription to the cluster's events.
 const FEED_START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Close code for the sockets of a draining node: reconnect elsewhere.
-pub const SERVICE_RESTART: u16 = 1012;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +212,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
     let deadline = Instant::now() + config.drain_timeout();
     info!(%node, timeout = ?config.drain_timeout(), "draining");
     let _ = stop_accepting.send(false);
-    drain(registry, &broadcasters, deadline).await;
+    drain(registry, &broadcasters, &slots, deadline).await;
     info!(%node, "stopped");
     Ok(())
 }
@@ -225,6 +223,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
 async fn drain(
     registry: Addr<PresenceRegistry>,
     broadcasters: &[Addr<Broadcaster>],
+    slots: &ConnSlots,
     deadline: Instant,
 ) {
     let (done, written) = oneshot::channel();
@@ -232,24 +231,24 @@ async fn drain(
     if tokio::time::timeout_at(deadline, written).await.is_err() {
         warn!("drain: the removals were not written in time; other nodes will reap this one");
     }
-    let frame = close_frame(SERVICE_RESTART, "node shutting down");
+    // unwrap: the table gives the shutdown reason a code (close.rs tests).
+    let frame = CloseReason::Shutdown.frame().unwrap();
     let mut open = 0;
     for b in broadcasters {
         open += b.send(CloseAll(frame.clone())).await.unwrap_or(0);
     }
     info!(connections = open, "drain: closing sockets with 1012");
     // Each socket's writer sends the close frame and ends; its Conn then
-    // stops. Poll the open-connections gauge: nothing else counts them
-    // across workers.
-    while metrics().connections_open.get() > 0 {
-        if Instant::now() >= deadline {
-            warn!(
-                left = metrics().connections_open.get(),
-                "drain timeout: exiting with sockets still open"
-            );
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // stops and gives its slot back. The slots count connections across
+    // workers and say when the last one is gone.
+    if tokio::time::timeout_at(deadline, slots.all_returned())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = slots.held(),
+            "drain timeout: exiting with sockets still open"
+        );
     }
 }
 

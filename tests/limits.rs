@@ -35,9 +35,8 @@ async fn a_flood_is_refused_then_closed_with_4029() {
         // The burst passes; past it each ping is refused, with its ref.
         // Exactly enough to be closed: 10 pass (the burst), 10 are refused
         // (a burst of refusals is tolerated), the 21st closes. One write, so
-        // the bucket cannot refill in between, and nothing is left unread
-        // when the server closes (unread data would turn its close into a
-        // reset).
+        // the bucket cannot refill in between and the counts are exact (a
+        // longer flood gets its 4029 too: tests/lingering_close.rs).
         let flood: Vec<Value> = (0..21).map(|i| json!({"type": "ping", "ref": i})).collect();
         flooder.send_json_burst(&flood).await;
         let (frames, code) = flooder.frames_until_close(EVENT_TIMEOUT).await;

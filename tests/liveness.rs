@@ -43,6 +43,19 @@ async fn dropped_tcp_goes_offline(backend: Backend) {
         watcher.query_one("alice").await,
         UserState::new("alice", false, 2)
     );
+    // An end without a Close is the client's doing, not a protocol error.
+    assert_eq!(
+        gateway
+            .metric("presenced_connections_closed_total{reason=\"client\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gateway
+            .metric("presenced_connections_closed_total{reason=\"protocol_error\"}")
+            .await,
+        0.0
+    );
 }
 
 on_both_stores!(silent_client_times_out_with_1001 =>

@@ -2,13 +2,15 @@
 //! client frame to be masked and the server to close a connection that
 //! sends an unmasked one. The gateway closes it with 1002 and counts it as a
 //! disconnect: its user goes offline and leaves its rooms. Nobody else moves.
+//! A text frame that is not UTF-8 (section 8.1) is closed the same way, with
+//! 1007 (invalid frame payload data).
 
 mod support;
 
 use serde_json::json;
 use support::{
     Backend, Client, EVENT_TIMEOUT, SilentClient, UserState, joined, left, offline, on_both_stores,
-    online, raw_ws::SilentEnd,
+    online, raw_ws::SilentEnd, within_scenario_timeout,
 };
 
 const ROOM: &str = "lobby";
@@ -77,4 +79,38 @@ async fn unmasked_frame_is_closed_with_1002_and_nobody_else_moves(backend: Backe
         ["bystander", "latecomer", "walter"],
         "the violator left the room, the bystander is still in it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_frame_that_is_not_utf8_is_closed_with_1007() {
+    within_scenario_timeout(async {
+        let deployment = Backend::Memory.start(&[]).await;
+        let gateway = &deployment.gateway;
+        let mut watcher = Client::connect(&gateway.ws_url("walter")).await;
+        watcher.watch(&["garbler"]).await;
+        let mut garbler = SilentClient::connect(gateway.addr, "garbler").await;
+        watcher.expect_event(online("garbler")).await;
+
+        // A JSON ping with a lone continuation byte and an overlong "/" in it.
+        garbler
+            .send_text_bytes(b"{\"type\":\"ping\",\"ref\":\"\x80\xc0\xaf\"}")
+            .await;
+        assert_eq!(
+            garbler.wait_for_end(EVENT_TIMEOUT).await,
+            SilentEnd::CloseCode(1007),
+            "invalid UTF-8 in a text frame is invalid frame payload data"
+        );
+        garbler.wait_for_disconnect(EVENT_TIMEOUT).await;
+
+        let went_offline = watcher.expect_event(offline("garbler")).await;
+        assert_eq!(went_offline["reason"], "closed", "{went_offline}");
+        assert_eq!(
+            gateway
+                .metric("presenced_connections_closed_total{reason=\"invalid_payload\"}")
+                .await,
+            1.0
+        );
+        watcher.ping().await;
+    })
+    .await
 }

@@ -375,3 +375,86 @@ async fn a_silent_member_of_a_busy_room_is_cut_off_and_a_reading_one_gets_everyt
         [UserState::new(&reader_id, true, 1)]
     );
 }
+
+/// A slow consumer whose close frame can be written: it is cut off while
+/// it still sends (what it sends after that is unread when the gateway
+/// closes), then reads everything queued for it. Its small receive buffer
+/// keeps most of that in the gateway's send buffer, behind which the 4008
+/// waits; closing the socket with the client's frames unread would reset
+/// the connection and destroy all of it. The 4008 arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_that_reads_again_in_time_gets_its_4008() {
+    /// Members, each with metadata of `META_BYTES`: a snapshot of about
+    /// 200 KB, under the 256 KiB the gateway writes as one frame.
+    const MEMBERS: usize = 4;
+    const META_BYTES: usize = 50_000;
+    const SMALL_OUTBOX_BYTES: usize = 64 * 1024;
+    const JOINS: u64 = 60;
+    const SMALL_RECEIVE_BUFFER: u32 = 8 * 1024;
+    let deployment = Backend::Memory
+        .start(&[
+            "--max-meta-bytes",
+            "60000",
+            "--outbox-bytes",
+            &SMALL_OUTBOX_BYTES.to_string(),
+            // One reply per batch: the outbox only grows, and the tab is
+            // only cut off, once the socket takes no more.
+            "--batch-max",
+            "1",
+            "--rate-limit",
+            "100000",
+            "--rate-burst",
+            "100000",
+        ])
+        .await;
+    let gateway = &deployment.gateway;
+    let mut observer = Client::connect(&gateway.ws_url(OBSERVER)).await;
+    observer.watch(&[SLOW]).await;
+    let ids: Vec<String> = (0..MEMBERS).map(filler_id).collect();
+    let urls: Vec<String> = ids.iter().map(|user| gateway.ws_url(user)).collect();
+    let mut members = join_all(urls.iter().map(|url| Client::connect(url))).await;
+    for member in &mut members {
+        let meta = json!({"blob": "m".repeat(META_BYTES)});
+        member
+            .ask_ok(json!({"type": "join", "room": ROOM, "meta": meta}))
+            .await;
+    }
+
+    let mut slow =
+        SilentClient::connect_with_receive_buffer(gateway.addr, SLOW, Some(SMALL_RECEIVE_BUFFER))
+            .await;
+    slow.send_json(&json!({"type": "join", "room": ROOM, "ref": 0}))
+        .await;
+    let snapshot = slow.next_json(EVENT_TIMEOUT).await;
+    assert_eq!(member_ids(&snapshot).len(), MEMBERS + 1);
+    observer.expect_event(online(SLOW)).await;
+    let snapshot_bytes = snapshot.to_string().len();
+    assert!(
+        JOINS as usize * snapshot_bytes > 2 * (LOOPBACK_BUFFERING + 4 * SMALL_OUTBOX_BYTES),
+        "{JOINS} snapshots of {snapshot_bytes} bytes must be well over what the kernel \
+         buffers and the outbox hold"
+    );
+    let joins: Vec<Value> = (1..=JOINS)
+        .map(|index| json!({"type": "join", "room": ROOM, "ref": index}))
+        .collect();
+    slow.send_json_burst(&joins).await;
+    observer.expect_event(offline(SLOW)).await;
+
+    // Cut off, the tab goes on sending, then reads at last.
+    let pings: Vec<Value> = (0..1000)
+        .map(|i| json!({"type": "ping", "ref": i}))
+        .collect();
+    slow.send_json_burst(&pings).await;
+    assert_eq!(
+        slow.wait_for_end(EVENT_TIMEOUT).await,
+        SilentEnd::CloseCode(4008),
+        "the slow consumer reads its close code"
+    );
+    slow.wait_for_disconnect(EVENT_TIMEOUT).await;
+    assert_eq!(
+        gateway
+            .metric("presenced_connections_closed_total{reason=\"slow_consumer\"}")
+            .await,
+        1.0
+    );
+}

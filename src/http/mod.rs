@@ -37,14 +37,16 @@ use tracing::{debug, info};
 
 pub use self::error::HttpError;
 use crate::{
-    auth::{ConnSlots, Identity, OriginPattern, SlotError, TokenError, redact_token},
+    auth::{Identity, TokenError, redact_token},
     broadcast::SharedHub,
     config::Config,
     conn::{Conn, ConnSettings},
     health::Health,
     ids::{Meta, MetaError, UserId},
     metrics::metrics,
+    origin::OriginPattern,
     registry::RegistryLink,
+    slots::{ConnSlots, SlotError},
     store::Store,
 };
 

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     time::{Instant, timeout_at},
 };
 
@@ -126,6 +126,18 @@ pub async fn open_websocket(
     path: &str,
     extra_headers: &[(&str, &str)],
 ) -> (HttpResponse, TcpStream, Vec<u8>) {
+    open_websocket_with_receive_buffer(addr, path, extra_headers, None).await
+}
+
+/// Like [`open_websocket`], from a socket whose kernel receive buffer is
+/// `receive_buffer` bytes (if given): the server can then have only that
+/// much on its way to this client, the rest waits in its own send buffer.
+pub async fn open_websocket_with_receive_buffer(
+    addr: SocketAddr,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+    receive_buffer: Option<u32>,
+) -> (HttpResponse, TcpStream, Vec<u8>) {
     let mut head = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {SAMPLE_WEBSOCKET_KEY}\r\nSec-WebSocket-Version: 13\r\n"
@@ -134,15 +146,34 @@ pub async fn open_websocket(
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
-    let (response, stream, rest) = exchange(addr, &head).await;
+    let (response, stream, rest) = exchange_on(addr, &head, receive_buffer).await;
     (response, stream, rest)
 }
 
 /// Sends `head`, reads one response. Returns the response, the socket, and
 /// for a `101` the bytes already read past the head.
 async fn exchange(addr: SocketAddr, head: &str) -> (HttpResponse, TcpStream, Vec<u8>) {
+    exchange_on(addr, head, None).await
+}
+
+/// [`exchange`] from a socket with this receive buffer size, if given.
+async fn exchange_on(
+    addr: SocketAddr,
+    head: &str,
+    receive_buffer: Option<u32>,
+) -> (HttpResponse, TcpStream, Vec<u8>) {
     let deadline = Instant::now() + HTTP_TIMEOUT;
-    let mut stream = timeout_at(deadline, TcpStream::connect(addr))
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .expect("a TCP socket");
+    if let Some(size) = receive_buffer {
+        socket
+            .set_recv_buffer_size(size)
+            .expect("setting the receive buffer size");
+    }
+    let mut stream = timeout_at(deadline, socket.connect(addr))
         .await
         .unwrap_or_else(|_| panic!("HTTP connect to {addr} timed out"))
         .unwrap_or_else(|error| panic!("HTTP connect to {addr} failed: {error}"));

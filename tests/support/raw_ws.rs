@@ -15,7 +15,7 @@ use tokio::{
     time::{Instant, timeout_at},
 };
 
-use super::http::{SAMPLE_WEBSOCKET_ACCEPT, open_websocket};
+use super::http::{SAMPLE_WEBSOCKET_ACCEPT, open_websocket_with_receive_buffer};
 
 const OPCODE_CONTINUATION: u8 = 0x0;
 const OPCODE_TEXT: u8 = 0x1;
@@ -44,6 +44,15 @@ pub enum SilentEnd {
     NoCloseFrame(String),
 }
 
+/// How a flood that never answered the server's Close ended.
+#[derive(Debug)]
+pub struct Flooded {
+    /// The code of the server's close frame, if one was read.
+    pub close_code: Option<u16>,
+    /// When the server ended the TCP connection.
+    pub ended_at: Instant,
+}
+
 pub struct SilentClient {
     label: String,
     stream: TcpStream,
@@ -55,7 +64,24 @@ pub struct SilentClient {
 impl SilentClient {
     /// Connects as `user` and reads the `welcome`.
     pub async fn connect(addr: SocketAddr, user: &str) -> SilentClient {
-        let (response, stream, rest) = open_websocket(addr, &format!("/ws?user={user}"), &[]).await;
+        SilentClient::connect_with_receive_buffer(addr, user, None).await
+    }
+
+    /// Like [`SilentClient::connect`], with this kernel receive buffer (if
+    /// given): a small one keeps what the server sends in the server's own
+    /// send buffer until this client reads it.
+    pub async fn connect_with_receive_buffer(
+        addr: SocketAddr,
+        user: &str,
+        receive_buffer: Option<u32>,
+    ) -> SilentClient {
+        let (response, stream, rest) = open_websocket_with_receive_buffer(
+            addr,
+            &format!("/ws?user={user}"),
+            &[],
+            receive_buffer,
+        )
+        .await;
         assert_eq!(
             response.status,
             101,
@@ -100,6 +126,16 @@ impl SilentClient {
             .iter()
             .flat_map(|frame| masked_frame(OPCODE_TEXT, frame.to_string().as_bytes()))
             .collect();
+        self.stream
+            .write_all(&bytes)
+            .await
+            .unwrap_or_else(|error| panic!("{}: write failed: {error}", self.label));
+    }
+
+    /// Sends one masked text frame whose payload is exactly `payload`, valid
+    /// UTF-8 or not.
+    pub async fn send_text_bytes(&mut self, payload: &[u8]) {
+        let bytes = masked_frame(OPCODE_TEXT, payload);
         self.stream
             .write_all(&bytes)
             .await
@@ -182,6 +218,55 @@ impl SilentClient {
         }
     }
 
+    /// Writes `frame` over and over, never answering anything, while reading
+    /// what the server sends, until the server ends the TCP connection:
+    /// a peer that never sends its Close. Panics if the connection is still
+    /// open after `within`.
+    pub async fn flood_until_dropped(self, frame: Value, within: Duration) -> Flooded {
+        const FRAMES_PER_WRITE: usize = 100;
+        let deadline = Instant::now() + within;
+        let label = self.label;
+        let chunk: Vec<u8> = (0..FRAMES_PER_WRITE)
+            .flat_map(|_| masked_frame(OPCODE_TEXT, frame.to_string().as_bytes()))
+            .collect();
+        let (mut read_half, mut write_half) = self.stream.into_split();
+        // Whole writes only: a write cut short by the end of the reader
+        // below never matters, the connection is over by then.
+        let write = async move {
+            while write_half.write_all(&chunk).await.is_ok() {}
+            std::future::pending::<()>().await
+        };
+        let read = async move {
+            let mut buffer = self.buffer;
+            let mut close_code = None;
+            loop {
+                while let Some((_, opcode, payload, used)) = parse_frame(&buffer) {
+                    buffer.drain(..used);
+                    if opcode == OPCODE_CLOSE && close_code.is_none() {
+                        close_code = close_code_of(&payload);
+                    }
+                }
+                let mut bytes = [0u8; 4096];
+                match timeout_at(deadline, read_half.read(&mut bytes)).await {
+                    Err(_) => panic!(
+                        "{label}: the server did not end the TCP connection within {within:?}"
+                    ),
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        return Flooded {
+                            close_code,
+                            ended_at: Instant::now(),
+                        };
+                    }
+                    Ok(Ok(read)) => buffer.extend_from_slice(&bytes[..read]),
+                }
+            }
+        };
+        tokio::select! {
+            flooded = read => flooded,
+            () = write => unreachable!("the writer never ends by itself"),
+        }
+    }
+
     /// Reads one complete message.
     async fn read_message(&mut self, deadline: Instant) -> Result<RawMessage, ReadFailure> {
         let mut assembled: Option<RawMessage> = None;
@@ -220,8 +305,11 @@ impl SilentClient {
 }
 
 fn close_code(message: &RawMessage) -> Option<u16> {
-    (message.payload.len() >= 2)
-        .then(|| u16::from_be_bytes([message.payload[0], message.payload[1]]))
+    close_code_of(&message.payload)
+}
+
+fn close_code_of(payload: &[u8]) -> Option<u16> {
+    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
 }
 
 /// Parses one frame from the front of `buffer`: (fin, opcode, payload,
