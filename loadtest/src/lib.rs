@@ -6,9 +6,11 @@
 //! [`observer::Observer`]s (watch every user, join every room), then has
 //! one [`shard`] per process (`--procs`, [`worker`]) drive its
 //! [`user::User`]s: each a sequence of [`tab::Tab`] opens, closes, joins and
-//! leaves that records its true transitions ([`truth::TruthLog`]). In
-//! `fanout` every tab is also a receiver whose room events its shard checks
-//! exactly ([`truth::check_window`]). After the actions the coordinator
+//! leaves that records its true transitions ([`truth::TruthLog`]). Tabs and
+//! observers share one set of socket helpers ([`ws`]: connect and welcome,
+//! the step timeout). In `fanout` every tab is also a receiver whose room
+//! events its shard checks exactly ([`truth::check_window`], which counts
+//! into [`truth::EventChecks`]). After the actions the coordinator
 //! waits for the observers to reach the truth the shards report, compares
 //! the gateway's `query` and `room` answers with it, twice (tabs held,
 //! tabs closed), checks each observer event against the shards' truth logs
@@ -16,6 +18,10 @@
 //! [`stats::Shared`]; every stamp is on the run's [`clock::RunClock`].
 //!
 //! Correctness is not optional: a run without observers is refused.
+//!
+//! Imports run one way, with no circle: [`clock`], [`rng`] and [`target`]
+//! import nothing of ours, [`truth`] only the clock, and [`ws`] sits under
+//! both [`tab`] and [`observer`], which do not import each other.
 
 pub mod clock;
 pub mod layout;
@@ -31,6 +37,7 @@ pub mod target;
 pub mod truth;
 pub mod user;
 pub mod worker;
+pub mod ws;
 
 pub use options::{Options, Scenario};
 pub use report::Report;

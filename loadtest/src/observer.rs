@@ -32,8 +32,9 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::{
     clock::Stamp,
     stats::Shared,
-    tab::{STEP_TIMEOUT, Ws, open_ws},
     target::Target,
+    truth::EventChecks,
+    ws::{STEP_TIMEOUT, Ws, open_ws},
 };
 
 /// The gateway's default `--max-ids`: most users in one `watch` or `query`.
@@ -45,31 +46,6 @@ const MAX_PAGE: usize = 1000;
 const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(1);
 /// Most retries of one refused request.
 const RATE_LIMITED_RETRIES: usize = 30;
-
-/// Event checks of one kind (presence or room), summed over observers.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct EventChecks {
-    /// Events that never arrived.
-    pub missed: u64,
-    /// Events that arrived twice.
-    pub duplicated: u64,
-    /// Events that arrived in the wrong order.
-    pub out_of_order: u64,
-}
-
-impl EventChecks {
-    /// Whether nothing went wrong.
-    pub fn clean(&self) -> bool {
-        self.missed == 0 && self.duplicated == 0 && self.out_of_order == 0
-    }
-
-    /// Adds `other` to these counts.
-    pub fn add(&mut self, other: &EventChecks) {
-        self.missed += other.missed;
-        self.duplicated += other.duplicated;
-        self.out_of_order += other.out_of_order;
-    }
-}
 
 /// What an observer believes about one user.
 #[derive(Debug, Default, Clone, Copy)]

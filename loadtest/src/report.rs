@@ -6,10 +6,11 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use serde::Serialize;
 
 use crate::{
-    observer::{Comparison, EventChecks},
+    observer::Comparison,
     options::Scenario,
     stats::{KindLatencies, Latency},
     target::ProcessSample,
+    truth::EventChecks,
 };
 
 /// Everything a run measured and checked.

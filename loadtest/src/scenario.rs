@@ -25,15 +25,15 @@ use tokio::{
 use crate::{
     clock::{RunClock, Stamp},
     layout::Layout,
-    observer::{Comparison, EventChecks, Observer},
+    observer::{Comparison, Observer},
     options::{Options, Scenario},
     report::{FanoutReport, GatewayReport, RedisReport, Report, TargetReport},
     shard::{FanoutShard, Held, Order, QUIET_WINDOW, ShardMsg, ShardSpec},
     stats::{EventKind, HistogramData, KindHistograms, Latency, Progress, Shared},
-    tab::STEP_TIMEOUT,
     target::{ProcessSample, Target},
-    truth::{TruthLog, WindowOfUser, check_window},
+    truth::{EventChecks, Received, TruthLog, WindowOfUser, check_window},
     worker::{self, ShardHandle},
+    ws::STEP_TIMEOUT,
 };
 
 /// How often the progress line redraws.
@@ -418,13 +418,13 @@ fn check_observers(
         room: EventChecks::default(),
     };
     for o in observers {
-        let mut room_events: BTreeMap<usize, Vec<crate::truth::Received>> = BTreeMap::new();
+        let mut room_events: BTreeMap<usize, Vec<Received>> = BTreeMap::new();
         for s in &o.seen {
             if s.room {
                 room_events
                     .entry(s.user)
                     .or_default()
-                    .push(crate::truth::Received { to: s.to, at: s.at });
+                    .push(Received { to: s.to, at: s.at });
                 continue;
             }
             match truth[s.user].presence_cause(s.seq, s.to, s.at) {

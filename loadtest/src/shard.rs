@@ -34,14 +34,14 @@ use tokio::{
 use crate::{
     clock::{RunClock, Stamp},
     layout::Layout,
-    observer::EventChecks,
     options::{Options, Scenario},
     rng::Rng,
     stats::{EventKind, HistogramData, KindHistograms, Progress, Shared},
-    tab::{RoomIndex, STEP_TIMEOUT},
+    tab::RoomIndex,
     target::Target,
-    truth::{TruthLog, WindowOfUser, check_window},
+    truth::{EventChecks, TruthLog, WindowOfUser, check_window},
     user::{Membership, User},
+    ws::STEP_TIMEOUT,
 };
 
 /// Most connects in flight at once when opens are unpaced.
