@@ -17,13 +17,24 @@
 //! and returns a [`report::Report`]. Counters shared while running live in
 //! [`stats::Shared`]; every stamp is on the run's [`clock::RunClock`].
 //!
+//! A run that cannot finish (an observer the gateway closed, a shard that
+//! stopped) returns a [`failure::Failure`] instead: the observer's
+//! [`observer::ObserverError`] or the shard's [`shard::ShardFailure`],
+//! with the [`failure::Step`] the run was in. [`cli`] prints the report or
+//! that one failure line and gives the exit status; nothing on the way
+//! panics.
+//!
 //! Correctness is not optional: a run without observers is refused.
 //!
 //! Imports run one way, with no circle: [`clock`], [`rng`] and [`target`]
 //! import nothing of ours, [`truth`] only the clock, and [`ws`] sits under
-//! both [`tab`] and [`observer`], which do not import each other.
+//! both [`tab`] and [`observer`], which do not import each other;
+//! [`failure`] gathers the observer's and the shards' errors, and only the
+//! coordinator ([`scenario`]) and [`cli`] import it.
 
+pub mod cli;
 pub mod clock;
+pub mod failure;
 pub mod layout;
 pub mod observer;
 pub mod options;
@@ -39,6 +50,7 @@ pub mod user;
 pub mod worker;
 pub mod ws;
 
+pub use failure::{Failure, Step};
 pub use options::{Options, Scenario};
 pub use report::Report;
 pub use scenario::run;

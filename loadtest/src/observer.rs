@@ -10,9 +10,13 @@
 //! A reader task stamps each frame on arrival, so a busy checker does not
 //! bias the latencies.
 //!
-//! A request the gateway refuses ends the run with a message that names
-//! the limit (`--max-watch`, `--max-rooms`, ...), except `rate_limited`,
-//! which is counted and retried after a pause.
+//! Nothing an observer does ends in a panic: every way it can fail is an
+//! [`ObserverError`] that the coordinator reports with the step it was in.
+//! A request the gateway refuses fails with a message that names the limit
+//! (`--max-watch`, `--max-rooms`, ...), except `rate_limited`, which is
+//! counted and retried after a pause. When the gateway closes the socket,
+//! the reader hands its Close frame over (code and reason), so the failure
+//! says why, whether it shows at the next read or at the next send.
 
 use std::{
     collections::HashSet,
@@ -20,21 +24,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use futures_util::{StreamExt, stream::SplitSink};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::{
     sync::{mpsc, watch},
+    task::JoinHandle,
     time::{sleep, timeout_at},
 };
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::{
     clock::Stamp,
     stats::Shared,
     target::Target,
     truth::EventChecks,
-    ws::{STEP_TIMEOUT, Ws, open_ws},
+    ws::{
+        ConnectError, ENDED_WITHOUT_CLOSE, STEP_TIMEOUT, SocketEnd, Ws, open_ws, parse_text,
+        send_json,
+    },
 };
 
 /// The gateway's default `--max-ids`: most users in one `watch` or `query`.
@@ -46,6 +54,105 @@ const MAX_PAGE: usize = 1000;
 const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(1);
 /// Most retries of one refused request.
 const RATE_LIMITED_RETRIES: usize = 30;
+/// After a failed send: how long the reader may take to hand over the
+/// Close frame (or the read error) that explains it.
+const END_GRACE: Duration = Duration::from_secs(2);
+
+/// Why an observer cannot go on. Each reads after "observer N" in the
+/// failure line ("observer 0 was closed by ws://… with 4008 slow
+/// consumer").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObserverError {
+    /// The connect or the `welcome` failed.
+    #[error("could not connect to {target}: {error}")]
+    Connect {
+        /// The target's URL.
+        target: String,
+        /// What went wrong.
+        error: ConnectError,
+    },
+    /// The socket ended: the gateway closed it, or the connection broke.
+    #[error("{}", end.said_of(target))]
+    Closed {
+        /// The target's URL.
+        target: String,
+        /// How it ended.
+        end: SocketEnd,
+    },
+    /// A request got no reply within [`STEP_TIMEOUT`].
+    #[error("got no reply to {request:?} from {target} within {STEP_TIMEOUT:?}")]
+    NoReply {
+        /// The target's URL.
+        target: String,
+        /// The request's `type`.
+        request: String,
+    },
+    /// The gateway refused a request with an error frame.
+    #[error("was refused {request:?} by {target} with {code}")]
+    Refused {
+        /// The target's URL.
+        target: String,
+        /// The request's `type`.
+        request: String,
+        /// The error frame's `code`.
+        code: String,
+    },
+    /// Every try of a request was refused `rate_limited`.
+    #[error("was still refused {request:?} by {target} with rate_limited after {tries} tries")]
+    RateLimited {
+        /// The target's URL.
+        target: String,
+        /// The request's `type`.
+        request: String,
+        /// Tries made.
+        tries: usize,
+    },
+    /// The observer's task panicked (a bug of the tool).
+    #[error("stopped: its task panicked: {0}")]
+    Panicked(String),
+    /// The observer's task did not stop when told to (a bug of the tool).
+    #[error("did not stop within {STEP_TIMEOUT:?} when told to")]
+    Stuck,
+}
+
+impl ObserverError {
+    /// What to change so the run fits, when the failure says so; starts
+    /// with "; " so it follows the failure line.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Self::Refused { request, code, .. } => match (code.as_str(), request.as_str()) {
+                ("limit_exceeded", "watch") => {
+                    "; start the gateways with --max-watch at least the run's --users"
+                }
+                ("limit_exceeded", "join") => {
+                    "; start the gateways with --max-rooms at least the run's rooms"
+                }
+                _ => "",
+            },
+            Self::RateLimited { .. } => "; raise the gateways' --rate-limit / --rate-burst",
+            Self::Closed {
+                end: SocketEnd::Closed { code: 4008, .. },
+                ..
+            } => {
+                "; an observer gets every event of the run and fell behind: give the tool more CPU, or raise the gateways' --outbox-messages / --outbox-bytes"
+            }
+            Self::Closed {
+                end: SocketEnd::Closed { code: 4029, .. },
+                ..
+            } => "; raise the gateways' --rate-limit / --rate-burst",
+            _ => "",
+        }
+    }
+}
+
+/// What the observer's reader hands over.
+#[derive(Debug)]
+enum Incoming {
+    /// A text frame and when it arrived.
+    Frame(Stamp, Value),
+    /// The socket ended; nothing follows.
+    End(SocketEnd),
+}
 
 /// What an observer believes about one user.
 #[derive(Debug, Default, Clone, Copy)]
@@ -77,8 +184,13 @@ pub struct Observer {
     pub name: String,
     /// Index of the target it is connected to.
     pub target: u16,
+    /// That target's URL, for failures.
+    target_url: String,
     sink: SplitSink<Ws, Message>,
-    frames: mpsc::UnboundedReceiver<(Stamp, Value)>,
+    frames: mpsc::UnboundedReceiver<Incoming>,
+    reader: JoinHandle<()>,
+    /// How the socket ended, once the reader said so.
+    ended: Option<SocketEnd>,
     next_ref: u64,
     user_prefix: String,
     views: Vec<View>,
@@ -108,6 +220,14 @@ pub struct Comparison {
     pub users_online: u64,
 }
 
+impl Drop for Observer {
+    fn drop(&mut self) {
+        // The reader holds the socket's other half: stop it, so a dropped
+        // observer's socket closes.
+        self.reader.abort();
+    }
+}
+
 impl Observer {
     /// Connects as `name` to `target` (number `index`); events are about
     /// users named `{user_prefix}{index}`, `users` of them.
@@ -117,29 +237,41 @@ impl Observer {
         user_prefix: &str,
         users: usize,
         shared: Arc<Shared>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ObserverError> {
         let ws = open_ws(&target.tab_url(name), None)
             .await
-            .map_err(|kind| anyhow::anyhow!("observer {name} on {}: {kind}", target.ws))?;
+            .map_err(|error| ObserverError::Connect {
+                target: target.ws.clone(),
+                error,
+            })?;
         let (sink, mut stream) = ws.split();
         let (tx, frames) = mpsc::unbounded_channel();
         let clock = shared.clock;
-        tokio::spawn(async move {
-            while let Some(Ok(message)) = stream.next().await {
-                if let Message::Text(t) = message {
-                    let at = clock.now();
-                    let frame = serde_json::from_str(&t).unwrap_or(Value::Null);
-                    if tx.send((at, frame)).is_err() {
-                        break;
+        let reader = tokio::spawn(async move {
+            let end = loop {
+                match stream.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        let at = clock.now();
+                        if tx.send(Incoming::Frame(at, parse_text(&t))).is_err() {
+                            return;
+                        }
                     }
+                    Some(Ok(Message::Close(c))) => break SocketEnd::of_close(c.as_ref()),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break SocketEnd::Broken(e.to_string()),
+                    None => break SocketEnd::Broken(ENDED_WITHOUT_CLOSE.to_owned()),
                 }
-            }
+            };
+            let _ = tx.send(Incoming::End(end));
         });
         Ok(Self {
             name: name.to_owned(),
             target: index,
+            target_url: target.ws.clone(),
             sink,
             frames,
+            reader,
+            ended: None,
             next_ref: 0,
             user_prefix: user_prefix.to_owned(),
             views: vec![View::default(); users],
@@ -151,6 +283,51 @@ impl Observer {
         })
     }
 
+    /// The failure of a socket that ended this way.
+    fn closed(&self, end: SocketEnd) -> ObserverError {
+        ObserverError::Closed {
+            target: self.target_url.clone(),
+            end,
+        }
+    }
+
+    /// The next frame before `deadline` (`None` once it passed); fails once
+    /// the socket ended.
+    async fn next_frame(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<Option<(Stamp, Value)>, ObserverError> {
+        if let Some(end) = &self.ended {
+            return Err(self.closed(end.clone()));
+        }
+        let end = match timeout_at(deadline.into(), self.frames.recv()).await {
+            Err(_) => return Ok(None),
+            Ok(Some(Incoming::Frame(at, frame))) => return Ok(Some((at, frame))),
+            Ok(Some(Incoming::End(end))) => end,
+            Ok(None) => SocketEnd::Broken("the observer's reader stopped".to_owned()),
+        };
+        self.ended = Some(end.clone());
+        Err(self.closed(end))
+    }
+
+    /// A send failed: the socket's end as the reader saw it (the gateway's
+    /// Close usually arrived before the send found the socket closing),
+    /// else the send's own error. Frames still queued are handled.
+    async fn lost(&mut self, error: WsError) -> ObserverError {
+        let deadline = Instant::now() + END_GRACE;
+        loop {
+            match self.next_frame(deadline).await {
+                Err(e) => return e,
+                Ok(Some((at, frame))) => self.handle(at, &frame),
+                Ok(None) => {
+                    let end = SocketEnd::Broken(format!("sending failed: {error}"));
+                    self.ended = Some(end.clone());
+                    return self.closed(end);
+                }
+            }
+        }
+    }
+
     fn user_index(&self, name: &str) -> Option<usize> {
         let i: usize = name.strip_prefix(&self.user_prefix)?.parse().ok()?;
         (i < self.views.len()).then_some(i)
@@ -158,10 +335,11 @@ impl Observer {
 
     /// Sends `request` with a fresh `ref` and handles frames until its
     /// reply arrives. A `rate_limited` refusal is counted and retried after
-    /// a pause; any other refusal fails with the gateway's reason.
-    pub async fn request(&mut self, request: Value) -> anyhow::Result<Value> {
+    /// a pause; any other refusal fails with the gateway's code.
+    pub async fn request(&mut self, request: Value) -> Result<Value, ObserverError> {
+        let kind = request["type"].as_str().unwrap_or_default().to_owned();
         for _ in 0..RATE_LIMITED_RETRIES {
-            match self.request_once(request.clone()).await? {
+            match self.request_once(request.clone(), &kind).await? {
                 Ok(reply) => return Ok(reply),
                 Err(code) if code == "rate_limited" => {
                     self.shared.error("observer_error_rate_limited");
@@ -169,43 +347,44 @@ impl Observer {
                 }
                 Err(code) => {
                     self.shared.error(&format!("observer_error_{code}"));
-                    let hint = match (code.as_str(), request["type"].as_str()) {
-                        ("limit_exceeded", Some("watch")) => {
-                            "; start the gateways with --max-watch at least the run's --users"
-                        }
-                        ("limit_exceeded", Some("join")) => {
-                            "; start the gateways with --max-rooms at least the run's rooms"
-                        }
-                        _ => "",
-                    };
-                    anyhow::bail!(
-                        "observer {}: the gateway refused {} with {code}{hint}",
-                        self.name,
-                        request["type"]
-                    );
+                    return Err(ObserverError::Refused {
+                        target: self.target_url.clone(),
+                        request: kind,
+                        code,
+                    });
                 }
             }
         }
-        anyhow::bail!(
-            "observer {}: {} still rate_limited after {RATE_LIMITED_RETRIES} tries; raise the gateways' --rate-limit / --rate-burst",
-            self.name,
-            request["type"]
-        )
+        Err(ObserverError::RateLimited {
+            target: self.target_url.clone(),
+            request: kind,
+            tries: RATE_LIMITED_RETRIES,
+        })
     }
 
-    /// One try of `request`: the reply, or the error frame's code.
-    async fn request_once(&mut self, mut request: Value) -> anyhow::Result<Result<Value, String>> {
+    /// One try of `request` (of type `kind`): the reply, or the error
+    /// frame's code.
+    async fn request_once(
+        &mut self,
+        mut request: Value,
+        kind: &str,
+    ) -> Result<Result<Value, String>, ObserverError> {
+        if let Some(end) = &self.ended {
+            return Err(self.closed(end.clone()));
+        }
         self.next_ref += 1;
         let r = self.next_ref;
         request["ref"] = json!(r);
-        self.sink
-            .send(Message::Text(request.to_string().into()))
-            .await?;
+        if let Err(e) = send_json(&mut self.sink, &request).await {
+            return Err(self.lost(e).await);
+        }
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
-            let Ok(Some((at, frame))) = timeout_at(deadline.into(), self.frames.recv()).await
-            else {
-                anyhow::bail!("observer {}: no reply to {request}", self.name);
+            let Some((at, frame)) = self.next_frame(deadline).await? else {
+                return Err(ObserverError::NoReply {
+                    target: self.target_url.clone(),
+                    request: kind.to_owned(),
+                });
             };
             if frame["ref"] == json!(r) {
                 if frame["type"] == "reply" && frame["ok"] == true {
@@ -219,7 +398,7 @@ impl Observer {
     }
 
     /// Watches every user, in chunks of at most `MAX_IDS`.
-    pub async fn watch_all(&mut self, names: &[String]) -> anyhow::Result<()> {
+    pub async fn watch_all(&mut self, names: &[String]) -> Result<(), ObserverError> {
         for chunk in names.chunks(MAX_IDS) {
             let reply = self
                 .request(json!({"type": "watch", "users": chunk}))
@@ -230,7 +409,7 @@ impl Observer {
     }
 
     /// Joins `room` and takes its snapshot as the starting view.
-    pub async fn join(&mut self, room: &str) -> anyhow::Result<()> {
+    pub async fn join(&mut self, room: &str) -> Result<(), ObserverError> {
         let reply = self.request(json!({"type": "join", "room": room})).await?;
         for m in reply["members"].as_array().into_iter().flatten() {
             if let Some(i) = m["user"].as_str().and_then(|u| self.user_index(u)) {
@@ -310,24 +489,34 @@ impl Observer {
         }
     }
 
-    /// Handles frames until `stop` turns true.
-    pub async fn pump_until(&mut self, stop: &mut watch::Receiver<bool>) {
+    /// Handles frames until `stop` turns true; fails as soon as the socket
+    /// ends.
+    pub async fn pump_until(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), ObserverError> {
         loop {
+            // A frame at most a step apart: a quiet gateway is not a
+            // failure here, so the wait just starts again.
+            let deadline = Instant::now() + STEP_TIMEOUT;
             tokio::select! {
-                frame = self.frames.recv() => match frame {
-                    Some((at, frame)) => self.handle(at, &frame),
-                    None => {
-                        self.shared.error("observer_closed");
-                        return;
+                frame = self.next_frame(deadline) => {
+                    if let Some((at, frame)) = frame? {
+                        self.handle(at, &frame);
                     }
-                },
-                _ = stop.wait_for(|s| *s) => return,
+                }
+                _ = stop.wait_for(|s| *s) => return Ok(()),
             }
         }
     }
 
-    /// Handles frames until `deadline`, or until `done(views)` holds.
-    async fn pump(&mut self, deadline: Instant, done: &dyn Fn(usize, bool, bool) -> bool) -> bool {
+    /// Handles frames until `deadline`, or until `done(views)` holds;
+    /// returns whether it held.
+    async fn pump(
+        &mut self,
+        deadline: Instant,
+        done: &dyn Fn(usize, bool, bool) -> bool,
+    ) -> Result<bool, ObserverError> {
         loop {
             let settled = self
                 .views
@@ -335,11 +524,11 @@ impl Observer {
                 .enumerate()
                 .all(|(i, v)| done(i, v.online, v.in_room));
             if settled {
-                return true;
+                return Ok(true);
             }
-            match timeout_at(deadline.into(), self.frames.recv()).await {
-                Ok(Some((at, frame))) => self.handle(at, &frame),
-                _ => return false,
+            match self.next_frame(deadline).await? {
+                Some((at, frame)) => self.handle(at, &frame),
+                None => return Ok(false),
             }
         }
     }
@@ -353,12 +542,12 @@ impl Observer {
         in_room: &[bool],
         deadline: Instant,
         quiet: std::time::Duration,
-    ) -> bool {
+    ) -> Result<bool, ObserverError> {
         let settled = self
             .pump(deadline, &|i, o, r| online[i] == o && in_room[i] == r)
-            .await;
-        self.pump(Instant::now() + quiet, &|_, _, _| false).await;
-        settled
+            .await?;
+        self.pump(Instant::now() + quiet, &|_, _, _| false).await?;
+        Ok(settled)
     }
 
     /// Counts what this observer's presence view still lacks as missed
@@ -378,7 +567,7 @@ impl Observer {
     }
 
     /// Asks the gateway for every user's state; returns `(online, seq)`.
-    pub async fn query_all(&mut self, names: &[String]) -> anyhow::Result<Vec<(bool, u64)>> {
+    pub async fn query_all(&mut self, names: &[String]) -> Result<Vec<(bool, u64)>, ObserverError> {
         let mut states = vec![(false, 0); names.len()];
         for chunk in names.chunks(MAX_IDS) {
             let reply = self
@@ -394,7 +583,7 @@ impl Observer {
     }
 
     /// Every member of `room` that is a user of the run, page by page.
-    pub async fn room_members(&mut self, room: &str) -> anyhow::Result<HashSet<usize>> {
+    pub async fn room_members(&mut self, room: &str) -> Result<HashSet<usize>, ObserverError> {
         let mut members = HashSet::new();
         let mut cursor = Value::Null;
         loop {

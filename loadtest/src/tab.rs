@@ -32,7 +32,7 @@ use crate::{
     clock::Stamp,
     stats::Shared,
     truth::Received,
-    ws::{STEP_TIMEOUT, Ws, open_ws, read_error_kind},
+    ws::{STEP_TIMEOUT, Ws, open_ws, parse_text, read_error_kind, send_json},
 };
 
 /// The members of one room, as user indices, and each one's position.
@@ -178,6 +178,15 @@ pub struct Tab {
     pub log: Option<Arc<Mutex<ReceiverLog>>>,
 }
 
+impl Drop for Tab {
+    fn drop(&mut self) {
+        // The reader holds the socket's other half: stop it, so a tab
+        // dropped without its close (a shard stopped mid-run) closes its
+        // socket too.
+        self.reader.abort();
+    }
+}
+
 impl Tab {
     /// Opens a tab at `url`; records the connect latency or the error.
     /// With `log`, the tab records its room's events.
@@ -191,8 +200,8 @@ impl Tab {
         let started = Instant::now();
         let ws = match open_ws(url, source).await {
             Ok(ws) => ws,
-            Err(kind) => {
-                shared.error(&kind);
+            Err(e) => {
+                shared.error(&e.label());
                 return None;
             }
         };
@@ -209,7 +218,7 @@ impl Tab {
                 match frame {
                     Ok(Message::Text(t)) => {
                         let at = reader_shared.clock.now();
-                        let frame: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                        let frame = parse_text(&t);
                         read_frame(&reader_shared, reader_log.as_deref(), &tx, at, frame);
                     }
                     Ok(Message::Close(close)) if !reader_closing.load(Relaxed) => {
@@ -258,8 +267,8 @@ impl Tab {
             // unwrap: no code panics while holding this lock.
             log.lock().unwrap().pending = Some((r, kind == "join", sent, own_before));
         }
-        let frame = json!({"type": kind, "room": room, "ref": r}).to_string();
-        if self.sink.send(Message::Text(frame.into())).await.is_err() {
+        let frame = json!({"type": kind, "room": room, "ref": r});
+        if send_json(&mut self.sink, &frame).await.is_err() {
             shared.error(&format!("{kind}_send"));
             return None;
         }

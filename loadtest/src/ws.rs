@@ -1,24 +1,31 @@
 //! The socket helpers tabs and observers share: the client WebSocket
 //! type, its settings, the one bound on every protocol step, the connect
 //! (optionally from a chosen source address) that waits for the `welcome`,
-//! and the stable labels errors are counted under.
+//! how a socket the tool did not close ended ([`SocketEnd`]: the gateway's
+//! close code and reason), and the stable labels errors are counted under.
 //!
 //! This module knows sockets, not the run: it never counts, checks or
 //! stamps anything itself.
 
 use std::{
+    fmt,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
-use futures_util::StreamExt;
+use futures_util::{Sink, SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::{
     net::{TcpSocket, TcpStream, lookup_host},
     time::timeout,
 };
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream, client_async_with_config, connect_async_with_config,
-    tungstenite::{Error as WsError, Message, protocol::WebSocketConfig},
+    tungstenite::{
+        Error as WsError, Message,
+        protocol::{CloseFrame, WebSocketConfig},
+    },
 };
 
 /// A client WebSocket.
@@ -39,9 +46,105 @@ pub fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
+/// Why a connect did not end with a `welcome`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// No WebSocket handshake within [`STEP_TIMEOUT`].
+    #[error("no handshake within {STEP_TIMEOUT:?}")]
+    Timeout,
+    /// The gateway answered the upgrade with this HTTP status.
+    #[error("the upgrade was answered with HTTP {0}")]
+    Http(u16),
+    /// The TCP connection failed (refused, reset, out of ports, ...).
+    #[error("{0}")]
+    Io(std::io::ErrorKind),
+    /// Any other handshake failure.
+    #[error("the handshake failed: {0}")]
+    Handshake(String),
+    /// Connected, but no `welcome` within [`STEP_TIMEOUT`].
+    #[error("no welcome within {STEP_TIMEOUT:?}")]
+    WelcomeTimeout,
+    /// The socket ended before the `welcome`.
+    #[error("the socket ended before the welcome: {0}")]
+    ClosedBeforeWelcome(SocketEnd),
+}
+
+impl ConnectError {
+    /// The short, stable label the error is counted under, e.g.
+    /// `connect_io_ConnectionRefused` or `closed_before_welcome_4029`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Timeout => "connect_timeout".to_owned(),
+            Self::Http(status) => format!("connect_http_{status}"),
+            Self::Io(kind) => format!("connect_io_{kind:?}"),
+            Self::Handshake(_) => "connect".to_owned(),
+            Self::WelcomeTimeout => "welcome_timeout".to_owned(),
+            Self::ClosedBeforeWelcome(SocketEnd::Closed { code, .. }) => {
+                format!("closed_before_welcome_{code}")
+            }
+            Self::ClosedBeforeWelcome(_) => "closed_before_welcome".to_owned(),
+        }
+    }
+}
+
+/// How a socket ended that the tool did not close.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SocketEnd {
+    /// The gateway sent a Close frame with this code and reason.
+    Closed {
+        /// The close code (e.g. 4008: slow consumer).
+        code: u16,
+        /// The close reason, as the gateway wrote it (may be empty).
+        reason: String,
+    },
+    /// The gateway sent a Close frame without a code.
+    ClosedWithoutCode,
+    /// The connection broke without a Close frame (reset, end of stream,
+    /// a failed send): what the socket said.
+    Broken(String),
+}
+
+impl SocketEnd {
+    /// The end a received Close frame means.
+    pub fn of_close(frame: Option<&CloseFrame>) -> Self {
+        match frame {
+            Some(f) => Self::Closed {
+                code: u16::from(f.code),
+                reason: f.reason.to_string(),
+            },
+            None => Self::ClosedWithoutCode,
+        }
+    }
+
+    /// What the socket ended with, said of a client of `target`: "was
+    /// closed by TARGET with 4008 slow consumer", "lost its connection to
+    /// TARGET: …".
+    pub fn said_of(&self, target: &str) -> String {
+        match self {
+            Self::Closed { code, reason } if reason.is_empty() => {
+                format!("was closed by {target} with {code}")
+            }
+            Self::Closed { code, reason } => format!("was closed by {target} with {code} {reason}"),
+            Self::ClosedWithoutCode => format!("was closed by {target} without a close code"),
+            Self::Broken(why) => format!("lost its connection to {target}: {why}"),
+        }
+    }
+}
+
+impl fmt::Display for SocketEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed { code, reason } if reason.is_empty() => write!(f, "closed with {code}"),
+            Self::Closed { code, reason } => write!(f, "closed with {code} {reason}"),
+            Self::ClosedWithoutCode => f.write_str("closed without a close code"),
+            Self::Broken(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Connects to `url` (from `source` when given) and waits for the
-/// `welcome`; on failure returns the error's kind for the report.
-pub async fn open_ws(url: &str, source: Option<IpAddr>) -> Result<Ws, String> {
+/// `welcome`.
+pub async fn open_ws(url: &str, source: Option<IpAddr>) -> Result<Ws, ConnectError> {
     let config = Some(ws_config());
     let connect = async {
         match source {
@@ -53,25 +156,42 @@ pub async fn open_ws(url: &str, source: Option<IpAddr>) -> Result<Ws, String> {
         }
     };
     let (mut ws, _) = match timeout(STEP_TIMEOUT, connect).await {
-        Err(_) => return Err("connect_timeout".into()),
+        Err(_) => return Err(ConnectError::Timeout),
         Ok(Err(WsError::Http(response))) => {
-            return Err(format!("connect_http_{}", response.status().as_u16()));
+            return Err(ConnectError::Http(response.status().as_u16()));
         }
-        Ok(Err(WsError::Io(e))) => return Err(format!("connect_io_{:?}", e.kind())),
-        Ok(Err(_)) => return Err("connect".into()),
+        Ok(Err(WsError::Io(e))) => return Err(ConnectError::Io(e.kind())),
+        Ok(Err(e)) => return Err(ConnectError::Handshake(e.to_string())),
         Ok(Ok(ok)) => ok,
     };
     loop {
-        match timeout(STEP_TIMEOUT, ws.next()).await {
-            Err(_) => return Err("welcome_timeout".into()),
+        let end = match timeout(STEP_TIMEOUT, ws.next()).await {
+            Err(_) => return Err(ConnectError::WelcomeTimeout),
             Ok(Some(Ok(Message::Text(t)))) if t.contains("\"welcome\"") => return Ok(ws),
-            Ok(Some(Ok(Message::Close(Some(c))))) => {
-                return Err(format!("closed_before_welcome_{}", u16::from(c.code)));
-            }
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_)) | None) => return Err("closed_before_welcome".into()),
-        }
+            Ok(Some(Ok(Message::Close(c)))) => SocketEnd::of_close(c.as_ref()),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => SocketEnd::Broken(e.to_string()),
+            Ok(None) => SocketEnd::Broken(ENDED_WITHOUT_CLOSE.to_owned()),
+        };
+        return Err(ConnectError::ClosedBeforeWelcome(end));
     }
+}
+
+/// What a socket whose stream ended without a Close frame says.
+pub const ENDED_WITHOUT_CLOSE: &str = "the connection ended without a Close frame";
+
+/// A text frame as JSON (`Null` when it is not JSON, which no check
+/// accepts).
+pub fn parse_text(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+/// Sends `frame` as one text message.
+pub async fn send_json<S>(sink: &mut S, frame: &Value) -> Result<(), WsError>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    sink.send(Message::Text(frame.to_string().into())).await
 }
 
 /// A TCP connection to the host of `ws://HOST:PORT/...` bound to `source`,
