@@ -8,7 +8,9 @@
 //! order, and once the run is over the coordinator checks them exactly
 //! against each user's true transitions ([`crate::truth::check_window`]).
 //! A reader task stamps each frame on arrival, so a busy checker does not
-//! bias the latencies.
+//! bias the latencies. The checking itself is [`ObserverLog`], which needs
+//! no socket; it ignores frame types it does not check, so a new event in
+//! the protocol does not break a run.
 //!
 //! Nothing an observer does ends in a panic: every way it can fail is an
 //! [`ObserverError`] that the coordinator reports with the step it was in.
@@ -19,7 +21,7 @@
 //! says why, whether it shows at the next read or at the next send.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
@@ -40,8 +42,8 @@ use crate::{
     target::Target,
     truth::EventChecks,
     ws::{
-        ConnectError, ENDED_WITHOUT_CLOSE, STEP_TIMEOUT, SocketEnd, Ws, open_ws, parse_text,
-        send_json,
+        ConnectError, ENDED_WITHOUT_CLOSE, FrameKind, STEP_TIMEOUT, SocketEnd, Ws, open_ws,
+        parse_text, send_json,
     },
 };
 
@@ -178,6 +180,170 @@ pub struct Seen {
     pub at: Stamp,
 }
 
+/// What one observer believes about the run's users and what it received,
+/// fed one frame at a time. It needs no socket, so its checks are tested
+/// without one.
+///
+/// It is strict about the frames it checks (`online`, `offline`, `joined`,
+/// `left`, `sync`, and replies and errors only as answers to its own
+/// requests) and ignores, counting them by type, frames of any other type:
+/// a new event in the protocol changes nothing here until the tool checks
+/// it.
+#[derive(Debug)]
+pub struct ObserverLog {
+    user_prefix: String,
+    views: Vec<View>,
+    /// Presence checks so far.
+    pub presence: EventChecks,
+    /// Frames of a checked kind that do not fit (a reply no request waits
+    /// for, an event about a user of no run here), and text that is no
+    /// frame at all (not a JSON object with a string `type`).
+    pub unexpected: u64,
+    /// Frames of types the observer does not check, by type (ignored).
+    pub ignored: BTreeMap<String, u64>,
+    /// `sync` frames (the node resubscribed; views were replaced).
+    pub syncs: u64,
+    /// Every event received, in order.
+    pub seen: Vec<Seen>,
+    shared: Arc<Shared>,
+}
+
+impl ObserverLog {
+    /// The log of an observer of `users` users named
+    /// `{user_prefix}{index}`, each offline, out of every room, `seq` 0.
+    pub fn new(user_prefix: &str, users: usize, shared: Arc<Shared>) -> Self {
+        Self {
+            user_prefix: user_prefix.to_owned(),
+            views: vec![View::default(); users],
+            presence: EventChecks::default(),
+            unexpected: 0,
+            ignored: BTreeMap::new(),
+            syncs: 0,
+            seen: Vec::new(),
+            shared,
+        }
+    }
+
+    fn user_index(&self, name: &str) -> Option<usize> {
+        let i: usize = name.strip_prefix(&self.user_prefix)?.parse().ok()?;
+        (i < self.views.len()).then_some(i)
+    }
+
+    /// Takes `users` (`[{user, online, seq}]`, as a `watch` reply or a
+    /// `sync` lists them) as the view.
+    fn apply_states(&mut self, users: &Value) {
+        for u in users.as_array().into_iter().flatten() {
+            if let Some(i) = u["user"].as_str().and_then(|n| self.user_index(n)) {
+                self.views[i].online = u["online"] == true;
+                self.views[i].seq = u["seq"].as_u64().unwrap_or_default();
+            }
+        }
+    }
+
+    /// Takes a `join` reply's `members` as in the room.
+    fn apply_snapshot(&mut self, members: &Value) {
+        for m in members.as_array().into_iter().flatten() {
+            if let Some(i) = m["user"].as_str().and_then(|u| self.user_index(u)) {
+                self.views[i].in_room = true;
+            }
+        }
+    }
+
+    /// Checks one frame that is not the answer being waited for.
+    pub fn handle(&mut self, at: Stamp, frame: &Value) {
+        let kind = FrameKind::of(frame);
+        let user = frame["user"].as_str().and_then(|u| self.user_index(u));
+        match (kind, user) {
+            (Some(FrameKind::Online | FrameKind::Offline), Some(i)) => {
+                self.shared.events.fetch_add(1, Relaxed);
+                let online = kind == Some(FrameKind::Online);
+                let seq = frame["seq"].as_u64().unwrap_or_default();
+                let v = &mut self.views[i];
+                if seq <= v.seq {
+                    if seq == v.seq {
+                        self.presence.duplicated += 1;
+                    } else {
+                        self.presence.out_of_order += 1;
+                    }
+                    return;
+                }
+                self.presence.missed += seq - v.seq - 1;
+                // Transitions alternate, so the parity of the jump says
+                // which kind this event must be.
+                let expected = if (seq - v.seq) % 2 == 1 {
+                    !v.online
+                } else {
+                    v.online
+                };
+                if online != expected {
+                    self.presence.out_of_order += 1;
+                }
+                v.online = online;
+                v.seq = seq;
+                self.seen.push(Seen {
+                    user: i,
+                    to: online,
+                    room: false,
+                    seq,
+                    at,
+                });
+            }
+            (Some(FrameKind::Joined | FrameKind::Left), Some(i)) => {
+                self.shared.events.fetch_add(1, Relaxed);
+                let joined = kind == Some(FrameKind::Joined);
+                self.views[i].in_room = joined;
+                self.seen.push(Seen {
+                    user: i,
+                    to: joined,
+                    room: true,
+                    seq: 0,
+                    at,
+                });
+            }
+            (Some(FrameKind::Sync), _) => {
+                self.syncs += 1;
+                self.apply_states(&frame["users"]);
+            }
+            // Other observers joining and leaving rooms are not checked.
+            (Some(FrameKind::Joined | FrameKind::Left), None) if frame["user"].is_string() => {}
+            (Some(FrameKind::Unchecked), _) => {
+                let kind = frame["type"].as_str().unwrap_or_default();
+                match self.ignored.get_mut(kind) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.ignored.insert(kind.to_owned(), 1);
+                    }
+                }
+            }
+            _ => self.unexpected += 1,
+        }
+    }
+
+    /// Whether `done(user, online, in_room)` holds for every user's view.
+    fn all(&self, done: &dyn Fn(usize, bool, bool) -> bool) -> bool {
+        self.views
+            .iter()
+            .enumerate()
+            .all(|(i, v)| done(i, v.online, v.in_room))
+    }
+
+    /// Counts what this observer's presence view still lacks as missed
+    /// events, then takes the gateway's state (and the truth for rooms,
+    /// whose misses the exact check at the end counts) as its view, so a
+    /// later check does not count the same miss again.
+    pub fn count_final_misses(&mut self, gateway: &[(bool, u64)], in_room: &[bool]) {
+        for (i, v) in self.views.iter_mut().enumerate() {
+            let (online, seq) = gateway[i];
+            if seq > v.seq {
+                self.presence.missed += seq - v.seq;
+                v.online = online;
+                v.seq = seq;
+            }
+            v.in_room = in_room[i];
+        }
+    }
+}
+
 /// One observing connection.
 pub struct Observer {
     /// Its name (user id).
@@ -192,16 +358,8 @@ pub struct Observer {
     /// How the socket ended, once the reader said so.
     ended: Option<SocketEnd>,
     next_ref: u64,
-    user_prefix: String,
-    views: Vec<View>,
-    /// Presence checks so far.
-    pub presence: EventChecks,
-    /// Frames that are neither replies nor events about users of the run.
-    pub unexpected: u64,
-    /// `sync` frames (the node resubscribed; views were replaced).
-    pub syncs: u64,
-    /// Every event received, in order.
-    pub seen: Vec<Seen>,
+    /// What it believes and received.
+    pub log: ObserverLog,
     shared: Arc<Shared>,
 }
 
@@ -273,12 +431,7 @@ impl Observer {
             reader,
             ended: None,
             next_ref: 0,
-            user_prefix: user_prefix.to_owned(),
-            views: vec![View::default(); users],
-            presence: EventChecks::default(),
-            unexpected: 0,
-            syncs: 0,
-            seen: Vec::new(),
+            log: ObserverLog::new(user_prefix, users, Arc::clone(&shared)),
             shared,
         })
     }
@@ -318,7 +471,7 @@ impl Observer {
         loop {
             match self.next_frame(deadline).await {
                 Err(e) => return e,
-                Ok(Some((at, frame))) => self.handle(at, &frame),
+                Ok(Some((at, frame))) => self.log.handle(at, &frame),
                 Ok(None) => {
                     let end = SocketEnd::Broken(format!("sending failed: {error}"));
                     self.ended = Some(end.clone());
@@ -326,11 +479,6 @@ impl Observer {
                 }
             }
         }
-    }
-
-    fn user_index(&self, name: &str) -> Option<usize> {
-        let i: usize = name.strip_prefix(&self.user_prefix)?.parse().ok()?;
-        (i < self.views.len()).then_some(i)
     }
 
     /// Sends `request` with a fresh `ref` and handles frames until its
@@ -386,14 +534,20 @@ impl Observer {
                     request: kind.to_owned(),
                 });
             };
-            if frame["ref"] == json!(r) {
+            // Only a reply or an error answers; any other frame, even one
+            // that carries this `ref`, is checked (or ignored) as usual.
+            let answer = matches!(
+                FrameKind::of(&frame),
+                Some(FrameKind::Reply | FrameKind::Error)
+            );
+            if answer && frame["ref"] == json!(r) {
                 if frame["type"] == "reply" && frame["ok"] == true {
                     return Ok(Ok(frame));
                 }
                 let code = frame["code"].as_str().unwrap_or("unknown").to_owned();
                 return Ok(Err(code));
             }
-            self.handle(at, &frame);
+            self.log.handle(at, &frame);
         }
     }
 
@@ -403,7 +557,7 @@ impl Observer {
             let reply = self
                 .request(json!({"type": "watch", "users": chunk}))
                 .await?;
-            self.apply_states(&reply["users"]);
+            self.log.apply_states(&reply["users"]);
         }
         Ok(())
     }
@@ -411,82 +565,8 @@ impl Observer {
     /// Joins `room` and takes its snapshot as the starting view.
     pub async fn join(&mut self, room: &str) -> Result<(), ObserverError> {
         let reply = self.request(json!({"type": "join", "room": room})).await?;
-        for m in reply["members"].as_array().into_iter().flatten() {
-            if let Some(i) = m["user"].as_str().and_then(|u| self.user_index(u)) {
-                self.views[i].in_room = true;
-            }
-        }
+        self.log.apply_snapshot(&reply["members"]);
         Ok(())
-    }
-
-    fn apply_states(&mut self, users: &Value) {
-        for u in users.as_array().into_iter().flatten() {
-            if let Some(i) = u["user"].as_str().and_then(|n| self.user_index(n)) {
-                self.views[i].online = u["online"] == true;
-                self.views[i].seq = u["seq"].as_u64().unwrap_or_default();
-            }
-        }
-    }
-
-    /// Checks one frame that is not the reply being waited for.
-    fn handle(&mut self, at: Stamp, frame: &Value) {
-        let kind = frame["type"].as_str().unwrap_or_default();
-        let user = frame["user"].as_str().and_then(|u| self.user_index(u));
-        match (kind, user) {
-            ("online" | "offline", Some(i)) => {
-                self.shared.events.fetch_add(1, Relaxed);
-                let online = kind == "online";
-                let seq = frame["seq"].as_u64().unwrap_or_default();
-                let v = &mut self.views[i];
-                if seq <= v.seq {
-                    if seq == v.seq {
-                        self.presence.duplicated += 1;
-                    } else {
-                        self.presence.out_of_order += 1;
-                    }
-                    return;
-                }
-                self.presence.missed += seq - v.seq - 1;
-                // Transitions alternate, so the parity of the jump says
-                // which kind this event must be.
-                let expected = if (seq - v.seq) % 2 == 1 {
-                    !v.online
-                } else {
-                    v.online
-                };
-                if online != expected {
-                    self.presence.out_of_order += 1;
-                }
-                v.online = online;
-                v.seq = seq;
-                self.seen.push(Seen {
-                    user: i,
-                    to: online,
-                    room: false,
-                    seq,
-                    at,
-                });
-            }
-            ("joined" | "left", Some(i)) => {
-                self.shared.events.fetch_add(1, Relaxed);
-                let joined = kind == "joined";
-                self.views[i].in_room = joined;
-                self.seen.push(Seen {
-                    user: i,
-                    to: joined,
-                    room: true,
-                    seq: 0,
-                    at,
-                });
-            }
-            ("sync", _) => {
-                self.syncs += 1;
-                self.apply_states(&frame["users"]);
-            }
-            // Other observers joining and leaving rooms are not checked.
-            ("joined" | "left", None) if frame["user"].is_string() => {}
-            _ => self.unexpected += 1,
-        }
     }
 
     /// Handles frames until `stop` turns true; fails as soon as the socket
@@ -502,7 +582,7 @@ impl Observer {
             tokio::select! {
                 frame = self.next_frame(deadline) => {
                     if let Some((at, frame)) = frame? {
-                        self.handle(at, &frame);
+                        self.log.handle(at, &frame);
                     }
                 }
                 _ = stop.wait_for(|s| *s) => return Ok(()),
@@ -518,16 +598,11 @@ impl Observer {
         done: &dyn Fn(usize, bool, bool) -> bool,
     ) -> Result<bool, ObserverError> {
         loop {
-            let settled = self
-                .views
-                .iter()
-                .enumerate()
-                .all(|(i, v)| done(i, v.online, v.in_room));
-            if settled {
+            if self.log.all(done) {
                 return Ok(true);
             }
             match self.next_frame(deadline).await? {
-                Some((at, frame)) => self.handle(at, &frame),
+                Some((at, frame)) => self.log.handle(at, &frame),
                 None => return Ok(false),
             }
         }
@@ -550,22 +625,6 @@ impl Observer {
         Ok(settled)
     }
 
-    /// Counts what this observer's presence view still lacks as missed
-    /// events, then takes the gateway's state (and the truth for rooms,
-    /// whose misses the exact check at the end counts) as its view, so a
-    /// later check does not count the same miss again.
-    pub fn count_final_misses(&mut self, gateway: &[(bool, u64)], in_room: &[bool]) {
-        for (i, v) in self.views.iter_mut().enumerate() {
-            let (online, seq) = gateway[i];
-            if seq > v.seq {
-                self.presence.missed += seq - v.seq;
-                v.online = online;
-                v.seq = seq;
-            }
-            v.in_room = in_room[i];
-        }
-    }
-
     /// Asks the gateway for every user's state; returns `(online, seq)`.
     pub async fn query_all(&mut self, names: &[String]) -> Result<Vec<(bool, u64)>, ObserverError> {
         let mut states = vec![(false, 0); names.len()];
@@ -574,7 +633,7 @@ impl Observer {
                 .request(json!({"type": "query", "users": chunk}))
                 .await?;
             for u in reply["users"].as_array().into_iter().flatten() {
-                if let Some(i) = u["user"].as_str().and_then(|n| self.user_index(n)) {
+                if let Some(i) = u["user"].as_str().and_then(|n| self.log.user_index(n)) {
                     states[i] = (u["online"] == true, u["seq"].as_u64().unwrap_or_default());
                 }
             }
@@ -591,7 +650,7 @@ impl Observer {
                 .request(json!({"type": "room", "room": room, "limit": MAX_PAGE, "cursor": cursor}))
                 .await?;
             for u in reply["users"].as_array().into_iter().flatten() {
-                if let Some(i) = u.as_str().and_then(|n| self.user_index(n)) {
+                if let Some(i) = u.as_str().and_then(|n| self.log.user_index(n)) {
                     members.insert(i);
                 }
             }
@@ -600,5 +659,81 @@ impl Observer {
                 return Ok(members);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log() -> ObserverLog {
+        ObserverLog::new("ltu", 3, Arc::new(Shared::default()))
+    }
+
+    #[test]
+    fn frames_of_types_it_does_not_check_are_ignored_not_unexpected() {
+        let mut l = log();
+        for frame in [
+            json!({"type": "updated", "room": "ltr0", "user": "ltu0", "meta": {"x": 1}}),
+            json!({"type": "status", "user": "ltu1", "status": "away"}),
+            json!({"type": "occupancy", "room": "ltr0", "count": 2}),
+            json!({"type": "batch", "events": [{"type": "online", "user": "ltu2", "seq": 1}]}),
+            json!({"type": "status", "user": "ltu2", "status": "busy"}),
+        ] {
+            l.handle(1, &frame);
+        }
+        assert_eq!(l.unexpected, 0);
+        assert!(l.presence.clean());
+        assert!(l.seen.is_empty());
+        let ignored: Vec<_> = l.ignored.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(
+            ignored,
+            [
+                ("batch", 1),
+                ("occupancy", 1),
+                ("status", 2),
+                ("updated", 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_kinds_it_checks_stay_strict() {
+        let mut l = log();
+        l.handle(1, &json!({"type": "online", "user": "ltu0", "seq": 1}));
+        // seq 2 never came: missed; then seq 3 again: duplicated.
+        l.handle(2, &json!({"type": "online", "user": "ltu0", "seq": 3}));
+        l.handle(3, &json!({"type": "online", "user": "ltu0", "seq": 3}));
+        // Alternation broken: seq 4 must be an offline.
+        l.handle(4, &json!({"type": "online", "user": "ltu0", "seq": 4}));
+        assert_eq!(
+            (
+                l.presence.missed,
+                l.presence.duplicated,
+                l.presence.out_of_order
+            ),
+            (1, 1, 1)
+        );
+        // Checked kinds that fit nothing of the run, and text that is no
+        // frame, are unexpected.
+        for frame in [
+            json!({"type": "online", "user": "someone-else", "seq": 1}),
+            json!({"type": "reply", "ref": 99, "ok": true}),
+            json!({"user": "ltu1", "seq": 1}),
+            Value::Null,
+        ] {
+            l.handle(5, &frame);
+        }
+        assert_eq!(l.unexpected, 4);
+        assert!(l.ignored.is_empty());
+        l.handle(
+            6,
+            &json!({"type": "joined", "room": "ltr0", "user": "ltu1"}),
+        );
+        assert_eq!(
+            l.seen.len(),
+            4,
+            "three presence events kept, one room event"
+        );
     }
 }

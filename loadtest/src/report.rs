@@ -70,8 +70,13 @@ pub struct Report {
     pub presence: EventChecks,
     /// Room event checks at the observers, exact (must be 0).
     pub room: EventChecks,
-    /// Frames at observers that are neither replies nor events of the run.
+    /// Frames at observers of a kind they check that fit nothing of the
+    /// run (a reply no request waits for, an event about another run's
+    /// user), or that are no frame at all.
     pub unexpected_frames: u64,
+    /// Frames at observers of types the tool does not check (a newer
+    /// gateway's events), by type: ignored, and counted only to show.
+    pub ignored_frames: BTreeMap<String, u64>,
     /// `sync` frames at observers.
     pub syncs: u64,
     /// `fanout`'s member checks and fan-out figures.
@@ -197,11 +202,21 @@ impl Report {
                 rows.push((close_all_row(kind), lat(&l)));
             }
         }
+        let ignored = if self.ignored_frames.is_empty() {
+            String::new()
+        } else {
+            let by_type: Vec<String> = self
+                .ignored_frames
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            format!(", ignored {}", by_type.join(", "))
+        };
         rows.extend([
             (
                 "events at observers",
                 format!(
-                    "{} (unexpected frames {}, syncs {})",
+                    "{} (unexpected frames {}, syncs {}{ignored})",
                     self.events, self.unexpected_frames, self.syncs
                 ),
             ),

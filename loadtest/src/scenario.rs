@@ -313,10 +313,14 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
         .map(|at| at.max(opens.1).saturating_sub(started) as f64 / 1e6);
 
     let (mut presence, mut unexpected, mut syncs) = (EventChecks::default(), 0, 0);
+    let mut ignored_frames = BTreeMap::new();
     for o in &observers {
-        presence.add(&o.presence);
-        unexpected += o.unexpected;
-        syncs += o.syncs;
+        presence.add(&o.log.presence);
+        unexpected += o.log.unexpected;
+        syncs += o.log.syncs;
+        for (kind, n) in &o.log.ignored {
+            *ignored_frames.entry(kind.clone()).or_default() += n;
+        }
     }
     let mut errors = shared.errors();
     for r in &reports {
@@ -389,6 +393,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
         presence,
         room: observed.room,
         unexpected_frames: unexpected,
+        ignored_frames,
         syncs,
         fanout,
         checks,
@@ -474,7 +479,7 @@ fn check_observers(
     };
     for o in observers {
         let mut room_events: BTreeMap<usize, Vec<Received>> = BTreeMap::new();
-        for s in &o.seen {
+        for s in &o.log.seen {
             if s.room {
                 room_events
                     .entry(s.user)
@@ -514,7 +519,8 @@ fn all_online_at(observers: &[Observer], closes_from: Stamp) -> Option<Stamp> {
     observers
         .iter()
         .map(|o| {
-            o.seen
+            o.log
+                .seen
                 .iter()
                 .filter(|s| !s.room && s.to && s.at < closes_from)
                 .map(|s| s.at)
@@ -540,7 +546,8 @@ fn fanout_report(helds: &[Held], observers: &[Observer], rooms: usize) -> Option
     let observer_events: u64 = observers
         .iter()
         .map(|o| {
-            o.seen
+            o.log
+                .seen
                 .iter()
                 .filter(|s| s.room && (actions.0..=actions.1).contains(&s.at))
                 .count() as u64
@@ -682,7 +689,7 @@ async fn check(
         .await
         .map_err(failed(0))?;
     for o in observers.iter_mut() {
-        o.count_final_misses(&gateway, in_room);
+        o.log.count_final_misses(&gateway, in_room);
     }
     let mut room_mismatches = 0;
     for r in 0..layout.rooms {

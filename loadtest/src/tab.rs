@@ -1,7 +1,9 @@
 //! One tab: a WebSocket of a user on one gateway. Once welcomed, a reader
 //! task drains it (events, server pings) so the gateway never sees a slow
 //! consumer, counts error frames and server closes by kind, and hands
-//! replies back to the tool, which keeps only the sink.
+//! replies back to the tool, which keeps only the sink. Frames a tab does
+//! not check (presence events, `sync`, types newer than the tool) are
+//! dropped.
 //!
 //! In `fanout` a tab is also a receiver: its reader opens a [`Window`] at
 //! each `join` reply (with the snapshot), records every event of its room
@@ -32,7 +34,7 @@ use crate::{
     clock::Stamp,
     stats::Shared,
     truth::Received,
-    ws::{STEP_TIMEOUT, Ws, open_ws, parse_text, read_error_kind, send_json},
+    ws::{FrameKind, STEP_TIMEOUT, Ws, open_ws, parse_text, read_error_kind, send_json},
 };
 
 /// The members of one room, as user indices, and each one's position.
@@ -354,24 +356,56 @@ fn read_frame(
     frame: Value,
 ) {
     let lock = || log.map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
-    match frame["type"].as_str().unwrap_or_default() {
-        "reply" => {
+    let kind = FrameKind::of(&frame);
+    match kind {
+        Some(FrameKind::Reply) => {
             if let (Some(mut l), Some(r)) = (lock(), frame["ref"].as_u64()) {
                 l.reply(r, at, &frame);
             }
             let _ = replies.send((at, frame));
         }
-        "error" => {
+        Some(FrameKind::Error) => {
             let code = frame["code"].as_str().unwrap_or("unknown");
             shared.error(&format!("tab_error_{code}"));
             let _ = replies.send((at, frame));
         }
-        kind @ ("joined" | "left") => {
+        Some(FrameKind::Joined | FrameKind::Left) => {
             if let Some(mut l) = lock() {
                 shared.events.fetch_add(1, Relaxed);
-                l.event(kind == "joined", at, &frame);
+                l.event(kind == Some(FrameKind::Joined), at, &frame);
             }
         }
+        // A tab checks only its own replies and, as a receiver, its room's
+        // events; anything else (presence, `sync`, types the tool does not
+        // check) is not its business.
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tab_passes_on_its_answers_and_ignores_the_rest() {
+        let shared = Shared::default();
+        let (tx, mut replies) = mpsc::unbounded_channel();
+        for frame in [
+            json!({"type": "updated", "room": "r", "user": "u", "meta": {}}),
+            json!({"type": "status", "user": "u", "status": "away", "ref": 1}),
+            json!({"type": "online", "user": "u", "seq": 1}),
+            json!({"type": "joined", "room": "r", "user": "u"}),
+            json!({"type": "reply", "ref": 1, "ok": true}),
+            json!({"type": "error", "ref": 2, "code": "invalid_room"}),
+        ] {
+            read_frame(&shared, None, &tx, 1, frame);
+        }
+        let mut answers = Vec::new();
+        while let Ok((_, frame)) = replies.try_recv() {
+            answers.push(frame["type"].as_str().unwrap_or_default().to_owned());
+        }
+        assert_eq!(answers, ["reply", "error"]);
+        let errors: Vec<_> = shared.errors().into_iter().collect();
+        assert_eq!(errors, [("tab_error_invalid_room".to_owned(), 1)]);
     }
 }

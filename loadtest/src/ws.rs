@@ -2,7 +2,8 @@
 //! type, its settings, the one bound on every protocol step, the connect
 //! (optionally from a chosen source address) that waits for the `welcome`,
 //! how a socket the tool did not close ended ([`SocketEnd`]: the gateway's
-//! close code and reason), and the stable labels errors are counted under.
+//! close code and reason), the kinds of server frame the tool reads
+//! ([`FrameKind`]), and the stable labels errors are counted under.
 //!
 //! This module knows sockets, not the run: it never counts, checks or
 //! stamps anything itself.
@@ -174,6 +175,50 @@ pub async fn open_ws(url: &str, source: Option<IpAddr>) -> Result<Ws, ConnectErr
             Ok(None) => SocketEnd::Broken(ENDED_WITHOUT_CLOSE.to_owned()),
         };
         return Err(ConnectError::ClosedBeforeWelcome(end));
+    }
+}
+
+/// The kinds of server frame the tool reads, by `type`. Every other type
+/// is [`FrameKind::Unchecked`]: tabs and observers ignore it, so a new
+/// frame in the protocol (`updated`, `status`, …) needs no change here
+/// unless the tool is to check it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// `welcome`, first on every socket.
+    Welcome,
+    /// `reply` to a request.
+    Reply,
+    /// `error` refusing a request.
+    Error,
+    /// `online` presence event.
+    Online,
+    /// `offline` presence event.
+    Offline,
+    /// `joined` room event.
+    Joined,
+    /// `left` room event.
+    Left,
+    /// `sync`: the state to take after a node resubscribed.
+    Sync,
+    /// A type the tool does not check.
+    Unchecked,
+}
+
+impl FrameKind {
+    /// The kind of `frame`; `None` when it is not a JSON object with a
+    /// string `type` (not a frame of any protocol).
+    pub fn of(frame: &Value) -> Option<Self> {
+        Some(match frame.get("type")?.as_str()? {
+            "welcome" => Self::Welcome,
+            "reply" => Self::Reply,
+            "error" => Self::Error,
+            "online" => Self::Online,
+            "offline" => Self::Offline,
+            "joined" => Self::Joined,
+            "left" => Self::Left,
+            "sync" => Self::Sync,
+            _ => Self::Unchecked,
+        })
     }
 }
 
