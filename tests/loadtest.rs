@@ -171,6 +171,30 @@ async fn churn_in_two_worker_processes_is_correct() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_the_gateway_refuses_is_named_in_the_report_with_its_step() {
+    alone_within_scenario_timeout(async {
+        // One connection per user: every user's second tab is refused.
+        let gateway = Gateway::memory(&["--max-conns-per-user", "1"]).await;
+        let target = gateway.ws_url_base();
+        let opts = Options::new(vec![target.clone()], 20, 2);
+        let report = presenced_load::run(Scenario::Storm, &opts, false)
+            .await
+            .expect("the run completes: a refused tab is counted, not fatal");
+        assert_eq!(report.errors.get("connect_http_429"), Some(&20));
+        let first = &report.first_errors["connect_http_429"];
+        assert!(first.starts_with("tab 1 of lt"), "{first}");
+        assert!(
+            first.ends_with(&format!(
+                " on {target} could not connect: the upgrade was answered with HTTP 429 during the storm"
+            )),
+            "{first}"
+        );
+        assert!(report.table().contains(first.as_str()));
+    })
+    .await;
+}
+
 /// Not a test of its own: `run_cli` runs this test binary with only this
 /// function, which then runs the tool's command line exactly as the
 /// `presenced-load` binary does (print, exit status), with the arguments

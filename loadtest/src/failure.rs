@@ -7,46 +7,9 @@
 //! measured and checked ([`crate::Report`]), however wrong; a failure means
 //! the checks could not be made. Both exit with status 1.
 
-use std::fmt;
-
 use serde_json::json;
 
-use crate::{observer::ObserverError, options::Scenario, shard::ShardFailure};
-
-/// The steps of a run, as the coordinator takes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// Connecting the observers, watching every user, joining every room,
-    /// starting the shards.
-    Setup,
-    /// The scenario's action phase: the storm, the opens of a hold, the
-    /// churn, or the opens, leaves and joins of a fanout.
-    Actions(Scenario),
-    /// `hold`: the tabs held open.
-    Hold,
-    /// The check after the action phase (`held`).
-    HeldCheck,
-    /// Closing every tab.
-    CloseAll,
-    /// The check after every tab closed (`closed`).
-    ClosedCheck,
-}
-
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Setup => "the setup",
-            Self::Actions(Scenario::Storm) => "the storm",
-            Self::Actions(Scenario::Hold) => "the opens",
-            Self::Actions(Scenario::Churn) => "the churn",
-            Self::Actions(Scenario::Fanout) => "the fanout",
-            Self::Hold => "the hold",
-            Self::HeldCheck => "the held check",
-            Self::CloseAll => "the close of every tab",
-            Self::ClosedCheck => "the closed check",
-        })
-    }
-}
+use crate::{observer::ObserverError, options::Scenario, shard::ShardFailure, step::Step};
 
 /// What ended a run before its report.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -15,12 +15,13 @@
 //! the gateway's `query` and `room` answers with it, twice (tabs held,
 //! tabs closed), checks each observer event against the shards' truth logs
 //! and returns a [`report::Report`]. Counters shared while running live in
-//! [`stats::Shared`]; every stamp is on the run's [`clock::RunClock`].
+//! [`stats::Shared`] (errors by kind, the first of each said in full with
+//! its [`step::Step`]); every stamp is on the run's [`clock::RunClock`].
 //!
 //! A run that cannot finish (an observer the gateway closed, a shard that
 //! stopped) returns a [`failure::Failure`] instead: the observer's
 //! [`observer::ObserverError`] or the shard's [`shard::ShardFailure`],
-//! with the [`failure::Step`] the run was in. [`cli`] prints the report or
+//! with the [`step::Step`] the run was in. [`cli`] prints the report or
 //! that one failure line and gives the exit status; nothing on the way
 //! panics.
 //!
@@ -43,6 +44,7 @@ pub mod rng;
 pub mod scenario;
 pub mod shard;
 pub mod stats;
+pub mod step;
 pub mod tab;
 pub mod target;
 pub mod truth;
@@ -50,7 +52,8 @@ pub mod user;
 pub mod worker;
 pub mod ws;
 
-pub use failure::{Failure, Step};
+pub use failure::Failure;
 pub use options::{Options, Scenario};
 pub use report::Report;
 pub use scenario::run;
+pub use step::Step;

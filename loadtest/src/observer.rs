@@ -490,11 +490,18 @@ impl Observer {
             match self.request_once(request.clone(), &kind).await? {
                 Ok(reply) => return Ok(reply),
                 Err(code) if code == "rate_limited" => {
-                    self.shared.error("observer_error_rate_limited");
+                    self.shared.error("observer_error_rate_limited", || {
+                        format!(
+                            "observer {} was refused {kind:?} with rate_limited",
+                            self.name
+                        )
+                    });
                     sleep(RATE_LIMITED_PAUSE).await;
                 }
                 Err(code) => {
-                    self.shared.error(&format!("observer_error_{code}"));
+                    self.shared.error(&format!("observer_error_{code}"), || {
+                        format!("observer {} was refused {kind:?} with {code}", self.name)
+                    });
                     return Err(ObserverError::Refused {
                         target: self.target_url.clone(),
                         request: kind,

@@ -86,6 +86,9 @@ pub struct Report {
     pub checks: Vec<Comparison>,
     /// Errors by kind.
     pub errors: BTreeMap<String, u64>,
+    /// The first error of each kind, said in full: which tab or observer,
+    /// what the gateway said (close code and reason), in which step.
+    pub first_errors: BTreeMap<String, String>,
     /// The gateways' processes.
     pub gateway: GatewayReport,
     /// The cluster's Redis transactions (`--redis`).
@@ -147,8 +150,8 @@ impl Report {
         };
         let _ = writeln!(
             s,
-            "presenced-load {:?}: {} users x {} tabs on {} target(s) from {} process(es), {} rooms of {}, {} observer(s), rate {}, {:.1} s",
-            self.scenario,
+            "presenced-load {}: {} users x {} tabs on {} target(s) from {} process(es), {} rooms of {}, {} observer(s), rate {}, {:.1} s",
+            self.scenario.name(),
             self.users,
             self.tabs,
             self.targets.len(),
@@ -276,6 +279,9 @@ impl Report {
                 .join(", ")
         };
         let _ = writeln!(s, "  {:<24} {errors}", "errors");
+        for (kind, said) in &self.first_errors {
+            let _ = writeln!(s, "  {:<24} first {kind}: {said}", "");
+        }
         for t in &self.gateway.targets {
             let f = |p: &Option<ProcessSample>| match p {
                 Some(p) => format!(

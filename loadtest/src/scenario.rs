@@ -24,13 +24,14 @@ use tokio::{
 
 use crate::{
     clock::{RunClock, Stamp},
-    failure::{Failure, Step},
+    failure::Failure,
     layout::Layout,
     observer::{Comparison, Observer, ObserverError},
     options::{Options, Scenario},
     report::{FanoutReport, GatewayReport, RedisReport, Report, TargetReport},
     shard::{FanoutShard, Held, Order, QUIET_WINDOW, ShardFailure, ShardMsg, ShardSpec},
     stats::{EventKind, HistogramData, KindHistograms, Latency, Progress, Shared},
+    step::Step,
     target::{ProcessSample, Target},
     truth::{EventChecks, Received, TruthLog, WindowOfUser, check_window},
     worker::{self, ShardHandle},
@@ -239,6 +240,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
     // The action phase.
     shards.order(Order::Go);
     let actions = Step::Actions(scenario);
+    shared.set_step(actions);
     let (helds, observers_back) = with_observers(
         observers,
         actions,
@@ -260,11 +262,13 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
 
     let held_sample = sample_all(&processes).await;
     let held = (Step::HeldCheck, "held");
+    shared.set_step(Step::HeldCheck);
     let mut checks = vec![check(held, &mut observers, &online, &in_room, &layout).await?];
     // Every observer saw every transition: the store wrote them all.
     let redis_held = redis_sample(opts, Step::HeldCheck).await?;
     if scenario == Scenario::Hold {
         let hold = Duration::from_secs_f64(opts.duration);
+        shared.set_step(Step::Hold);
         observers = with_observers(observers, Step::Hold, async {
             sleep(hold).await;
             Ok(())
@@ -276,6 +280,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
 
     let closes_from = clock.now();
     shards.order(Order::Close);
+    shared.set_step(Step::CloseAll);
     let (reports, observers_back) = with_observers(
         observers,
         Step::CloseAll,
@@ -288,6 +293,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
     observers = observers_back;
     let nobody = vec![false; layout.users];
     let closed = (Step::ClosedCheck, "closed");
+    shared.set_step(Step::ClosedCheck);
     checks.push(check(closed, &mut observers, &nobody, &nobody, &layout).await?);
     let after = sample_all(&processes).await;
     let redis_after = redis_sample(opts, Step::ClosedCheck).await?;
@@ -323,9 +329,17 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
         }
     }
     let mut errors = shared.errors();
+    let mut first_errors = shared.first_errors();
     for r in &reports {
         for (k, v) in &r.errors {
             *errors.entry(k.clone()).or_default() += v;
+        }
+        // The first shard's first of a kind stands for all (they ran at
+        // once; which came first across processes is not known).
+        for (k, said) in &r.first_errors {
+            first_errors
+                .entry(k.clone())
+                .or_insert_with(|| said.clone());
         }
     }
     let connects: u64 = reports.iter().map(|r| r.connects).sum();
@@ -398,6 +412,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
         fanout,
         checks,
         errors,
+        first_errors,
         gateway,
         redis,
     })
@@ -492,7 +507,16 @@ fn check_observers(
                     let kind = EventKind::of(false, s.to);
                     out.record(kind, t.sent, s.at, t.target != o.target, steady_until);
                 }
-                None => shared.error("event_without_cause"),
+                None => shared.error_found("event_without_cause", || {
+                    let kind = if s.to { "online" } else { "offline" };
+                    format!(
+                        "observer {} got {kind} seq {} of user {} {} ms into the run, which no action of the user explains",
+                        o.name,
+                        s.seq,
+                        layout.user_name(s.user),
+                        s.at / 1000
+                    )
+                }),
             }
         }
         for (u, log) in truth.iter().enumerate() {

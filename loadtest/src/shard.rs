@@ -41,6 +41,7 @@ use crate::{
     options::{Options, Scenario},
     rng::Rng,
     stats::{EventKind, HistogramData, KindHistograms, Progress, Shared},
+    step::Step,
     tab::RoomIndex,
     target::Target,
     truth::{EventChecks, TruthLog, WindowOfUser, check_window},
@@ -182,6 +183,8 @@ pub struct ShardReport {
     pub connect_latency: HistogramData,
     /// Errors by kind.
     pub errors: BTreeMap<String, u64>,
+    /// The first error of each kind, said in full.
+    pub first_errors: BTreeMap<String, String>,
     /// Every user's true transitions.
     pub truth: Vec<(usize, TruthLog)>,
 }
@@ -244,6 +247,7 @@ pub async fn run(
     if orders.recv().await != Some(Order::Go) {
         return Err(ShardFailure::Orphaned);
     }
+    shared.set_step(Step::Actions(scenario));
 
     let procs = layout.shards as f64;
     let rate = opts.rate_for(scenario) / procs;
@@ -287,9 +291,11 @@ pub async fn run(
         fanout,
     };
     let _ = out.send(ShardMsg::Held(Box::new(held)));
+    shared.set_step(Step::Held);
     if orders.recv().await != Some(Order::Close) {
         return Err(ShardFailure::Orphaned);
     }
+    shared.set_step(Step::CloseAll);
 
     let users = close_all(users).await?;
     drop(reporter);
@@ -299,6 +305,7 @@ pub async fn run(
         closes: shared.closes.load(Relaxed),
         connect_latency: shared.connect_latency(),
         errors: shared.errors(),
+        first_errors: shared.first_errors(),
         truth: users.into_iter().map(|u| (u.index, u.log)).collect(),
     };
     let _ = out.send(ShardMsg::Done(Box::new(report)));
@@ -409,7 +416,7 @@ async fn close_all(users: Vec<User>) -> Result<Vec<User>, ShardFailure> {
 
 /// One action of a user, as a boxed future (so both churn and fanout
 /// steps fit one driver).
-type Step = dyn for<'a> Fn(&'a mut User) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+type Action = dyn for<'a> Fn(&'a mut User) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>
     + Send
     + Sync;
 
@@ -428,7 +435,7 @@ where
         + Sync
         + 'static,
 {
-    let step: Arc<Step> = Arc::new(step);
+    let step: Arc<Action> = Arc::new(step);
     let n = users.len() as f64;
     let interval = if rate > 0.0 { n / rate } else { 0.0 };
     let end = Instant::now() + Duration::from_secs_f64(seconds);

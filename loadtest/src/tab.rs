@@ -34,7 +34,7 @@ use crate::{
     clock::Stamp,
     stats::Shared,
     truth::Received,
-    ws::{FrameKind, STEP_TIMEOUT, Ws, open_ws, parse_text, read_error_kind, send_json},
+    ws::{FrameKind, STEP_TIMEOUT, SocketEnd, Ws, open_ws, parse_text, read_error_kind, send_json},
 };
 
 /// The members of one room, as user indices, and each one's position.
@@ -176,6 +176,8 @@ pub struct Tab {
     pub joined: bool,
     /// The target index this tab is connected to.
     pub target: u16,
+    /// Who it is, for error reports: `tab 1 of lt…u7 on ws://…/ws`.
+    who: Arc<str>,
     /// What this tab received, when it is a receiver.
     pub log: Option<Arc<Mutex<ReceiverLog>>>,
 }
@@ -190,12 +192,13 @@ impl Drop for Tab {
 }
 
 impl Tab {
-    /// Opens a tab at `url`; records the connect latency or the error.
-    /// With `log`, the tab records its room's events.
+    /// Opens a tab at `url` (`who`, in error reports); records the
+    /// connect latency or the error. With `log`, the tab records its
+    /// room's events.
     pub async fn open(
-        url: &str,
-        target: u16,
+        (url, target): (&str, u16),
         source: Option<IpAddr>,
+        who: Arc<str>,
         shared: &Arc<Shared>,
         log: Option<ReceiverLog>,
     ) -> Option<Tab> {
@@ -203,7 +206,7 @@ impl Tab {
         let ws = match open_ws(url, source).await {
             Ok(ws) => ws,
             Err(e) => {
-                shared.error(&e.label());
+                shared.error(&e.label(), || format!("{who} could not connect: {e}"));
                 return None;
             }
         };
@@ -214,27 +217,35 @@ impl Tab {
         let reader_closing = Arc::clone(&closing);
         let log = log.map(|l| Arc::new(Mutex::new(l)));
         let reader_log = log.clone();
+        let reader_who = Arc::clone(&who);
         let (tx, replies) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
+            let (shared, who) = (reader_shared, reader_who);
             while let Some(frame) = stream.next().await {
                 match frame {
                     Ok(Message::Text(t)) => {
-                        let at = reader_shared.clock.now();
+                        let at = shared.clock.now();
                         let frame = parse_text(&t);
-                        read_frame(&reader_shared, reader_log.as_deref(), &tx, at, frame);
+                        read_frame(&shared, &who, reader_log.as_deref(), &tx, at, frame);
                     }
                     Ok(Message::Close(close)) if !reader_closing.load(Relaxed) => {
-                        let code = close.map_or(CloseCode::Status, |c| c.code);
-                        reader_shared.error(&format!("closed_by_server_{}", u16::from(code)));
+                        let code = close.as_ref().map_or(CloseCode::Status, |c| c.code);
+                        let end = SocketEnd::of_close(close.as_ref());
+                        shared.error(&format!("closed_by_server_{}", u16::from(code)), || {
+                            format!("{who} {}", end.said_of("the gateway"))
+                        });
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        let when = if reader_closing.load(Relaxed) {
-                            "after_close_"
+                        if reader_closing.load(Relaxed) {
+                            shared.error(&format!("after_close_{}", read_error_kind(&e)), || {
+                                format!("{who} got no Close reply to its Close: {e}")
+                            });
                         } else {
-                            ""
-                        };
-                        reader_shared.error(&format!("{when}{}", read_error_kind(&e)));
+                            shared.error(&read_error_kind(&e), || {
+                                format!("{who} lost its connection: {e}")
+                            });
+                        }
                         break;
                     }
                 }
@@ -248,6 +259,7 @@ impl Tab {
             next_ref: 0,
             joined: false,
             target,
+            who,
             log,
         })
     }
@@ -270,19 +282,26 @@ impl Tab {
             log.lock().unwrap().pending = Some((r, kind == "join", sent, own_before));
         }
         let frame = json!({"type": kind, "room": room, "ref": r});
-        if send_json(&mut self.sink, &frame).await.is_err() {
-            shared.error(&format!("{kind}_send"));
+        let who = &self.who;
+        if let Err(e) = send_json(&mut self.sink, &frame).await {
+            shared.error(&format!("{kind}_send"), || {
+                format!("{who} could not send its {kind:?}: {e}")
+            });
             return None;
         }
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
             match timeout_at(deadline.into(), self.replies.recv()).await {
                 Err(_) => {
-                    shared.error(&format!("{kind}_reply_timeout"));
+                    shared.error(&format!("{kind}_reply_timeout"), || {
+                        format!("{who} got no reply to its {kind:?} within {STEP_TIMEOUT:?}")
+                    });
                     return None;
                 }
                 Ok(None) => {
-                    shared.error(&format!("{kind}_tab_gone"));
+                    shared.error(&format!("{kind}_tab_gone"), || {
+                        format!("{who} ended before the reply to its {kind:?}")
+                    });
                     return None;
                 }
                 Ok(Some((at, reply))) if reply["ref"] == json!(r) => {
@@ -329,19 +348,26 @@ impl Tab {
     pub async fn close(mut self, shared: &Shared) {
         shared.closes.fetch_add(1, Relaxed);
         shared.open.fetch_sub(1, Relaxed);
+        let who = Arc::clone(&self.who);
         if self.ended_by_server() {
-            shared.error("closed_by_server");
+            shared.error("closed_by_server", || {
+                format!("{who} had ended before the tool closed it")
+            });
             return;
         }
         self.closing.store(true, Relaxed);
-        if self.sink.send(Message::Close(None)).await.is_err() {
-            shared.error("close_send");
+        if let Err(e) = self.sink.send(Message::Close(None)).await {
+            shared.error("close_send", || {
+                format!("{who} could not send its Close: {e}")
+            });
         }
         match timeout(STEP_TIMEOUT, &mut self.reader).await {
             Ok(_) => {}
             Err(_) => {
                 self.reader.abort();
-                shared.error("close_timeout");
+                shared.error("close_timeout", || {
+                    format!("{who} got no Close reply within {STEP_TIMEOUT:?}")
+                });
             }
         }
     }
@@ -350,6 +376,7 @@ impl Tab {
 /// One text frame at a tab's reader.
 fn read_frame(
     shared: &Shared,
+    who: &str,
     log: Option<&Mutex<ReceiverLog>>,
     replies: &mpsc::UnboundedSender<(Stamp, Value)>,
     at: Stamp,
@@ -366,7 +393,9 @@ fn read_frame(
         }
         Some(FrameKind::Error) => {
             let code = frame["code"].as_str().unwrap_or("unknown");
-            shared.error(&format!("tab_error_{code}"));
+            shared.error(&format!("tab_error_{code}"), || {
+                format!("{who} got the error frame {frame}")
+            });
             let _ = replies.send((at, frame));
         }
         Some(FrameKind::Joined | FrameKind::Left) => {
@@ -398,7 +427,7 @@ mod tests {
             json!({"type": "reply", "ref": 1, "ok": true}),
             json!({"type": "error", "ref": 2, "code": "invalid_room"}),
         ] {
-            read_frame(&shared, None, &tx, 1, frame);
+            read_frame(&shared, "tab 0 of u", None, &tx, 1, frame);
         }
         let mut answers = Vec::new();
         while let Ok((_, frame)) = replies.try_recv() {
@@ -407,5 +436,11 @@ mod tests {
         assert_eq!(answers, ["reply", "error"]);
         let errors: Vec<_> = shared.errors().into_iter().collect();
         assert_eq!(errors, [("tab_error_invalid_room".to_owned(), 1)]);
+        let first = &shared.first_errors()["tab_error_invalid_room"];
+        assert!(
+            first.starts_with("tab 0 of u got the error frame {"),
+            "{first}"
+        );
+        assert!(first.ends_with("during the setup"), "{first}");
     }
 }
