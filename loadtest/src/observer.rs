@@ -34,7 +34,7 @@ use tokio::{
     task::JoinHandle,
     time::{sleep, timeout_at},
 };
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     clock::Stamp,
@@ -42,8 +42,8 @@ use crate::{
     target::Target,
     truth::EventChecks,
     ws::{
-        ConnectError, ENDED_WITHOUT_CLOSE, FrameKind, STEP_TIMEOUT, SocketEnd, Ws, open_ws,
-        parse_text, send_json,
+        ConnectError, ENDED_WITHOUT_CLOSE, FrameKind, STEP_TIMEOUT, SendError, SocketEnd, Ws,
+        open_ws, parse_text, send_json,
     },
 };
 
@@ -466,7 +466,7 @@ impl Observer {
     /// A send failed: the socket's end as the reader saw it (the gateway's
     /// Close usually arrived before the send found the socket closing),
     /// else the send's own error. Frames still queued are handled.
-    async fn lost(&mut self, error: WsError) -> ObserverError {
+    async fn lost(&mut self, error: SendError) -> ObserverError {
         let deadline = Instant::now() + END_GRACE;
         loop {
             match self.next_frame(deadline).await {

@@ -21,7 +21,7 @@ use std::{
     time::Instant,
 };
 
-use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use futures_util::{StreamExt, stream::SplitSink};
 use serde_json::{Value, json};
 use tokio::{
     sync::mpsc,
@@ -34,7 +34,10 @@ use crate::{
     clock::Stamp,
     stats::Shared,
     truth::Received,
-    ws::{FrameKind, STEP_TIMEOUT, SocketEnd, Ws, open_ws, parse_text, read_error_kind, send_json},
+    ws::{
+        FrameKind, STEP_TIMEOUT, SocketEnd, Ws, open_ws, parse_text, read_error_kind, send,
+        send_json,
+    },
 };
 
 /// The members of one room, as user indices, and each one's position.
@@ -356,7 +359,7 @@ impl Tab {
             return;
         }
         self.closing.store(true, Relaxed);
-        if let Err(e) = self.sink.send(Message::Close(None)).await {
+        if let Err(e) = send(&mut self.sink, Message::Close(None)).await {
             shared.error("close_send", || {
                 format!("{who} could not send its Close: {e}")
             });

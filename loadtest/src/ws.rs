@@ -231,12 +231,36 @@ pub fn parse_text(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or(Value::Null)
 }
 
-/// Sends `frame` as one text message.
-pub async fn send_json<S>(sink: &mut S, frame: &Value) -> Result<(), WsError>
+/// Why a send failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The socket refused it (closing, closed, reset, ...).
+    #[error("{0}")]
+    Ws(#[from] WsError),
+    /// The gateway took nothing for [`STEP_TIMEOUT`] (it stopped reading).
+    #[error("the gateway took nothing for {STEP_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// Sends `message`, waiting at most [`STEP_TIMEOUT`] for the gateway to
+/// take it: a gateway that stopped reading fills the socket's buffers, and
+/// then a send would wait for ever.
+pub async fn send<S>(sink: &mut S, message: Message) -> Result<(), SendError>
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
-    sink.send(Message::Text(frame.to_string().into())).await
+    match timeout(STEP_TIMEOUT, sink.send(message)).await {
+        Ok(sent) => Ok(sent?),
+        Err(_) => Err(SendError::Timeout),
+    }
+}
+
+/// Sends `frame` as one text message, as [`send`] does.
+pub async fn send_json<S>(sink: &mut S, frame: &Value) -> Result<(), SendError>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    send(sink, Message::Text(frame.to_string().into())).await
 }
 
 /// A TCP connection to the host of `ws://HOST:PORT/...` bound to `source`,
