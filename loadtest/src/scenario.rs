@@ -269,9 +269,15 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
     if scenario == Scenario::Hold {
         let hold = Duration::from_secs_f64(opts.duration);
         shared.set_step(Step::Hold);
+        // Nothing but progress is due from the shards while they hold:
+        // anything else (a worker's end, its silence) fails the hold now
+        // rather than at the close.
+        let shard_failure = shards.next_of_all(Step::Hold, SHARD_SILENCE, |_| None::<()>);
         observers = with_observers(observers, Step::Hold, async {
-            sleep(hold).await;
-            Ok(())
+            tokio::select! {
+                () = sleep(hold) => Ok(()),
+                failed = shard_failure => failed.map(drop),
+            }
         })
         .await?
         .1;
