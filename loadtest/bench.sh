@@ -143,6 +143,9 @@ run() {
     echo "   failed (exit $rc):" >&2
     tail -5 "$work/$name.err" >&2
     echo '{}' >"$work/$name.json"
+  elif jq -e '.failure' "$work/$name.json" >/dev/null; then
+    # A run that could not finish printed one line saying why.
+    echo "   FAILED: $(jq -r '.failure' "$work/$name.json")" >&2
   fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$nodes" "$scenario" "$*" "$flags" >>"$work/runs.tsv"
   echo "   $(jq -r '"\(.scenario // "-") correct=\(if .checks then ([.checks[] | .observers_settled and .presence_mismatches == 0 and .room_mismatches == 0] | all) and .presence.missed + .presence.duplicated + .presence.out_of_order + .room.missed + .room.duplicated + .room.out_of_order == 0 else false end) connects=\(.connects // 0) errors=\(.errors // {} | tostring)"' "$work/$name.json")" >&2

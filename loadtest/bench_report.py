@@ -109,7 +109,16 @@ rows.append(
         at_most(p99_ms, 5.0, " ms"),
     )
 )
-if churn:
+if churn.get("failure"):
+    rows.append(
+        (
+            "`churn`: missed / duplicated / out-of-order events; final state exact",
+            f"FAILED: {churn['failure']}",
+            "0 / 0 / 0; exact",
+            "missed",
+        )
+    )
+elif churn:
     missed = sum(churn[k]["missed"] for k in ("presence", "room"))
     dup = sum(churn[k]["duplicated"] for k in ("presence", "room"))
     ooo = sum(churn[k]["out_of_order"] for k in ("presence", "room"))
@@ -173,6 +182,9 @@ for run in runs:
     r = run["r"]
     if not r:
         out.append(f"| {run['name']} | `{run['scenario']} {run['args']}` | {run['flags'] or 'default'} | FAILED (no report) | | | | | |")
+        continue
+    if "failure" in r:
+        out.append(f"| {run['name']} | `{run['scenario']} {run['args']}` | {run['flags'] or 'default'} | FAILED: {r['failure']} | | | | | |")
         continue
     lat = r["event_latency_cross_node"] if run["nodes"] > 1 else r["event_latency"]
     kinds = " / ".join(

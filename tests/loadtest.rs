@@ -4,12 +4,29 @@
 //! node and on a two-node Redis cluster; so must a storm, a fanout (every
 //! member tab checked too) and a churn run in two worker processes. This
 //! keeps `presenced-load` honest as the gateway changes, and the gateway
-//! honest under the tool.
+//! honest under the tool. A run the gateway cuts short (its observer
+//! closed as a slow consumer, or the gateway killed) must end with one
+//! line naming the observer, the step and the close, and exit status 1,
+//! never with a panic.
 
 mod support;
 
-use presenced_load::{Options, Report, Scenario};
-use support::{Gateway, RedisServer, alone_within_scenario_timeout};
+use std::{
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use presenced_load::{
+    Failure, Options, Report, Scenario, Step, observer::ObserverError, options::Cli, ws::SocketEnd,
+};
+use support::{EVENT_TIMEOUT, Gateway, RedisServer, alone_within_scenario_timeout};
+use tokio::{process::Command, time::sleep};
+
+/// Where `load_cli_entry` finds its command line (a JSON array).
+const CLI_ARGS_ENV: &str = "PRESENCED_LOAD_TEST_CLI_ARGS";
+/// How often a test looks at the gateway's `/metrics` while it waits.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Every error the tool saw, by kind. A tab that sent its Close must get
 /// the gateway's Close reply, not a reset (`after_close_*` errors).
@@ -150,6 +167,147 @@ async fn churn_in_two_worker_processes_is_correct() {
         assert_eq!(errors(&report), vec![], "{}", report.table());
         assert!(report.connects > 0 && report.closes == report.connects);
         assert!(report.event_latency.joined.n > 0, "{}", report.table());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_the_gateway_refuses_is_named_in_the_report_with_its_step() {
+    alone_within_scenario_timeout(async {
+        // One connection per user: every user's second tab is refused.
+        let gateway = Gateway::memory(&["--max-conns-per-user", "1"]).await;
+        let target = gateway.ws_url_base();
+        let opts = Options::new(vec![target.clone()], 20, 2);
+        let report = presenced_load::run(Scenario::Storm, &opts, false)
+            .await
+            .expect("the run completes: a refused tab is counted, not fatal");
+        assert_eq!(report.errors.get("connect_http_429"), Some(&20));
+        let first = &report.first_errors["connect_http_429"];
+        assert!(first.starts_with("tab 1 of lt"), "{first}");
+        assert!(
+            first.ends_with(&format!(
+                " on {target} could not connect: the upgrade was answered with HTTP 429 during the storm"
+            )),
+            "{first}"
+        );
+        assert!(report.table().contains(first.as_str()));
+    })
+    .await;
+}
+
+/// Not a test of its own: `run_cli` runs this test binary with only this
+/// function, which then runs the tool's command line exactly as the
+/// `presenced-load` binary does (print, exit status), with the arguments
+/// in the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_cli_entry() {
+    if let Ok(args) = std::env::var(CLI_ARGS_ENV) {
+        let args: Vec<String> = serde_json::from_str(&args).expect("the arguments as JSON");
+        let cli = Cli::try_parse_from(std::iter::once("presenced-load".to_owned()).chain(args))
+            .expect("a valid command line");
+        let ok = presenced_load::cli::execute(cli, false).await;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
+}
+
+/// Runs `presenced-load ARGS` (through `load_cli_entry`) to its end.
+async fn run_cli(args: &[&str]) -> Output {
+    let exe = std::env::current_exe().expect("test binary");
+    Command::new(exe)
+        .args([
+            "load_cli_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CLI_ARGS_ENV, serde_json::to_string(args).unwrap())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("the tool runs")
+}
+
+/// The tool's own lines on stdout. The test harness prints its own too,
+/// and its `test load_cli_entry ... ` starts the line the tool's first
+/// output goes on.
+fn tool_lines(stdout: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| l.find("presenced-load ").map(|i| l[i..].to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_cut_off_as_a_slow_consumer_ends_the_run_with_one_failure_line() {
+    alone_within_scenario_timeout(async {
+        // An outbox of one frame: the first store batch of a storm's
+        // `online`s overflows the observer's four times over, and the
+        // gateway closes it with 4008 at once.
+        let gateway = Gateway::memory(&["--outbox-messages", "1"]).await;
+        let target = gateway.ws_url_base();
+        let out = run_cli(&["storm", "--targets", &target, "--users", "300"]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "the tool panicked:\n{stderr}");
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let lines = tool_lines(&out.stdout);
+        assert_eq!(lines.len(), 1, "one report line: {lines:#?}");
+        let expected = format!(
+            "presenced-load storm: FAILED: observer 0 was closed by {target} with 4008 slow consumer during the storm; "
+        );
+        let hint = lines[0]
+            .strip_prefix(&expected)
+            .unwrap_or_else(|| panic!("{:?} does not start with {expected:?}", lines[0]));
+        assert!(hint.contains("--outbox-messages"), "{hint}");
+    })
+    .await;
+}
+
+/// Waits until the gateway opened at least `n` connections.
+async fn wait_for_connections(gateway: &Gateway, n: f64) {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    while gateway.metric("presenced_connections_opened_total").await < n {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} connections within {EVENT_TIMEOUT:?}"
+        );
+        sleep(POLL_INTERVAL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_churn_whose_gateway_is_killed_fails_at_once_naming_the_observer_and_the_step() {
+    alone_within_scenario_timeout(async {
+        let mut gateway = Gateway::memory(&[]).await;
+        let mut opts = small_churn(vec![gateway.ws_url_base()]);
+        opts.observers = 1;
+        // Far longer than the test waits: the run must not sit it out.
+        opts.duration = 60.0;
+        let target = gateway.ws_url_base();
+        let load = presenced_load::run(Scenario::Churn, &opts, false);
+        let kill = async {
+            // The observer and a good part of the tabs are in.
+            wait_for_connections(&gateway, 30.0).await;
+            gateway.kill().await;
+            Instant::now()
+        };
+        let (result, killed) = tokio::join!(load, kill);
+        let ended = killed.elapsed();
+        match result {
+            Err(Failure::Observer {
+                index: 0,
+                step: Step::Actions(Scenario::Churn),
+                error:
+                    ObserverError::Closed {
+                        target: t,
+                        end: SocketEnd::Broken(_),
+                    },
+            }) if t == target => {}
+            other => panic!("not the observer's lost connection during the churn: {other:?}"),
+        }
+        assert!(
+            ended < Duration::from_secs(10),
+            "the run went on {ended:?} after the gateway died"
+        );
     })
     .await;
 }

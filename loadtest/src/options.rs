@@ -86,6 +86,18 @@ pub enum Scenario {
     Fanout,
 }
 
+impl Scenario {
+    /// The subcommand's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Storm => "storm",
+            Self::Churn => "churn",
+            Self::Hold => "hold",
+            Self::Fanout => "fanout",
+        }
+    }
+}
+
 /// Options common to every scenario.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct Options {

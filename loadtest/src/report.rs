@@ -6,10 +6,11 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use serde::Serialize;
 
 use crate::{
-    observer::{Comparison, EventChecks},
+    observer::Comparison,
     options::Scenario,
     stats::{KindLatencies, Latency},
     target::ProcessSample,
+    truth::EventChecks,
 };
 
 /// Everything a run measured and checked.
@@ -69,8 +70,13 @@ pub struct Report {
     pub presence: EventChecks,
     /// Room event checks at the observers, exact (must be 0).
     pub room: EventChecks,
-    /// Frames at observers that are neither replies nor events of the run.
+    /// Frames at observers of a kind they check that fit nothing of the
+    /// run (a reply no request waits for, an event about another run's
+    /// user), or that are no frame at all.
     pub unexpected_frames: u64,
+    /// Frames at observers of types the tool does not check (a newer
+    /// gateway's events), by type: ignored, and counted only to show.
+    pub ignored_frames: BTreeMap<String, u64>,
     /// `sync` frames at observers.
     pub syncs: u64,
     /// `fanout`'s member checks and fan-out figures.
@@ -80,6 +86,9 @@ pub struct Report {
     pub checks: Vec<Comparison>,
     /// Errors by kind.
     pub errors: BTreeMap<String, u64>,
+    /// The first error of each kind, said in full: which tab or observer,
+    /// what the gateway said (close code and reason), in which step.
+    pub first_errors: BTreeMap<String, String>,
     /// The gateways' processes.
     pub gateway: GatewayReport,
     /// The cluster's Redis transactions (`--redis`).
@@ -141,8 +150,8 @@ impl Report {
         };
         let _ = writeln!(
             s,
-            "presenced-load {:?}: {} users x {} tabs on {} target(s) from {} process(es), {} rooms of {}, {} observer(s), rate {}, {:.1} s",
-            self.scenario,
+            "presenced-load {}: {} users x {} tabs on {} target(s) from {} process(es), {} rooms of {}, {} observer(s), rate {}, {:.1} s",
+            self.scenario.name(),
             self.users,
             self.tabs,
             self.targets.len(),
@@ -196,11 +205,21 @@ impl Report {
                 rows.push((close_all_row(kind), lat(&l)));
             }
         }
+        let ignored = if self.ignored_frames.is_empty() {
+            String::new()
+        } else {
+            let by_type: Vec<String> = self
+                .ignored_frames
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            format!(", ignored {}", by_type.join(", "))
+        };
         rows.extend([
             (
                 "events at observers",
                 format!(
-                    "{} (unexpected frames {}, syncs {})",
+                    "{} (unexpected frames {}, syncs {}{ignored})",
                     self.events, self.unexpected_frames, self.syncs
                 ),
             ),
@@ -260,6 +279,9 @@ impl Report {
                 .join(", ")
         };
         let _ = writeln!(s, "  {:<24} {errors}", "errors");
+        for (kind, said) in &self.first_errors {
+            let _ = writeln!(s, "  {:<24} first {kind}: {said}", "");
+        }
         for t in &self.gateway.targets {
             let f = |p: &Option<ProcessSample>| match p {
                 Some(p) => format!(

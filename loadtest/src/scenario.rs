@@ -24,28 +24,37 @@ use tokio::{
 
 use crate::{
     clock::{RunClock, Stamp},
+    failure::Failure,
     layout::Layout,
-    observer::{Comparison, EventChecks, Observer},
+    observer::{Comparison, Observer, ObserverError},
     options::{Options, Scenario},
     report::{FanoutReport, GatewayReport, RedisReport, Report, TargetReport},
-    shard::{FanoutShard, Held, Order, QUIET_WINDOW, ShardMsg, ShardSpec},
+    shard::{FanoutShard, Held, Order, QUIET_WINDOW, ShardFailure, ShardMsg, ShardSpec},
     stats::{EventKind, HistogramData, KindHistograms, Latency, Progress, Shared},
-    tab::STEP_TIMEOUT,
+    step::Step,
     target::{ProcessSample, Target},
-    truth::{TruthLog, WindowOfUser, check_window},
+    truth::{EventChecks, Received, TruthLog, WindowOfUser, check_window},
     worker::{self, ShardHandle},
+    ws::STEP_TIMEOUT,
 };
 
 /// How often the progress line redraws.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 /// Longest a shard may take to build its users (a worker to start).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a shard may stay silent once it runs: it reports progress four
+/// times a second while it acts, so this long without a word means it is
+/// stuck, not busy.
+const SHARD_SILENCE: Duration = Duration::from_secs(30);
+/// How often the silence of the shards is looked at while waiting.
+const SILENCE_POLL: Duration = Duration::from_secs(1);
 
 /// The shards, and the latest progress of each.
 struct Shards {
     handles: Vec<ShardHandle>,
     progress: Arc<Mutex<Vec<Progress>>>,
-    msgs: Vec<mpsc::UnboundedReceiver<ShardMsg>>,
+    /// Every shard's messages, tagged with its number, in one queue.
+    msgs: mpsc::UnboundedReceiver<(usize, ShardMsg)>,
 }
 
 impl Shards {
@@ -55,7 +64,7 @@ impl Shards {
         opts: &Options,
         layout: &Layout,
         clock: RunClock,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, Failure> {
         let mut handles = Vec::with_capacity(layout.shards);
         for shard in 0..layout.shards {
             let spec = ShardSpec {
@@ -68,35 +77,36 @@ impl Shards {
             handles.push(if layout.shards == 1 {
                 worker::start_local(spec, clock)
             } else {
-                worker::start_process(&spec, &opts.worker_command)?
+                worker::start_process(&spec, &opts.worker_command).map_err(|error| {
+                    Failure::Shard {
+                        shard,
+                        step: Step::Setup,
+                        error,
+                    }
+                })?
             });
         }
         let progress = Arc::new(Mutex::new(vec![Progress::default(); handles.len()]));
-        // Progress messages are absorbed here; the rest go on in order.
-        let msgs = handles
-            .iter_mut()
-            .enumerate()
-            .map(|(k, h)| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let mut from = std::mem::replace(&mut h.msgs, mpsc::unbounded_channel().1);
-                let progress = Arc::clone(&progress);
-                tokio::spawn(async move {
-                    while let Some(msg) = from.recv().await {
-                        match msg {
-                            ShardMsg::Progress(p) => {
-                                progress.lock().unwrap_or_else(|e| e.into_inner())[k] = p;
-                            }
-                            other => {
-                                if tx.send(other).is_err() {
-                                    return;
-                                }
-                            }
-                        }
+        // Progress is kept for the progress line and goes on too: it is
+        // what shows a shard is alive.
+        let (tx, msgs) = mpsc::unbounded_channel();
+        for (k, h) in handles.iter_mut().enumerate() {
+            let mut from = std::mem::replace(&mut h.msgs, mpsc::unbounded_channel().1);
+            let (progress, tx) = (Arc::clone(&progress), tx.clone());
+            tokio::spawn(async move {
+                while let Some(msg) = from.recv().await {
+                    if let ShardMsg::Progress(p) = &msg {
+                        progress.lock().unwrap_or_else(|e| e.into_inner())[k] = *p;
                     }
-                });
-                rx
-            })
-            .collect();
+                    if tx.send((k, msg)).is_err() {
+                        return;
+                    }
+                }
+                // The shard's channel closed (its task ended); a shard that
+                // reported already is not waited for again.
+                let _ = tx.send((k, ShardMsg::Failed(ShardFailure::Ended)));
+            });
+        }
         Ok(Self {
             handles,
             progress,
@@ -110,36 +120,63 @@ impl Shards {
         }
     }
 
-    /// The next message of every shard (all must be `want`).
+    /// The next `want`ed message of every shard, in shard order; fails as
+    /// soon as one shard fails, sends something else, or stays silent for
+    /// `silence`.
     async fn next_of_all<T>(
         &mut self,
-        what: &str,
+        step: Step,
+        silence: Duration,
         want: impl Fn(ShardMsg) -> Option<T>,
-    ) -> anyhow::Result<Vec<T>> {
-        let mut out = Vec::with_capacity(self.msgs.len());
-        for (k, rx) in self.msgs.iter_mut().enumerate() {
-            match rx.recv().await {
-                Some(ShardMsg::Failed(e)) => anyhow::bail!("shard {k}: {e}"),
-                None => anyhow::bail!("shard {k} ended before {what}"),
-                Some(msg) => match want(msg) {
-                    Some(t) => out.push(t),
-                    None => anyhow::bail!("shard {k}: unexpected message before {what}"),
-                },
+    ) -> Result<Vec<T>, Failure> {
+        let n = self.handles.len();
+        let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        let mut heard = vec![Instant::now(); n];
+        let fail = |shard, error| Failure::Shard { shard, step, error };
+        while out.iter().any(Option::is_none) {
+            if let Ok(got) = tokio::time::timeout(SILENCE_POLL, self.msgs.recv()).await {
+                // The queue closes only after every forwarder passed on
+                // its shard's end, which the arms below take; should it
+                // close anyway, the first shard still awaited ended.
+                let Some((k, msg)) = got else {
+                    let k = out.iter().position(Option::is_none).unwrap_or_default();
+                    return Err(fail(k, ShardFailure::Ended));
+                };
+                heard[k] = Instant::now();
+                match msg {
+                    ShardMsg::Progress(_) => {}
+                    ShardMsg::Failed(ShardFailure::Ended) if out[k].is_some() => {}
+                    ShardMsg::Failed(e) => return Err(fail(k, e)),
+                    msg if out[k].is_none() => match want(msg) {
+                        Some(t) => out[k] = Some(t),
+                        None => return Err(fail(k, ShardFailure::OutOfTurn)),
+                    },
+                    _ => return Err(fail(k, ShardFailure::OutOfTurn)),
+                }
+            }
+            let now = Instant::now();
+            if let Some(k) = (0..n).find(|&k| out[k].is_none() && now - heard[k] > silence) {
+                return Err(fail(k, ShardFailure::Silent(silence.as_secs())));
             }
         }
-        Ok(out)
+        Ok(out.into_iter().flatten().collect())
     }
 }
 
 /// Runs `scenario` against `opts.targets` and reports; shows a progress
-/// line on stderr when `progress` is set.
-pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::Result<Report> {
-    opts.validate(scenario)?;
+/// line on stderr when `progress` is set. A run that cannot finish (an
+/// observer closed by the gateway, a shard that stopped, ...) returns the
+/// [`Failure`] instead; a run that finishes returns its report, correct or
+/// not.
+pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<Report, Failure> {
+    let invalid = |e: anyhow::Error| Failure::Options(format!("{e:#}"));
+    opts.validate(scenario).map_err(invalid)?;
     let targets: Vec<Target> = opts
         .targets
         .iter()
         .map(|t| Target::parse(t))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<anyhow::Result<_>>()
+        .map_err(invalid)?;
     let mut processes: Vec<Target> = Vec::new();
     for t in &targets {
         if !processes.iter().any(|p| p.authority == t.authority) {
@@ -159,6 +196,11 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
 
     let mut observers = Vec::with_capacity(opts.observers);
     for j in 0..opts.observers {
+        let failed = |error| Failure::Observer {
+            index: j,
+            step: Step::Setup,
+            error,
+        };
         // Observers sit on another node than user 0's first tab when there
         // are several, so events cross nodes.
         let t = (j + 1) % targets.len();
@@ -169,39 +211,45 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
             layout.users,
             Arc::clone(&shared),
         )
-        .await?;
-        o.watch_all(&user_names).await?;
+        .await
+        .map_err(failed)?;
+        o.watch_all(&user_names).await.map_err(failed)?;
         for room in layout.room_names() {
-            o.join(&room).await?;
+            o.join(&room).await.map_err(failed)?;
         }
         observers.push(o);
     }
 
     let mut shards = Shards::start(scenario, opts, &layout, clock)?;
-    tokio::time::timeout(
-        READY_TIMEOUT,
-        shards.next_of_all("ready", |m| matches!(m, ShardMsg::Ready).then_some(())),
+    let (_, observers_back) = with_observers(
+        observers,
+        Step::Setup,
+        shards.next_of_all(Step::Setup, READY_TIMEOUT, |m| {
+            matches!(m, ShardMsg::Ready).then_some(())
+        }),
     )
-    .await
-    .map_err(|_| anyhow::anyhow!("the shards were not ready within {READY_TIMEOUT:?}"))??;
+    .await?;
+    observers = observers_back;
 
     let bar = progress.then(|| spinner(scenario, &shared, &shards.progress));
     let before = sample_all(&processes).await;
-    let redis_before = redis_sample(opts).await?;
+    let redis_before = redis_sample(opts, Step::Setup).await?;
     let started = clock.now();
     let started_at = Instant::now();
 
     // The action phase.
     shards.order(Order::Go);
+    let actions = Step::Actions(scenario);
+    shared.set_step(actions);
     let (helds, observers_back) = with_observers(
         observers,
-        shards.next_of_all("the action phase ended", |m| match m {
+        actions,
+        shards.next_of_all(actions, SHARD_SILENCE, |m| match m {
             ShardMsg::Held(h) => Some(*h),
             _ => None,
         }),
     )
-    .await;
-    let helds = helds?;
+    .await?;
     let mut observers = observers_back;
     let mut online = vec![false; layout.users];
     let mut in_room = vec![false; layout.users];
@@ -213,34 +261,49 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
     }
 
     let held_sample = sample_all(&processes).await;
-    let mut checks = vec![check("held", &mut observers, &online, &in_room, &layout).await?];
+    let held = (Step::HeldCheck, "held");
+    shared.set_step(Step::HeldCheck);
+    let mut checks = vec![check(held, &mut observers, &online, &in_room, &layout).await?];
     // Every observer saw every transition: the store wrote them all.
-    let redis_held = redis_sample(opts).await?;
+    let redis_held = redis_sample(opts, Step::HeldCheck).await?;
     if scenario == Scenario::Hold {
         let hold = Duration::from_secs_f64(opts.duration);
-        observers = with_observers(observers, sleep(hold)).await.1;
+        shared.set_step(Step::Hold);
+        // Nothing but progress is due from the shards while they hold:
+        // anything else (a worker's end, its silence) fails the hold now
+        // rather than at the close.
+        let shard_failure = shards.next_of_all(Step::Hold, SHARD_SILENCE, |_| None::<()>);
+        observers = with_observers(observers, Step::Hold, async {
+            tokio::select! {
+                () = sleep(hold) => Ok(()),
+                failed = shard_failure => failed.map(drop),
+            }
+        })
+        .await?
+        .1;
     }
     let held_late = sample_all(&processes).await;
 
     let closes_from = clock.now();
     shards.order(Order::Close);
+    shared.set_step(Step::CloseAll);
     let (reports, observers_back) = with_observers(
         observers,
-        shards.next_of_all("every tab closed", |m| match m {
+        Step::CloseAll,
+        shards.next_of_all(Step::CloseAll, SHARD_SILENCE, |m| match m {
             ShardMsg::Done(r) => Some(*r),
             _ => None,
         }),
     )
-    .await;
-    let reports = reports?;
+    .await?;
     observers = observers_back;
     let nobody = vec![false; layout.users];
-    checks.push(check("closed", &mut observers, &nobody, &nobody, &layout).await?);
+    let closed = (Step::ClosedCheck, "closed");
+    shared.set_step(Step::ClosedCheck);
+    checks.push(check(closed, &mut observers, &nobody, &nobody, &layout).await?);
     let after = sample_all(&processes).await;
-    let redis_after = redis_sample(opts).await?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    let redis_after = redis_sample(opts, Step::ClosedCheck).await?;
+    drop(bar);
 
     // Observers against the truth: latencies, and room events exactly.
     let mut truth = vec![TruthLog::default(); layout.users];
@@ -262,15 +325,27 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
         .map(|at| at.max(opens.1).saturating_sub(started) as f64 / 1e6);
 
     let (mut presence, mut unexpected, mut syncs) = (EventChecks::default(), 0, 0);
+    let mut ignored_frames = BTreeMap::new();
     for o in &observers {
-        presence.add(&o.presence);
-        unexpected += o.unexpected;
-        syncs += o.syncs;
+        presence.add(&o.log.presence);
+        unexpected += o.log.unexpected;
+        syncs += o.log.syncs;
+        for (kind, n) in &o.log.ignored {
+            *ignored_frames.entry(kind.clone()).or_default() += n;
+        }
     }
     let mut errors = shared.errors();
+    let mut first_errors = shared.first_errors();
     for r in &reports {
         for (k, v) in &r.errors {
             *errors.entry(k.clone()).or_default() += v;
+        }
+        // The first shard's first of a kind stands for all (they ran at
+        // once; which came first across processes is not known).
+        for (k, said) in &r.first_errors {
+            first_errors
+                .entry(k.clone())
+                .or_insert_with(|| said.clone());
         }
     }
     let connects: u64 = reports.iter().map(|r| r.connects).sum();
@@ -338,23 +413,29 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> anyhow::
         presence,
         room: observed.room,
         unexpected_frames: unexpected,
+        ignored_frames,
         syncs,
         fanout,
         checks,
         errors,
+        first_errors,
         gateway,
         redis,
     })
 }
 
 /// The Redis transaction count, when `--redis` is given.
-async fn redis_sample(opts: &Options) -> anyhow::Result<Option<u64>> {
+async fn redis_sample(opts: &Options, step: Step) -> Result<Option<u64>, Failure> {
     match &opts.redis {
         None => Ok(None),
         Some(url) => crate::target::redis_transactions(url)
             .await
             .map(Some)
-            .map_err(|e| anyhow::anyhow!("--redis: {e}")),
+            .map_err(|reason| Failure::Redis {
+                url: url.clone(),
+                step,
+                reason,
+            }),
     }
 }
 
@@ -418,13 +499,13 @@ fn check_observers(
         room: EventChecks::default(),
     };
     for o in observers {
-        let mut room_events: BTreeMap<usize, Vec<crate::truth::Received>> = BTreeMap::new();
-        for s in &o.seen {
+        let mut room_events: BTreeMap<usize, Vec<Received>> = BTreeMap::new();
+        for s in &o.log.seen {
             if s.room {
                 room_events
                     .entry(s.user)
                     .or_default()
-                    .push(crate::truth::Received { to: s.to, at: s.at });
+                    .push(Received { to: s.to, at: s.at });
                 continue;
             }
             match truth[s.user].presence_cause(s.seq, s.to, s.at) {
@@ -432,7 +513,16 @@ fn check_observers(
                     let kind = EventKind::of(false, s.to);
                     out.record(kind, t.sent, s.at, t.target != o.target, steady_until);
                 }
-                None => shared.error("event_without_cause"),
+                None => shared.error_found("event_without_cause", || {
+                    let kind = if s.to { "online" } else { "offline" };
+                    format!(
+                        "observer {} got {kind} seq {} of user {} {} ms into the run, which no action of the user explains",
+                        o.name,
+                        s.seq,
+                        layout.user_name(s.user),
+                        s.at / 1000
+                    )
+                }),
             }
         }
         for (u, log) in truth.iter().enumerate() {
@@ -459,7 +549,8 @@ fn all_online_at(observers: &[Observer], closes_from: Stamp) -> Option<Stamp> {
     observers
         .iter()
         .map(|o| {
-            o.seen
+            o.log
+                .seen
                 .iter()
                 .filter(|s| !s.room && s.to && s.at < closes_from)
                 .map(|s| s.at)
@@ -485,7 +576,8 @@ fn fanout_report(helds: &[Held], observers: &[Observer], rooms: usize) -> Option
     let observer_events: u64 = observers
         .iter()
         .map(|o| {
-            o.seen
+            o.log
+                .seen
                 .iter()
                 .filter(|s| s.room && (actions.0..=actions.1).contains(&s.at))
                 .count() as u64
@@ -510,13 +602,23 @@ fn fanout_report(helds: &[Held], observers: &[Observer], rooms: usize) -> Option
     })
 }
 
+/// The progress line; cleared when it goes, also when a run fails, so the
+/// failure line does not share the terminal line with it.
+struct ProgressLine(ProgressBar);
+
+impl Drop for ProgressLine {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
 fn spinner(
     scenario: Scenario,
     shared: &Arc<Shared>,
     shards: &Arc<Mutex<Vec<Progress>>>,
-) -> ProgressBar {
+) -> ProgressLine {
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_prefix(format!("{scenario:?}").to_lowercase());
+    bar.set_prefix(scenario.name());
     bar.enable_steady_tick(PROGRESS_INTERVAL);
     let (bar2, shared, shards) = (bar.clone(), Arc::clone(shared), Arc::clone(shards));
     tokio::spawn(async move {
@@ -529,7 +631,7 @@ fn spinner(
             sleep(PROGRESS_INTERVAL).await;
         }
     });
-    bar
+    ProgressLine(bar)
 }
 
 async fn sample_all(processes: &[Target]) -> Vec<Option<ProcessSample>> {
@@ -541,54 +643,90 @@ async fn sample_all(processes: &[Target]) -> Vec<Option<ProcessSample>> {
 }
 
 /// Runs `work` while every observer pumps its frames in its own task;
-/// hands the observers back afterwards.
+/// hands the observers back afterwards. Fails as soon as `work` fails or
+/// an observer's socket ends, naming `step`.
 async fn with_observers<T>(
     observers: Vec<Observer>,
-    work: impl Future<Output = T>,
-) -> (T, Vec<Observer>) {
+    step: Step,
+    work: impl Future<Output = Result<T, Failure>>,
+) -> Result<(T, Vec<Observer>), Failure> {
     let (stop, stopped) = watch::channel(false);
+    let (failed_tx, mut failed) = mpsc::unbounded_channel();
     let pumps: Vec<JoinHandle<Observer>> = observers
         .into_iter()
-        .map(|mut o| {
-            let mut stopped = stopped.clone();
+        .enumerate()
+        .map(|(index, mut o)| {
+            let (mut stopped, failed_tx) = (stopped.clone(), failed_tx.clone());
             tokio::spawn(async move {
-                o.pump_until(&mut stopped).await;
+                if let Err(error) = o.pump_until(&mut stopped).await {
+                    let _ = failed_tx.send(Failure::Observer { index, step, error });
+                }
                 o
             })
         })
         .collect();
-    let out = work.await;
+    drop(failed_tx);
+    let out = tokio::select! {
+        out = work => out?,
+        // A pump ends early only when its observer failed.
+        Some(failure) = failed.recv() => return Err(failure),
+    };
     let _ = stop.send(true);
     let mut back = Vec::with_capacity(pumps.len());
-    for p in pumps {
-        // unwrap: an observer's pump does not panic.
-        back.push(p.await.unwrap());
+    for (index, p) in pumps.into_iter().enumerate() {
+        let panicked = |message: String| Failure::Observer {
+            index,
+            step,
+            error: ObserverError::Panicked(message),
+        };
+        // A pump stops at once when told to.
+        match tokio::time::timeout(STEP_TIMEOUT, p).await {
+            Ok(Ok(o)) => back.push(o),
+            Ok(Err(e)) => return Err(panicked(e.to_string())),
+            Err(_) => {
+                return Err(Failure::Observer {
+                    index,
+                    step,
+                    error: ObserverError::Stuck,
+                });
+            }
+        }
     }
-    (out, back)
+    Ok((out, back))
 }
 
 /// Waits for the observers to agree with the truth (`online`, `in_room`
 /// per user), then compares the gateway's answers with it.
 async fn check(
-    phase: &str,
+    (step, phase): (Step, &str),
     observers: &mut [Observer],
     online: &[bool],
     in_room: &[bool],
     layout: &Layout,
-) -> anyhow::Result<Comparison> {
+) -> Result<Comparison, Failure> {
+    let failed = |index| move |error| Failure::Observer { index, step, error };
     let deadline = Instant::now() + STEP_TIMEOUT;
     let mut settled = true;
-    for o in observers.iter_mut() {
-        settled &= o.settle(online, in_room, deadline, QUIET_WINDOW).await;
+    for (j, o) in observers.iter_mut().enumerate() {
+        settled &= o
+            .settle(online, in_room, deadline, QUIET_WINDOW)
+            .await
+            .map_err(failed(j))?;
     }
     // Each observer is its own client: any of them can ask.
-    let gateway = observers[0].query_all(&layout.user_names()).await?;
+    let gateway = observers[0]
+        .query_all(&layout.user_names())
+        .await
+        .map_err(failed(0))?;
     for o in observers.iter_mut() {
-        o.count_final_misses(&gateway, in_room);
+        o.log.count_final_misses(&gateway, in_room);
     }
     let mut room_mismatches = 0;
     for r in 0..layout.rooms {
-        let gateway = observers[0].room_members(&layout.room_name(r)).await?;
+        let gateway = observers[0]
+            .room_members(&layout.room_name(r))
+            .await
+            .map_err(failed(0))?;
         let truth: std::collections::HashSet<usize> = layout
             .members(r)
             .into_iter()

@@ -14,6 +14,10 @@
 //!
 //! Every user lives in exactly one shard, and every member of a room in
 //! the room's shard, so each truth a check needs is known where it runs.
+//!
+//! A tab's trouble (refused, closed by the gateway, no reply) is counted by
+//! kind and the run goes on; what stops a shard is a [`ShardFailure`],
+//! which crosses to the coordinator as [`ShardMsg::Failed`].
 
 use std::{
     collections::BTreeMap,
@@ -34,14 +38,15 @@ use tokio::{
 use crate::{
     clock::{RunClock, Stamp},
     layout::Layout,
-    observer::EventChecks,
     options::{Options, Scenario},
     rng::Rng,
     stats::{EventKind, HistogramData, KindHistograms, Progress, Shared},
-    tab::{RoomIndex, STEP_TIMEOUT},
+    step::Step,
+    tab::RoomIndex,
     target::Target,
-    truth::{TruthLog, WindowOfUser, check_window},
+    truth::{EventChecks, TruthLog, WindowOfUser, check_window},
     user::{Membership, User},
+    ws::STEP_TIMEOUT,
 };
 
 /// Most connects in flight at once when opens are unpaced.
@@ -90,8 +95,40 @@ pub enum ShardMsg {
     Held(Box<Held>),
     /// Every tab closed.
     Done(Box<ShardReport>),
-    /// The shard could not run.
-    Failed(String),
+    /// The shard could not go on.
+    Failed(ShardFailure),
+}
+
+/// Why a shard could not go on. Each reads after "shard K" in the failure
+/// line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ShardFailure {
+    /// The shard (its worker process) could not start.
+    #[error("could not start: {0}")]
+    Start(String),
+    /// Nothing came from the shard (not even progress) for this long.
+    #[error("sent nothing for {0} s")]
+    Silent(u64),
+    /// The shard's messages ended before it reported (its process exited).
+    #[error("ended before reporting (see its stderr above)")]
+    Ended,
+    /// A worker's message line could not be read.
+    #[error("sent an unreadable message: {0}")]
+    Unreadable(String),
+    /// A message that does not fit the step.
+    #[error("sent a message out of turn")]
+    OutOfTurn,
+    /// The coordinator's orders stopped (it went away).
+    #[error("lost its coordinator")]
+    Orphaned,
+    /// A user's task panicked (a bug of the tool).
+    #[error("lost user {user}: its task panicked: {message}")]
+    UserPanicked {
+        /// The user id.
+        user: String,
+        /// The panic's message.
+        message: String,
+    },
 }
 
 /// The state at the end of the action phase.
@@ -146,6 +183,8 @@ pub struct ShardReport {
     pub connect_latency: HistogramData,
     /// Errors by kind.
     pub errors: BTreeMap<String, u64>,
+    /// The first error of each kind, said in full.
+    pub first_errors: BTreeMap<String, String>,
     /// Every user's true transitions.
     pub truth: Vec<(usize, TruthLog)>,
 }
@@ -157,13 +196,14 @@ pub async fn run(
     clock: RunClock,
     mut orders: mpsc::UnboundedReceiver<Order>,
     out: mpsc::UnboundedSender<ShardMsg>,
-) -> anyhow::Result<()> {
+) -> Result<(), ShardFailure> {
     let (scenario, opts) = (spec.scenario, &spec.opts);
     let targets: Vec<Target> = opts
         .targets
         .iter()
         .map(|t| Target::parse(t))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<anyhow::Result<_>>()
+        .map_err(|e| ShardFailure::Start(format!("{e:#}")))?;
     let layout = Layout::with_run(spec.run.clone(), scenario, opts);
     let shared = Arc::new(Shared::new(clock));
     let prefix: Arc<str> = layout.user_prefix().into();
@@ -204,15 +244,18 @@ pub async fn run(
         }))
     };
     let _ = out.send(ShardMsg::Ready);
-    anyhow::ensure!(orders.recv().await == Some(Order::Go), "no go order");
+    if orders.recv().await != Some(Order::Go) {
+        return Err(ShardFailure::Orphaned);
+    }
+    shared.set_step(Step::Actions(scenario));
 
     let procs = layout.shards as f64;
     let rate = opts.rate_for(scenario) / procs;
     let opens_start = clock.now();
     let mut users = match scenario {
-        Scenario::Storm | Scenario::Hold => open_all(users, rate).await,
-        Scenario::Churn => churn(users, rate, opts.duration, User::churn_step).await,
-        Scenario::Fanout => open_all(users, opts.open_rate / procs).await,
+        Scenario::Storm | Scenario::Hold => open_all(users, rate).await?,
+        Scenario::Churn => churn(users, rate, opts.duration, User::churn_step).await?,
+        Scenario::Fanout => open_all(users, opts.open_rate / procs).await?,
     };
     let opens = (opens_start, clock.now());
     let connects_in_opens = shared.connects.load(Relaxed);
@@ -225,7 +268,7 @@ pub async fn run(
             counter.fetch_add(1, Relaxed);
             Box::pin(u.fanout_step())
         })
-        .await;
+        .await?;
         let end = clock.now();
         let transitions: usize = users.iter().map(|u| u.log.room.len()).sum();
         let mut f = check_members(&users).await;
@@ -248,9 +291,13 @@ pub async fn run(
         fanout,
     };
     let _ = out.send(ShardMsg::Held(Box::new(held)));
-    anyhow::ensure!(orders.recv().await == Some(Order::Close), "no close order");
+    shared.set_step(Step::Held);
+    if orders.recv().await != Some(Order::Close) {
+        return Err(ShardFailure::Orphaned);
+    }
+    shared.set_step(Step::CloseAll);
 
-    let users = close_all(users).await;
+    let users = close_all(users).await?;
     drop(reporter);
     let _ = out.send(ShardMsg::Progress(shared.progress()));
     let report = ShardReport {
@@ -258,6 +305,7 @@ pub async fn run(
         closes: shared.closes.load(Relaxed),
         connect_latency: shared.connect_latency(),
         errors: shared.errors(),
+        first_errors: shared.first_errors(),
         truth: users.into_iter().map(|u| (u.index, u.log)).collect(),
     };
     let _ = out.send(ShardMsg::Done(Box::new(report)));
@@ -299,18 +347,40 @@ impl Pacer {
     }
 }
 
-async fn join_users(tasks: Vec<JoinHandle<User>>) -> Vec<User> {
+/// The users back from their tasks (`names` in the same order, for the
+/// failure if one panicked).
+async fn join_users(
+    names: Vec<String>,
+    tasks: Vec<JoinHandle<User>>,
+) -> Result<Vec<User>, ShardFailure> {
     let mut users = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        // unwrap: a user task does not panic.
-        users.push(t.await.unwrap());
+    for (name, t) in names.into_iter().zip(tasks) {
+        // Every step of a user is bounded (STEP_TIMEOUT), so its task ends.
+        match t.await {
+            Ok(u) => users.push(u),
+            Err(e) => {
+                let message = match e.try_into_panic() {
+                    Ok(p) => p
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(ShardFailure::UserPanicked {
+                    user: name,
+                    message,
+                });
+            }
+        }
     }
-    users
+    Ok(users)
 }
 
 /// Opens every tab of every user, paced at `rate` opens a second.
-async fn open_all(users: Vec<User>, rate: f64) -> Vec<User> {
+async fn open_all(users: Vec<User>, rate: f64) -> Result<Vec<User>, ShardFailure> {
     let pacer = Pacer::new(rate);
+    let names = users.iter().map(|u| u.name.clone()).collect();
     let tasks = users
         .into_iter()
         .map(|mut u| {
@@ -326,11 +396,12 @@ async fn open_all(users: Vec<User>, rate: f64) -> Vec<User> {
             })
         })
         .collect();
-    join_users(tasks).await
+    join_users(names, tasks).await
 }
 
 /// Closes every open tab, all users at once.
-async fn close_all(users: Vec<User>) -> Vec<User> {
+async fn close_all(users: Vec<User>) -> Result<Vec<User>, ShardFailure> {
+    let names = users.iter().map(|u| u.name.clone()).collect();
     let tasks = users
         .into_iter()
         .map(|mut u| {
@@ -340,29 +411,35 @@ async fn close_all(users: Vec<User>) -> Vec<User> {
             })
         })
         .collect();
-    join_users(tasks).await
+    join_users(names, tasks).await
 }
 
 /// One action of a user, as a boxed future (so both churn and fanout
 /// steps fit one driver).
-type Step = dyn for<'a> Fn(&'a mut User) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+type Action = dyn for<'a> Fn(&'a mut User) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>
     + Send
     + Sync;
 
 /// For `seconds`, each user makes one `step` about every `users / rate`
 /// seconds, with jitter, so the whole shard makes about `rate` actions a
 /// second; a user's actions never overlap.
-async fn churn<F>(users: Vec<User>, rate: f64, seconds: f64, step: F) -> Vec<User>
+async fn churn<F>(
+    users: Vec<User>,
+    rate: f64,
+    seconds: f64,
+    step: F,
+) -> Result<Vec<User>, ShardFailure>
 where
     F: for<'a> Fn(&'a mut User) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>
         + Send
         + Sync
         + 'static,
 {
-    let step: Arc<Step> = Arc::new(step);
+    let step: Arc<Action> = Arc::new(step);
     let n = users.len() as f64;
     let interval = if rate > 0.0 { n / rate } else { 0.0 };
     let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let names = users.iter().map(|u| u.name.clone()).collect();
     let tasks = users
         .into_iter()
         .map(|mut u| {
@@ -384,7 +461,7 @@ where
             })
         })
         .collect();
-    join_users(tasks).await
+    join_users(names, tasks).await
 }
 
 impl User {

@@ -1,6 +1,9 @@
 //! What every task of a run counts while it runs: shared atomics for the
-//! progress line, an HDR histogram of connect latencies and errors by kind.
-//! Tasks lock a mutex only for one record; nothing here blocks on I/O.
+//! progress line, an HDR histogram of connect latencies and errors by kind,
+//! each kind with its first occurrence said in full (which tab or observer,
+//! what the gateway said, in which [`Step`]), so a report names what went
+//! wrong and not only how often. Tasks lock a mutex only for one record;
+//! nothing here blocks on I/O.
 //!
 //! Histograms cross process boundaries (`--procs`) as [`HistogramData`]:
 //! the raw `(value, count)` pairs, which merge exactly.
@@ -17,7 +20,7 @@ use std::{
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::clock::RunClock;
+use crate::{clock::RunClock, step::Step};
 
 /// Highest latency the histograms hold, in microseconds (a minute).
 const MAX_LATENCY_US: u64 = 60_000_000;
@@ -39,6 +42,10 @@ pub struct Shared {
     pub clock: RunClock,
     connect_latency: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// The first error of each kind, said in full.
+    first_errors: Mutex<BTreeMap<String, String>>,
+    /// The step the run is in, as this process knows it.
+    step: Mutex<Step>,
 }
 
 impl Default for Shared {
@@ -59,6 +66,8 @@ impl Shared {
             error_count: AtomicU64::new(0),
             connect_latency: Mutex::new(new_histogram()),
             errors: Mutex::new(BTreeMap::new()),
+            first_errors: Mutex::new(BTreeMap::new()),
+            step: Mutex::new(Step::Setup),
         }
     }
 
@@ -69,16 +78,44 @@ impl Shared {
         record(&self.connect_latency, took);
     }
 
-    /// One error of `kind` (a short stable label such as `connect`).
-    pub fn error(&self, kind: &str) {
+    /// The run is now in `step` (for the errors it meets from now on).
+    pub fn set_step(&self, step: Step) {
+        *self.step.lock().unwrap_or_else(|e| e.into_inner()) = step;
+    }
+
+    /// One error of `kind` (a short stable label such as `connect`);
+    /// `what` says it in full ("tab 1 of lt…u7 on ws://… was closed by the
+    /// gateway with 4008 slow consumer"), and is kept, with the step, when
+    /// it is the first of its kind.
+    pub fn error(&self, kind: &str, what: impl FnOnce() -> String) {
+        if self.count_error(kind) {
+            let step = *self.step.lock().unwrap_or_else(|e| e.into_inner());
+            self.keep_first(kind, format!("{} during {step}", what()));
+        }
+    }
+
+    /// One error of `kind` found when checking after the fact (so no step
+    /// of its own); `what` says it in full, with its moment.
+    pub fn error_found(&self, kind: &str, what: impl FnOnce() -> String) {
+        if self.count_error(kind) {
+            self.keep_first(kind, what());
+        }
+    }
+
+    /// Counts one error of `kind`; whether it is the first of its kind.
+    fn count_error(&self, kind: &str) -> bool {
         self.error_count.fetch_add(1, Relaxed);
         // unwrap: no code panics while holding this lock.
-        *self
-            .errors
-            .lock()
-            .unwrap()
-            .entry(kind.to_owned())
-            .or_default() += 1;
+        let mut errors = self.errors.lock().unwrap();
+        let n = errors.entry(kind.to_owned()).or_default();
+        *n += 1;
+        *n == 1
+    }
+
+    fn keep_first(&self, kind: &str, said: String) {
+        // unwrap: no code panics while holding this lock.
+        let mut firsts = self.first_errors.lock().unwrap();
+        firsts.entry(kind.to_owned()).or_insert(said);
     }
 
     /// Connect latencies so far.
@@ -91,6 +128,12 @@ impl Shared {
     pub fn errors(&self) -> BTreeMap<String, u64> {
         // unwrap: no code panics while holding this lock.
         self.errors.lock().unwrap().clone()
+    }
+
+    /// The first error of each kind so far, said in full.
+    pub fn first_errors(&self) -> BTreeMap<String, String> {
+        // unwrap: no code panics while holding this lock.
+        self.first_errors.lock().unwrap().clone()
     }
 
     /// The counters the progress line shows.
@@ -302,5 +345,33 @@ impl KindHistograms {
             joined: Latency::of(&self.kinds[2]),
             left: Latency::of(&self.kinds[3]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::Scenario;
+
+    #[test]
+    fn the_first_error_of_each_kind_is_kept_with_its_step() {
+        let shared = Shared::default();
+        shared.error("close_timeout", || "tab 0 of a got no Close reply".into());
+        shared.set_step(Step::Actions(Scenario::Churn));
+        shared.error("close_timeout", || unreachable!("only the first is said"));
+        shared.error("connect", || "tab 1 of b could not connect".into());
+        shared.error_found("event_without_cause", || {
+            "observer o got online seq 3".into()
+        });
+        assert_eq!(shared.errors()["close_timeout"], 2);
+        let firsts: Vec<_> = shared.first_errors().into_values().collect();
+        assert_eq!(
+            firsts,
+            [
+                "tab 0 of a got no Close reply during the setup",
+                "tab 1 of b could not connect during the churn",
+                "observer o got online seq 3",
+            ]
+        );
     }
 }

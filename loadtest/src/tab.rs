@@ -1,7 +1,9 @@
 //! One tab: a WebSocket of a user on one gateway. Once welcomed, a reader
 //! task drains it (events, server pings) so the gateway never sees a slow
 //! consumer, counts error frames and server closes by kind, and hands
-//! replies back to the tool, which keeps only the sink.
+//! replies back to the tool, which keeps only the sink. Frames a tab does
+//! not check (presence events, `sync`, types newer than the tool) are
+//! dropped.
 //!
 //! In `fanout` a tab is also a receiver: its reader opens a [`Window`] at
 //! each `join` reply (with the snapshot), records every event of its room
@@ -11,48 +13,32 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use futures_util::{StreamExt, stream::SplitSink};
 use serde_json::{Value, json};
 use tokio::{
-    net::{TcpSocket, TcpStream, lookup_host},
     sync::mpsc,
     task::JoinHandle,
     time::{timeout, timeout_at},
 };
-use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, client_async_with_config, connect_async_with_config,
-    tungstenite::{
-        Error as WsError, Message, protocol::WebSocketConfig, protocol::frame::coding::CloseCode,
+use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
+
+use crate::{
+    clock::Stamp,
+    stats::Shared,
+    truth::Received,
+    ws::{
+        FrameKind, STEP_TIMEOUT, SocketEnd, Ws, open_ws, parse_text, read_error_kind, send,
+        send_json,
     },
 };
-
-use crate::{clock::Stamp, stats::Shared, truth::Received};
-
-/// A client WebSocket.
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Bound on anything the protocol says must happen (welcome, reply, close).
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Read buffer of a tab's socket. tungstenite's default reserves 128 KiB
-/// per connection, which would make 50,000 tabs cost gigabytes here; a
-/// tab's frames are small, and the buffer grows for a bigger one.
-const TAB_READ_BUFFER: usize = 4096;
-
-/// The socket settings of a tab (and of an observer).
-pub fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(TAB_READ_BUFFER)
-        .write_buffer_size(0)
-}
 
 /// The members of one room, as user indices, and each one's position.
 #[derive(Debug, Default)]
@@ -193,96 +179,37 @@ pub struct Tab {
     pub joined: bool,
     /// The target index this tab is connected to.
     pub target: u16,
+    /// Who it is, for error reports: `tab 1 of lt…u7 on ws://…/ws`.
+    who: Arc<str>,
     /// What this tab received, when it is a receiver.
     pub log: Option<Arc<Mutex<ReceiverLog>>>,
 }
 
-/// Connects to `url` (from `source` when given) and waits for the
-/// `welcome`; on failure returns the error's kind for the report.
-pub async fn open_ws(url: &str, source: Option<IpAddr>) -> Result<Ws, String> {
-    let config = Some(ws_config());
-    let connect = async {
-        match source {
-            None => connect_async_with_config(url, config, false).await,
-            Some(ip) => {
-                let stream = connect_from(url, ip).await?;
-                client_async_with_config(url, MaybeTlsStream::Plain(stream), config).await
-            }
-        }
-    };
-    let (mut ws, _) = match timeout(STEP_TIMEOUT, connect).await {
-        Err(_) => return Err("connect_timeout".into()),
-        Ok(Err(WsError::Http(response))) => {
-            return Err(format!("connect_http_{}", response.status().as_u16()));
-        }
-        Ok(Err(WsError::Io(e))) => return Err(format!("connect_io_{:?}", e.kind())),
-        Ok(Err(_)) => return Err("connect".into()),
-        Ok(Ok(ok)) => ok,
-    };
-    loop {
-        match timeout(STEP_TIMEOUT, ws.next()).await {
-            Err(_) => return Err("welcome_timeout".into()),
-            Ok(Some(Ok(Message::Text(t)))) if t.contains("\"welcome\"") => return Ok(ws),
-            Ok(Some(Ok(Message::Close(Some(c))))) => {
-                return Err(format!("closed_before_welcome_{}", u16::from(c.code)));
-            }
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_)) | None) => return Err("closed_before_welcome".into()),
-        }
-    }
-}
-
-/// A TCP connection to the host of `ws://HOST:PORT/...` bound to `source`,
-/// so one load process can use more than one address's ephemeral ports.
-async fn connect_from(url: &str, source: IpAddr) -> Result<TcpStream, WsError> {
-    let authority = url
-        .strip_prefix("ws://")
-        .and_then(|r| r.split(['/', '?']).next())
-        .unwrap_or_default();
-    let mut last = std::io::Error::other("no address");
-    for addr in lookup_host(authority).await? {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.bind(SocketAddr::new(source, 0))?;
-        match socket.connect(addr).await {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last = e,
-        }
-    }
-    Err(WsError::Io(last))
-}
-
-/// A short, stable label for a read error, e.g. `tab_read_io_ConnectionReset`.
-fn read_error_kind(e: &WsError) -> String {
-    match e {
-        WsError::Io(io) => format!("tab_read_io_{:?}", io.kind()),
-        WsError::Protocol(p) => format!("tab_read_protocol_{p:?}")
-            .chars()
-            .take_while(|c| *c != '(')
-            .collect(),
-        WsError::ConnectionClosed | WsError::AlreadyClosed => "tab_read_closed".to_owned(),
-        _ => "tab_read_other".to_owned(),
+impl Drop for Tab {
+    fn drop(&mut self) {
+        // The reader holds the socket's other half: stop it, so a tab
+        // dropped without its close (a shard stopped mid-run) closes its
+        // socket too.
+        self.reader.abort();
     }
 }
 
 impl Tab {
-    /// Opens a tab at `url`; records the connect latency or the error.
-    /// With `log`, the tab records its room's events.
+    /// Opens a tab at `url` (`who`, in error reports); records the
+    /// connect latency or the error. With `log`, the tab records its
+    /// room's events.
     pub async fn open(
-        url: &str,
-        target: u16,
+        (url, target): (&str, u16),
         source: Option<IpAddr>,
+        who: Arc<str>,
         shared: &Arc<Shared>,
         log: Option<ReceiverLog>,
     ) -> Option<Tab> {
         let started = Instant::now();
         let ws = match open_ws(url, source).await {
             Ok(ws) => ws,
-            Err(kind) => {
-                shared.error(&kind);
+            Err(e) => {
+                shared.error(&e.label(), || format!("{who} could not connect: {e}"));
                 return None;
             }
         };
@@ -293,27 +220,35 @@ impl Tab {
         let reader_closing = Arc::clone(&closing);
         let log = log.map(|l| Arc::new(Mutex::new(l)));
         let reader_log = log.clone();
+        let reader_who = Arc::clone(&who);
         let (tx, replies) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
+            let (shared, who) = (reader_shared, reader_who);
             while let Some(frame) = stream.next().await {
                 match frame {
                     Ok(Message::Text(t)) => {
-                        let at = reader_shared.clock.now();
-                        let frame: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
-                        read_frame(&reader_shared, reader_log.as_deref(), &tx, at, frame);
+                        let at = shared.clock.now();
+                        let frame = parse_text(&t);
+                        read_frame(&shared, &who, reader_log.as_deref(), &tx, at, frame);
                     }
                     Ok(Message::Close(close)) if !reader_closing.load(Relaxed) => {
-                        let code = close.map_or(CloseCode::Status, |c| c.code);
-                        reader_shared.error(&format!("closed_by_server_{}", u16::from(code)));
+                        let code = close.as_ref().map_or(CloseCode::Status, |c| c.code);
+                        let end = SocketEnd::of_close(close.as_ref());
+                        shared.error(&format!("closed_by_server_{}", u16::from(code)), || {
+                            format!("{who} {}", end.said_of("the gateway"))
+                        });
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        let when = if reader_closing.load(Relaxed) {
-                            "after_close_"
+                        if reader_closing.load(Relaxed) {
+                            shared.error(&format!("after_close_{}", read_error_kind(&e)), || {
+                                format!("{who} got no Close reply to its Close: {e}")
+                            });
                         } else {
-                            ""
-                        };
-                        reader_shared.error(&format!("{when}{}", read_error_kind(&e)));
+                            shared.error(&read_error_kind(&e), || {
+                                format!("{who} lost its connection: {e}")
+                            });
+                        }
                         break;
                     }
                 }
@@ -327,6 +262,7 @@ impl Tab {
             next_ref: 0,
             joined: false,
             target,
+            who,
             log,
         })
     }
@@ -348,20 +284,27 @@ impl Tab {
             // unwrap: no code panics while holding this lock.
             log.lock().unwrap().pending = Some((r, kind == "join", sent, own_before));
         }
-        let frame = json!({"type": kind, "room": room, "ref": r}).to_string();
-        if self.sink.send(Message::Text(frame.into())).await.is_err() {
-            shared.error(&format!("{kind}_send"));
+        let frame = json!({"type": kind, "room": room, "ref": r});
+        let who = &self.who;
+        if let Err(e) = send_json(&mut self.sink, &frame).await {
+            shared.error(&format!("{kind}_send"), || {
+                format!("{who} could not send its {kind:?}: {e}")
+            });
             return None;
         }
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
             match timeout_at(deadline.into(), self.replies.recv()).await {
                 Err(_) => {
-                    shared.error(&format!("{kind}_reply_timeout"));
+                    shared.error(&format!("{kind}_reply_timeout"), || {
+                        format!("{who} got no reply to its {kind:?} within {STEP_TIMEOUT:?}")
+                    });
                     return None;
                 }
                 Ok(None) => {
-                    shared.error(&format!("{kind}_tab_gone"));
+                    shared.error(&format!("{kind}_tab_gone"), || {
+                        format!("{who} ended before the reply to its {kind:?}")
+                    });
                     return None;
                 }
                 Ok(Some((at, reply))) if reply["ref"] == json!(r) => {
@@ -408,19 +351,26 @@ impl Tab {
     pub async fn close(mut self, shared: &Shared) {
         shared.closes.fetch_add(1, Relaxed);
         shared.open.fetch_sub(1, Relaxed);
+        let who = Arc::clone(&self.who);
         if self.ended_by_server() {
-            shared.error("closed_by_server");
+            shared.error("closed_by_server", || {
+                format!("{who} had ended before the tool closed it")
+            });
             return;
         }
         self.closing.store(true, Relaxed);
-        if self.sink.send(Message::Close(None)).await.is_err() {
-            shared.error("close_send");
+        if let Err(e) = send(&mut self.sink, Message::Close(None)).await {
+            shared.error("close_send", || {
+                format!("{who} could not send its Close: {e}")
+            });
         }
         match timeout(STEP_TIMEOUT, &mut self.reader).await {
             Ok(_) => {}
             Err(_) => {
                 self.reader.abort();
-                shared.error("close_timeout");
+                shared.error("close_timeout", || {
+                    format!("{who} got no Close reply within {STEP_TIMEOUT:?}")
+                });
             }
         }
     }
@@ -429,30 +379,71 @@ impl Tab {
 /// One text frame at a tab's reader.
 fn read_frame(
     shared: &Shared,
+    who: &str,
     log: Option<&Mutex<ReceiverLog>>,
     replies: &mpsc::UnboundedSender<(Stamp, Value)>,
     at: Stamp,
     frame: Value,
 ) {
     let lock = || log.map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
-    match frame["type"].as_str().unwrap_or_default() {
-        "reply" => {
+    let kind = FrameKind::of(&frame);
+    match kind {
+        Some(FrameKind::Reply) => {
             if let (Some(mut l), Some(r)) = (lock(), frame["ref"].as_u64()) {
                 l.reply(r, at, &frame);
             }
             let _ = replies.send((at, frame));
         }
-        "error" => {
+        Some(FrameKind::Error) => {
             let code = frame["code"].as_str().unwrap_or("unknown");
-            shared.error(&format!("tab_error_{code}"));
+            shared.error(&format!("tab_error_{code}"), || {
+                format!("{who} got the error frame {frame}")
+            });
             let _ = replies.send((at, frame));
         }
-        kind @ ("joined" | "left") => {
+        Some(FrameKind::Joined | FrameKind::Left) => {
             if let Some(mut l) = lock() {
                 shared.events.fetch_add(1, Relaxed);
-                l.event(kind == "joined", at, &frame);
+                l.event(kind == Some(FrameKind::Joined), at, &frame);
             }
         }
+        // A tab checks only its own replies and, as a receiver, its room's
+        // events; anything else (presence, `sync`, types the tool does not
+        // check) is not its business.
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tab_passes_on_its_answers_and_ignores_the_rest() {
+        let shared = Shared::default();
+        let (tx, mut replies) = mpsc::unbounded_channel();
+        for frame in [
+            json!({"type": "updated", "room": "r", "user": "u", "meta": {}}),
+            json!({"type": "status", "user": "u", "status": "away", "ref": 1}),
+            json!({"type": "online", "user": "u", "seq": 1}),
+            json!({"type": "joined", "room": "r", "user": "u"}),
+            json!({"type": "reply", "ref": 1, "ok": true}),
+            json!({"type": "error", "ref": 2, "code": "invalid_room"}),
+        ] {
+            read_frame(&shared, "tab 0 of u", None, &tx, 1, frame);
+        }
+        let mut answers = Vec::new();
+        while let Ok((_, frame)) = replies.try_recv() {
+            answers.push(frame["type"].as_str().unwrap_or_default().to_owned());
+        }
+        assert_eq!(answers, ["reply", "error"]);
+        let errors: Vec<_> = shared.errors().into_iter().collect();
+        assert_eq!(errors, [("tab_error_invalid_room".to_owned(), 1)]);
+        let first = &shared.first_errors()["tab_error_invalid_room"];
+        assert!(
+            first.starts_with("tab 0 of u got the error frame {"),
+            "{first}"
+        );
+        assert!(first.ends_with("during the setup"), "{first}");
     }
 }

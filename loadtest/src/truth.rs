@@ -27,7 +27,32 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{clock::Stamp, observer::EventChecks};
+use crate::clock::Stamp;
+
+/// Event checks of one kind (presence or room), summed over observers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventChecks {
+    /// Events that never arrived.
+    pub missed: u64,
+    /// Events that arrived twice.
+    pub duplicated: u64,
+    /// Events that arrived in the wrong order.
+    pub out_of_order: u64,
+}
+
+impl EventChecks {
+    /// Whether nothing went wrong.
+    pub fn clean(&self) -> bool {
+        self.missed == 0 && self.duplicated == 0 && self.out_of_order == 0
+    }
+
+    /// Adds `other` to these counts.
+    pub fn add(&mut self, other: &EventChecks) {
+        self.missed += other.missed;
+        self.duplicated += other.duplicated;
+        self.out_of_order += other.out_of_order;
+    }
+}
 
 /// One transition of a user (online/offline, or joined/left its room).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -55,7 +55,9 @@ pub struct User {
     pub name: String,
     /// The room every tab joins, if the user is a room member.
     pub membership: Option<Membership>,
-    urls: Vec<(String, u16)>,
+    /// Per slot: the URL, the target's index, and who the tab is in
+    /// error reports.
+    urls: Vec<(String, u16, Arc<str>)>,
     sources: Vec<Option<IpAddr>>,
     tabs: Vec<Option<Tab>>,
     /// The truth so far.
@@ -87,7 +89,8 @@ impl User {
         let urls = (0..tabs)
             .map(|i| {
                 let t = (index + i) % targets.len();
-                (targets[t].tab_url(&name), t as u16)
+                let who = format!("tab {i} of {name} on {}", targets[t].ws);
+                (targets[t].tab_url(&name), t as u16, who.into())
             })
             .collect();
         let sources = (0..tabs)
@@ -151,13 +154,14 @@ impl User {
         self.last_open = Some(Instant::now());
         let started = self.shared.clock.now();
         let was_online = self.online();
-        let (url, target) = self.urls[i].clone();
+        let (url, target, who) = self.urls[i].clone();
         let log = self
             .membership
             .as_ref()
             .filter(|m| m.receivers)
             .map(|m| ReceiverLog::new(Arc::clone(&m.room), Arc::clone(&m.user_prefix)));
-        let Some(tab) = Tab::open(&url, target, self.sources[i], &self.shared, log).await else {
+        let Some(tab) = Tab::open((&url, target), self.sources[i], who, &self.shared, log).await
+        else {
             return;
         };
         if !was_online {

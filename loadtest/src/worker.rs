@@ -5,8 +5,11 @@
 //! `PRESENCED_LOAD_WORKER` environment variable. Orders go down the
 //! worker's stdin as lines (`go`, `close`); the worker's messages come up
 //! its stdout as one JSON line each, behind [`LINE_PREFIX`], so anything
-//! else a harness prints there (a test harness's own lines) is ignored. The worker's stderr is the
-//! coordinator's. A worker that exits before reporting fails the run.
+//! else a harness prints there (a test harness's own lines) is ignored. The
+//! worker's stderr is the coordinator's. A worker that exits before
+//! reporting fails the run ([`ShardFailure::Ended`]); a worker is killed
+//! when its handle goes, and an in-process shard is stopped, so a failed
+//! run leaves no tabs behind.
 
 use std::{process::Stdio, sync::Arc};
 
@@ -14,11 +17,12 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     process::{Child, Command},
     sync::mpsc,
+    task::AbortHandle,
 };
 
 use crate::{
     clock::RunClock,
-    shard::{self, Order, ShardMsg, ShardSpec},
+    shard::{self, Order, ShardFailure, ShardMsg, ShardSpec},
 };
 
 /// The environment variable that carries a worker's [`ShardSpec`].
@@ -35,27 +39,39 @@ pub struct ShardHandle {
     pub msgs: mpsc::UnboundedReceiver<ShardMsg>,
     /// The worker process, if any (killed on drop).
     pub child: Option<Child>,
+    /// The in-process shard's task, if any (stopped on drop).
+    task: Option<AbortHandle>,
+}
+
+impl Drop for ShardHandle {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 /// Starts `spec`'s shard in this process.
 pub fn start_local(spec: ShardSpec, clock: RunClock) -> ShardHandle {
     let (orders, order_rx) = mpsc::unbounded_channel();
     let (msg_tx, msgs) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(e) = shard::run(spec, clock, order_rx, msg_tx.clone()).await {
-            let _ = msg_tx.send(ShardMsg::Failed(format!("{e:#}")));
+            let _ = msg_tx.send(ShardMsg::Failed(e));
         }
     });
     ShardHandle {
         orders,
         msgs,
         child: None,
+        task: Some(task.abort_handle()),
     }
 }
 
 /// Starts `spec`'s shard in a worker process: `command` (program and
 /// arguments; empty: this executable with `worker --shard K`).
-pub fn start_process(spec: &ShardSpec, command: &[String]) -> anyhow::Result<ShardHandle> {
+pub fn start_process(spec: &ShardSpec, command: &[String]) -> Result<ShardHandle, ShardFailure> {
+    let start = |e: &dyn std::fmt::Display| ShardFailure::Start(e.to_string());
     let mut cmd = match command.split_first() {
         Some((program, args)) => {
             let mut c = Command::new(program);
@@ -63,19 +79,22 @@ pub fn start_process(spec: &ShardSpec, command: &[String]) -> anyhow::Result<Sha
             c
         }
         None => {
-            let mut c = Command::new(std::env::current_exe()?);
+            let mut c = Command::new(std::env::current_exe().map_err(|e| start(&e))?);
             c.args(["worker", "--shard", &spec.shard.to_string()]);
             c
         }
     };
     let mut child = cmd
-        .env(WORKER_ENV, serde_json::to_string(spec)?)
+        .env(
+            WORKER_ENV,
+            serde_json::to_string(spec).map_err(|e| start(&e))?,
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| anyhow::anyhow!("starting worker {}: {e}", spec.shard))?;
+        .map_err(|e| start(&e))?;
     // unwrap: both were piped just above.
     let (mut stdin, stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
     let (orders, mut order_rx) = mpsc::unbounded_channel::<Order>();
@@ -91,7 +110,6 @@ pub fn start_process(spec: &ShardSpec, command: &[String]) -> anyhow::Result<Sha
         }
     });
     let (msg_tx, msgs) = mpsc::unbounded_channel();
-    let shard = spec.shard;
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         let mut done = false;
@@ -103,36 +121,35 @@ pub fn start_process(spec: &ShardSpec, command: &[String]) -> anyhow::Result<Sha
             else {
                 continue;
             };
-            let msg = serde_json::from_str(json).unwrap_or_else(|e| {
-                ShardMsg::Failed(format!("worker {shard}: unreadable message: {e}"))
-            });
+            let msg = serde_json::from_str(json)
+                .unwrap_or_else(|e| ShardMsg::Failed(ShardFailure::Unreadable(e.to_string())));
             done |= matches!(msg, ShardMsg::Done(_) | ShardMsg::Failed(_));
             if msg_tx.send(msg).is_err() {
                 return;
             }
         }
         if !done {
-            let _ = msg_tx.send(ShardMsg::Failed(format!(
-                "worker {shard} exited before reporting (see its stderr above)"
-            )));
+            let _ = msg_tx.send(ShardMsg::Failed(ShardFailure::Ended));
         }
     });
     Ok(ShardHandle {
         orders,
         msgs,
         child: Some(child),
+        task: None,
     })
 }
 
 /// If this process was started as a worker, runs its shard to the end and
 /// returns its result; `None` otherwise.
-pub async fn serve_from_env() -> Option<anyhow::Result<()>> {
+pub async fn serve_from_env() -> Option<Result<(), ShardFailure>> {
     let spec = std::env::var(WORKER_ENV).ok()?;
     Some(serve(&spec).await)
 }
 
-async fn serve(spec: &str) -> anyhow::Result<()> {
-    let spec: ShardSpec = serde_json::from_str(spec)?;
+async fn serve(spec: &str) -> Result<(), ShardFailure> {
+    let spec: ShardSpec = serde_json::from_str(spec)
+        .map_err(|e| ShardFailure::Start(format!("{WORKER_ENV}: {e}")))?;
     let clock = RunClock::joined(spec.clock_start_unix_ns);
     let (orders, order_rx) = mpsc::unbounded_channel();
     let (msg_tx, mut msgs) = mpsc::unbounded_channel();
@@ -169,7 +186,7 @@ async fn serve(spec: &str) -> anyhow::Result<()> {
     let failed = Arc::new(msg_tx.clone());
     let result = shard::run(spec, clock, order_rx, msg_tx).await;
     if let Err(e) = &result {
-        let _ = failed.send(ShardMsg::Failed(format!("{e:#}")));
+        let _ = failed.send(ShardMsg::Failed(e.clone()));
     }
     drop(failed);
     let _ = writer.await;
