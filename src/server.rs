@@ -195,6 +195,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
         max_conns_per_user = config.max_conns_per_user,
         max_connections = config.max_connections,
         handshake_timeout_ms = config.handshake_timeout_ms,
+        max_request_head_bytes = config.max_request_head_bytes,
         api_key = if config.api_key.is_some() { "set" } else { "not set" },
         "presenced started"
     );
