@@ -56,6 +56,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Default largest HTTP request head (request line and headers), in bytes:
 /// a browser's handshake with a token and cookies is a few KiB.
 pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
+/// Default interval between counts of the log lines held back, in milliseconds.
+pub const DEFAULT_LOG_SUMMARY_MS: u64 = 10_000;
 
 /// presenced: a WebSocket presence gateway.
 #[derive(Debug, Clone, Parser)]
@@ -216,6 +218,12 @@ pub struct Config {
     /// longer one is answered 431 and the connection closed.
     #[arg(long, env = "PRESENCED_MAX_REQUEST_HEAD_BYTES", default_value_t = DEFAULT_MAX_REQUEST_HEAD_BYTES)]
     pub max_request_head_bytes: usize,
+
+    /// Interval between the log lines counting what was not logged one by
+    /// one (a kind of line, such as a refused handshake's code, past 5 a
+    /// second), milliseconds.
+    #[arg(long, env = "PRESENCED_LOG_SUMMARY_MS", default_value_t = DEFAULT_LOG_SUMMARY_MS)]
+    pub log_summary_ms: u64,
 }
 
 /// A secret from the command line or environment. Its `Debug` says only
@@ -309,6 +317,9 @@ impl Config {
         if self.max_request_head_bytes < 1024 {
             return invalid("--max-request-head-bytes must be at least 1024");
         }
+        if self.log_summary_ms < 100 {
+            return invalid("--log-summary-ms must be at least 100");
+        }
         if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
             return invalid("--prefix must be non-empty and without spaces");
         }
@@ -382,6 +393,11 @@ impl Config {
         Duration::from_millis(self.handshake_timeout_ms)
     }
 
+    /// Interval between counts of held-back log lines.
+    pub fn log_summary(&self) -> Duration {
+        Duration::from_millis(self.log_summary_ms)
+    }
+
     /// Whether the `/v1` API may answer: with a key, or on loopback only.
     pub fn api_open(&self) -> bool {
         self.api_key.is_some() || self.listen.ip().is_loopback()
@@ -442,6 +458,7 @@ mod tests {
             &["--dev", "--max-message-bytes", "10"],
             &["--dev", "--prefix", "a b"],
             &["--dev", "--max-request-head-bytes", "1023"],
+            &["--dev", "--log-summary-ms", "99"],
         ] {
             assert!(
                 matches!(parse(args).validate(), Err(ConfigError::Invalid(_))),

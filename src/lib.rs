@@ -23,6 +23,7 @@ pub mod config;
 pub mod conn;
 pub mod http;
 pub mod ids;
+pub mod logs;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;

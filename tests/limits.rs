@@ -2,9 +2,10 @@
 //! the message rate (`rate_limited`, then close 4029), rooms and watched
 //! users per connection (`limit_exceeded`), connections per user and per
 //! node (429 / 503 before the upgrade), stalled handshakes (closed after
-//! `--handshake-timeout-ms`, never blocking anyone) and request heads (431
-//! past `--max-request-head-bytes`). A bystander checks each time that
-//! nobody else's presence moved.
+//! `--handshake-timeout-ms`, never blocking anyone), request heads (431
+//! past `--max-request-head-bytes`), and the log lines a flood of refused
+//! handshakes may cause. A bystander checks each time that nobody else's
+//! presence moved.
 
 mod support;
 
@@ -14,7 +15,7 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 use support::{
     Client, EVENT_TIMEOUT, Gateway, QUIET_WINDOW, UserState,
-    http::{self, Connection, HttpResponse},
+    http::{self, Connection, HttpResponse, SAMPLE_WEBSOCKET_KEY},
     offline, online, within_scenario_timeout,
 };
 use tokio::{
@@ -347,6 +348,97 @@ async fn request_heads_over_the_bound_get_a_json_431_and_are_closed() {
                 .await,
             4.0
         );
+    })
+    .await
+}
+
+/// 10,000 handshakes with a bad token, on 200 kept-alive connections: the
+/// metric counts every one, the log holds a few lines a second and
+/// summaries that account for all the others, up to the node's stop.
+#[tokio::test]
+async fn a_flood_of_refused_handshakes_is_counted_exactly_and_logged_sparingly() {
+    const CONNECTIONS: usize = 200;
+    const PER_CONNECTION: usize = 50;
+    const REFUSED: usize = CONNECTIONS * PER_CONNECTION;
+    within_scenario_timeout(async {
+        let mut gateway = Gateway::start(&[
+            "--jwt-secret",
+            "flood-test-secret",
+            "--log-summary-ms",
+            "200",
+        ])
+        .await;
+        let handshake = format!(
+            "GET /ws?token=not.a.token HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {SAMPLE_WEBSOCKET_KEY}\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        );
+        let started = Instant::now();
+        join_all((0..CONNECTIONS).map(|_| async {
+            let mut connection = Connection::open(gateway.addr).await;
+            for _ in 0..PER_CONNECTION {
+                let response = connection.request(handshake.as_bytes()).await;
+                assert_eq!(response.error_code(), "invalid_token");
+            }
+        }))
+        .await;
+        let flood = started.elapsed();
+        assert_eq!(
+            gateway
+                .metric("presenced_handshakes_refused_total{code=\"invalid_token\"}")
+                .await,
+            REFUSED as f64
+        );
+
+        // Lines logged one by one, and the counts of the others.
+        let tally = |stderr: &str| {
+            let lines = stderr.lines().filter(|l| l.contains("invalid_token"));
+            lines.fold((0, 0), |(logged, held_back), line| {
+                if line.contains("handshake refused") {
+                    (logged + 1, held_back)
+                } else {
+                    let count = line
+                        .split_once(" handshakes refused with invalid_token in the last ")
+                        .and_then(|(start, _)| start.rsplit(' ').next()?.parse::<usize>().ok());
+                    (logged, held_back + count.unwrap_or(0))
+                }
+            })
+        };
+        let stderr = gateway
+            .wait_for_stderr(EVENT_TIMEOUT, |stderr| {
+                let (logged, held_back) = tally(stderr);
+                logged + held_back >= REFUSED
+            })
+            .await;
+        let (logged, held_back) = tally(&stderr);
+        assert_eq!(
+            logged + held_back,
+            REFUSED,
+            "each refusal is logged or counted once"
+        );
+        // The bucket: a burst of 5, then 5 a second while the flood lasts.
+        let bound = 5 + 5 * (flood.as_secs() as usize + 1);
+        assert!(
+            logged <= bound,
+            "{logged} lines for a flood of {flood:?} (at most {bound})"
+        );
+        assert!(
+            stderr.contains("(not logged one by one)"),
+            "a summary line:\n{stderr}"
+        );
+
+        // What is held back when the node stops is in its last summary.
+        let mut connection = Connection::open(gateway.addr).await;
+        for _ in 0..100 {
+            connection.request(handshake.as_bytes()).await;
+        }
+        drop(connection);
+        assert!(gateway.terminate().await.success());
+        let stderr = gateway
+            .wait_for_stderr(EVENT_TIMEOUT, |stderr| stderr.contains("stopped"))
+            .await;
+        let (logged, held_back) = tally(&stderr);
+        assert_eq!(logged + held_back, REFUSED + 100);
     })
     .await
 }

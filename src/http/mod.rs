@@ -4,7 +4,8 @@
 //! `GET /ws` is checked (upgrade headers, origin, token, connection
 //! bounds) before anything is upgraded; a refused handshake gets a JSON
 //! error with its status and no WebSocket, and is counted and logged (with
-//! any `token` in the URL redacted). A client gets `--handshake-timeout-ms` to send
+//! any `token` in the URL redacted, and at most a few lines a second per
+//! code: [`crate::logs`]). A client gets `--handshake-timeout-ms` to send
 //! its request head and `--max-request-head-bytes` for it ([`head`]), so a
 //! stalled or endless head costs a socket and that many bytes for that
 //! long, and nothing else. An accepted one is answered `101`, then the
@@ -19,7 +20,7 @@ mod assets;
 mod error;
 mod head;
 
-use std::{convert::Infallible, rc::Rc, sync::Arc};
+use std::{convert::Infallible, rc::Rc, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -46,6 +47,7 @@ use crate::{
     config::Config,
     conn::{Conn, ConnSettings},
     ids::UserId,
+    logs::LogLimiter,
     metrics::metrics,
     registry::{Health, RegistryLink},
     store::Store,
@@ -69,6 +71,8 @@ pub struct WorkerState {
     pub origins: Arc<[OriginPattern]>,
     /// The node's connection bounds, shared by every worker.
     pub slots: Arc<ConnSlots>,
+    /// Which refused handshakes get a log line, shared by every worker.
+    pub refusal_log: Arc<LogLimiter>,
 }
 
 /// The tungstenite settings: small buffers so an idle socket costs little.
@@ -117,7 +121,7 @@ pub async fn serve(stream: TcpStream, state: Rc<WorkerState>) {
             // hyper's own bound answered, with a bare 431: a head after a
             // body HeadLimit does not follow, or more than 100 header fields
             // (or, with a cap over 64 KiB, a 414 for a longer URI).
-            record_refusal(&HttpError::RequestHeadTooLarge(cap), None);
+            record_refusal(&HttpError::RequestHeadTooLarge(cap), None, &state);
         }
         debug!(%error, "http connection ended with an error");
     }
@@ -127,16 +131,20 @@ pub async fn serve(stream: TcpStream, state: Rc<WorkerState>) {
         .into_parts()
         .and_then(|parts| parts.io.into_inner().into_refused());
     if let Some(socket) = refused {
-        record_refusal(&HttpError::RequestHeadTooLarge(cap), None);
+        record_refusal(&HttpError::RequestHeadTooLarge(cap), None, &state);
         head::refuse(socket, cap).await;
     }
 }
 
-/// Counts and logs a refused handshake. `target` is the request's, token
-/// redacted.
-fn record_refusal(error: &HttpError, target: Option<&str>) {
+/// Counts a refused handshake, and logs it unless its code has had its
+/// lines this second (see [`crate::logs`]). `target` is the request's,
+/// token redacted.
+fn record_refusal(error: &HttpError, target: Option<&str>, state: &WorkerState) {
     let code = error.code();
     metrics().handshakes_refused.get(code).inc();
+    if !state.refusal_log.admit(code, Instant::now()) {
+        return;
+    }
     match target {
         Some(target) => info!(%target, code, "handshake refused"),
         None => info!(code, "handshake refused"),
@@ -166,7 +174,7 @@ async fn route(req: Request<Incoming>, state: &Rc<WorkerState>) -> Response<Body
             let uri = req.uri().clone();
             upgrade(req, state).inspect_err(|e| {
                 let target = redact_token(&uri.to_string());
-                record_refusal(e, Some(&target));
+                record_refusal(e, Some(&target), state);
             })
         }
         (&Method::GET, "/metrics") => Ok(metrics_page()),
