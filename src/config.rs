@@ -56,6 +56,11 @@ pub const DEFAULT_MAX_CONNS_PER_USER: usize = 50;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 19_000;
 /// Default longest time a client may take to send its HTTP request head.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Default largest HTTP request head (request line and headers), in bytes:
+/// a browser's handshake with a token and cookies is a few KiB.
+pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
+/// Default interval between counts of the log lines held back, in milliseconds.
+pub const DEFAULT_LOG_SUMMARY_MS: u64 = 10_000;
 
 /// presenced: a WebSocket presence gateway.
 #[derive(Debug, Clone, Parser)]
@@ -211,6 +216,17 @@ pub struct Config {
     /// (slowloris), milliseconds.
     #[arg(long, env = "PRESENCED_HANDSHAKE_TIMEOUT_MS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT_MS)]
     pub handshake_timeout_ms: u64,
+
+    /// Largest HTTP request head (request line and headers), bytes; a
+    /// longer one is answered 431 and the connection closed.
+    #[arg(long, env = "PRESENCED_MAX_REQUEST_HEAD_BYTES", default_value_t = DEFAULT_MAX_REQUEST_HEAD_BYTES)]
+    pub max_request_head_bytes: usize,
+
+    /// Interval between the log lines counting what was not logged one by
+    /// one (a kind of line, such as a refused handshake's code, past 5 a
+    /// second), milliseconds.
+    #[arg(long, env = "PRESENCED_LOG_SUMMARY_MS", default_value_t = DEFAULT_LOG_SUMMARY_MS)]
+    pub log_summary_ms: u64,
 }
 
 /// A secret from the command line or environment. Its `Debug` says only
@@ -300,6 +316,13 @@ impl Config {
         if self.handshake_timeout_ms == 0 {
             return invalid("--handshake-timeout-ms must be at least 1");
         }
+        // Under 1 KiB a handshake with a token in its URL no longer fits.
+        if self.max_request_head_bytes < 1024 {
+            return invalid("--max-request-head-bytes must be at least 1024");
+        }
+        if self.log_summary_ms < 100 {
+            return invalid("--log-summary-ms must be at least 100");
+        }
         if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
             return invalid("--prefix must be non-empty and without spaces");
         }
@@ -373,6 +396,11 @@ impl Config {
         Duration::from_millis(self.handshake_timeout_ms)
     }
 
+    /// Interval between counts of held-back log lines.
+    pub fn log_summary(&self) -> Duration {
+        Duration::from_millis(self.log_summary_ms)
+    }
+
     /// Whether the `/v1` API may answer: with a key, or on loopback only.
     pub fn api_open(&self) -> bool {
         self.api_key.is_some() || self.listen.ip().is_loopback()
@@ -432,12 +460,21 @@ mod tests {
             &["--dev", "--batch-max", "0"],
             &["--dev", "--max-message-bytes", "10"],
             &["--dev", "--prefix", "a b"],
+            &["--dev", "--max-request-head-bytes", "1023"],
+            &["--dev", "--log-summary-ms", "99"],
         ] {
             assert!(
                 matches!(parse(args).validate(), Err(ConfigError::Invalid(_))),
                 "{args:?}"
             );
         }
+    }
+
+    #[test]
+    fn request_heads_are_capped_at_16_kib_unless_told() {
+        assert_eq!(parse(&["--dev"]).max_request_head_bytes, 16384);
+        let c = parse(&["--dev", "--max-request-head-bytes", "1024"]);
+        assert_eq!((c.max_request_head_bytes, c.validate()), (1024, Ok(())));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod health;
 pub mod http;
 pub mod ids;
 pub mod linger;
+pub mod logs;
 pub mod metrics;
 pub mod origin;
 pub mod outbox;

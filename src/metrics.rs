@@ -95,8 +95,9 @@ impl Sent {
 }
 
 /// Every error code a `/ws` handshake can be refused with (see
-/// `HttpError`); the first also counts any other.
-const HANDSHAKE_REFUSALS: [&str; 18] = [
+/// `HttpError`), and `request_header_too_large` for a request head over
+/// the bound on any path; the first also counts any other.
+const HANDSHAKE_REFUSALS: [&str; 19] = [
     "bad_handshake",
     "upgrade_required",
     "unsupported_version",
@@ -115,6 +116,7 @@ const HANDSHAKE_REFUSALS: [&str; 18] = [
     "forbidden_origin",
     "too_many_connections",
     "node_full",
+    "request_header_too_large",
 ];
 
 /// A counter family with one child per value of a small enum, resolved

@@ -27,6 +27,7 @@ use crate::{
     health::Health,
     http::{self, WorkerState},
     ids::NodeId,
+    logs::{self, LogLimiter},
     origin::OriginPattern,
     registry::{Batching, Drain, PresenceRegistry, RegistryLink},
     slots::ConnSlots,
@@ -111,6 +112,10 @@ async fn serve(config: Config) -> Result<(), StartError> {
         .filter_map(|o| OriginPattern::parse(o))
         .collect();
     let slots = ConnSlots::new(config.max_connections, config.max_conns_per_user);
+    let refusal_log = Arc::new(LogLimiter::new(
+        "handshakes refused",
+        std::time::Instant::now(),
+    ));
     let health = Arc::new(Health::default());
     let (stop_accepting, accepting) = watch::channel(true);
     let mut broadcasters = Vec::new();
@@ -126,6 +131,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
             accepting: accepting.clone(),
             origins: origins.clone(),
             slots: slots.clone(),
+            refusal_log: refusal_log.clone(),
         };
         let broadcaster = start_worker(worker)
             .await
@@ -162,6 +168,12 @@ async fn serve(config: Config) -> Result<(), StartError> {
         presence = presence.with_feed(feed);
     }
     registry_ctx.run(presence);
+    let (stop_summaries, summaries_stopped) = oneshot::channel();
+    let summaries = actix_rt::spawn(logs::summarize(
+        refusal_log,
+        config.log_summary(),
+        summaries_stopped,
+    ));
 
     info!(
         %node,
@@ -194,6 +206,8 @@ async fn serve(config: Config) -> Result<(), StartError> {
         max_conns_per_user = config.max_conns_per_user,
         max_connections = config.max_connections,
         handshake_timeout_ms = config.handshake_timeout_ms,
+        max_request_head_bytes = config.max_request_head_bytes,
+        log_summary_ms = config.log_summary_ms,
         api_key = if config.api_key.is_some() { "set" } else { "not set" },
         "presenced started"
     );
@@ -213,6 +227,9 @@ async fn serve(config: Config) -> Result<(), StartError> {
     info!(%node, timeout = ?config.drain_timeout(), "draining");
     let _ = stop_accepting.send(false);
     drain(registry, &broadcasters, &slots, deadline).await;
+    // Last: the counts of log lines held back until the end of the drain.
+    let _ = stop_summaries.send(());
+    let _ = summaries.await;
     info!(%node, "stopped");
     Ok(())
 }
@@ -284,6 +301,7 @@ struct Worker {
     accepting: watch::Receiver<bool>,
     origins: Arc<[OriginPattern]>,
     slots: Arc<ConnSlots>,
+    refusal_log: Arc<LogLimiter>,
 }
 
 /// Starts a worker on a new arbiter, accepting on its listener; returns
@@ -303,6 +321,7 @@ async fn start_worker(worker: Worker) -> Option<Addr<Broadcaster>> {
             health: worker.health,
             origins: worker.origins,
             slots: worker.slots,
+            refusal_log: worker.refusal_log,
         });
         let index = worker.index;
         match TcpListener::from_std(worker.listener) {

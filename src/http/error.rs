@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
     Response, StatusCode,
-    header::{self, HeaderValue},
+    header::{self, HeaderMap, HeaderValue},
 };
 use serde::Serialize;
 
@@ -78,6 +78,10 @@ pub enum HttpError {
     /// `?meta=` on a connection whose token carries `meta`.
     #[error("the token carries this connection's meta; ?meta= is not accepted with it")]
     MetaLocked,
+    /// A request head (request line and headers) over
+    /// `--max-request-head-bytes`, refused before hyper parses it.
+    #[error("the request line and headers are longer than --max-request-head-bytes ({0} bytes)")]
+    RequestHeadTooLarge(usize),
 }
 
 impl HttpError {
@@ -104,6 +108,10 @@ impl HttpError {
             Self::TooManyConnections(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
             Self::NodeFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "node_full"),
             Self::MetaLocked => (StatusCode::BAD_REQUEST, "invalid_meta"),
+            Self::RequestHeadTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_too_large",
+            ),
         }
     }
 
@@ -114,6 +122,43 @@ impl HttpError {
 
     /// The JSON response: `{"error":{"code":...,"message":...}}`.
     pub fn into_response(self) -> Response<Full<Bytes>> {
+        let (status, headers, body) = self.parts();
+        let mut res = Response::new(Full::new(body));
+        *res.status_mut() = status;
+        *res.headers_mut() = headers;
+        res
+    }
+
+    /// The same response as HTTP/1.1 bytes with `Connection: close`, for a
+    /// refusal written on a socket hyper no longer serves (a request head
+    /// over the bound, see `http::head`).
+    pub fn into_http1_bytes(self) -> Vec<u8> {
+        let (status, headers, body) = self.parts();
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_str(),
+            status.canonical_reason().unwrap_or("")
+        )
+        .into_bytes();
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        for (name, value) in headers.iter().chain([
+            (&header::CONTENT_LENGTH, &HeaderValue::from(body.len())),
+            (&header::CONNECTION, &HeaderValue::from_static("close")),
+            // unwrap: an HTTP date is ASCII.
+            (&header::DATE, &HeaderValue::from_str(&date).unwrap()),
+        ]) {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Status, headers and JSON body: the one rendering of every refusal.
+    fn parts(&self) -> (StatusCode, HeaderMap, Bytes) {
         #[derive(Serialize)]
         struct Body<'a> {
             error: Inner<'a>,
@@ -133,9 +178,7 @@ impl HttpError {
             },
         })
         .unwrap();
-        let mut res = Response::new(Full::new(Bytes::from(body)));
-        *res.status_mut() = status;
-        let h = res.headers_mut();
+        let mut h = HeaderMap::new();
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -156,6 +199,32 @@ impl HttpError {
             }
             _ => {}
         }
-        res
+        (status, h, Bytes::from(body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_written_by_hand_is_the_json_error_with_connection_close() {
+        let bytes = HttpError::RequestHeadTooLarge(4096).into_http1_bytes();
+        let text = String::from_utf8(bytes).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{head}"
+        );
+        for line in [
+            "content-type: application/json",
+            "connection: close",
+            &format!("content-length: {}", body.len()),
+        ] {
+            assert!(head.lines().any(|l| l == line), "no {line:?} in {head}");
+        }
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], "request_header_too_large");
+        assert!(json["error"]["message"].as_str().unwrap().contains("4096"));
     }
 }

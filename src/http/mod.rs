@@ -4,19 +4,23 @@
 //! `GET /ws` is checked (upgrade headers, origin, token, connection
 //! bounds) before anything is upgraded; a refused handshake gets a JSON
 //! error with its status and no WebSocket, and is counted and logged (with
-//! any `token` in the URL redacted). A client gets `--handshake-timeout-ms`
-//! to send its request head, so stalled half-open handshakes cost a socket
-//! for that long and nothing else. An accepted one is answered `101`, then the upgraded stream
-//! is wrapped by tokio-tungstenite and a [`Conn`] is started on the same
-//! worker. No extension is ever negotiated (permessage-deflate stays off).
+//! any `token` in the URL redacted, and at most a few lines a second per
+//! code: [`crate::logs`]). A client gets `--handshake-timeout-ms` to send
+//! its request head and `--max-request-head-bytes` for it ([`head`]), so a
+//! stalled or endless head costs a socket and that many bytes for that
+//! long, and nothing else. An accepted one is answered `101`, then the
+//! socket is taken back from hyper, wrapped by tokio-tungstenite and a
+//! [`Conn`] is started on the same worker. No extension is ever negotiated
+//! (permessage-deflate stays off).
 //! `GET /client.js` and, with `--dev`, the demo page at `GET /` are static
 //! files built into the binary ([`assets`]).
 
 mod api;
 mod assets;
 mod error;
+mod head;
 
-use std::{convert::Infallible, rc::Rc, sync::Arc};
+use std::{convert::Infallible, rc::Rc, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -33,9 +37,10 @@ use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{handshake::derive_accept_key, protocol::Role, protocol::WebSocketConfig},
 };
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 pub use self::error::HttpError;
+use self::head::HeadLimit;
 use crate::{
     auth::{Identity, TokenError, redact_token},
     broadcast::SharedHub,
@@ -43,6 +48,7 @@ use crate::{
     conn::{Conn, ConnSettings},
     health::Health,
     ids::{Meta, MetaError, UserId},
+    logs::LogLimiter,
     metrics::metrics,
     origin::OriginPattern,
     registry::RegistryLink,
@@ -68,6 +74,8 @@ pub struct WorkerState {
     pub origins: Arc<[OriginPattern]>,
     /// The node's connection bounds, shared by every worker.
     pub slots: Arc<ConnSlots>,
+    /// Which refused handshakes get a log line, shared by every worker.
+    pub refusal_log: Arc<LogLimiter>,
 }
 
 /// The tungstenite settings: small buffers so an idle socket costs little.
@@ -84,24 +92,65 @@ pub fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
 
 type Body = Full<Bytes>;
 
+/// The socket type hyper serves, and hands back on an upgrade.
+type Io = TokioIo<HeadLimit<TcpStream>>;
+
 /// Serves one accepted TCP connection until it closes or upgrades.
 pub async fn serve(stream: TcpStream, state: Rc<WorkerState>) {
-    let timeout = state.config.handshake_timeout();
+    let cap = state.config.max_request_head_bytes;
+    let service_state = state.clone();
     let service = service_fn(move |req| {
-        let state = state.clone();
+        let state = service_state.clone();
         async move { Ok::<_, Infallible>(route(req, &state).await) }
     });
-    let result = http1::Builder::new()
+    let io: Io = TokioIo::new(HeadLimit::new(stream, cap));
+    let mut connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades()
-        .await;
-    if let Err(error) = result {
+        .header_read_timeout(state.config.handshake_timeout())
+        // Bounds the heads HeadLimit stops counting (after a body it does
+        // not follow); it never sees a full cap of a head HeadLimit counts.
+        .max_header_size(cap)
+        // Keeps hyper's read buffer the size of a head (hyper's floor is
+        // 8 KiB), not ~400 KB.
+        .max_buf_size(cap.max(8192))
+        .serve_connection(io, service)
+        .with_upgrades();
+    // Counted while hyper still holds the socket: a client that sees it
+    // closed sees it counted.
+    if let Err(error) = (&mut connection).await {
         if error.is_timeout() {
             metrics().handshake_timeouts.inc();
+        } else if error.is_parse_too_large() {
+            // hyper's own bound answered, with a bare 431: a head after a
+            // body HeadLimit does not follow, or more than 100 header fields
+            // (or, with a cap over 64 KiB, a 414 for a longer URI).
+            record_refusal(&HttpError::RequestHeadTooLarge(cap), None, &state);
         }
         debug!(%error, "http connection ended with an error");
+    }
+    // A refused head ends hyper's connection as an error, or as a clean
+    // end when hyper held none of that head yet; the socket is ours then.
+    let refused = connection
+        .into_parts()
+        .and_then(|parts| parts.io.into_inner().into_refused());
+    if let Some(socket) = refused {
+        record_refusal(&HttpError::RequestHeadTooLarge(cap), None, &state);
+        head::refuse(socket, cap).await;
+    }
+}
+
+/// Counts a refused handshake, and logs it unless its code has had its
+/// lines this second (see [`crate::logs`]). `target` is the request's,
+/// token redacted.
+fn record_refusal(error: &HttpError, target: Option<&str>, state: &WorkerState) {
+    let code = error.code();
+    metrics().handshakes_refused.get(code).inc();
+    if !state.refusal_log.admit(code, Instant::now()) {
+        return;
+    }
+    match target {
+        Some(target) => info!(%target, code, "handshake refused"),
+        None => info!(code, "handshake refused"),
     }
 }
 
@@ -127,9 +176,8 @@ async fn route(req: Request<Incoming>, state: &Rc<WorkerState>) -> Response<Body
             // for a refusal's log line.
             let uri = req.uri().clone();
             upgrade(req, state).inspect_err(|e| {
-                metrics().handshakes_refused.get(e.code()).inc();
                 let target = redact_token(&uri.to_string());
-                info!(%target, code = e.code(), "handshake refused");
+                record_refusal(e, Some(&target), state);
             })
         }
         (&Method::GET, "/metrics") => Ok(metrics_page()),
@@ -295,18 +343,28 @@ fn upgrade(
     let hub = state.hub.clone();
     let ws_config = websocket_config(state.config.max_message_bytes);
     actix_rt::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(ws_config),
-                )
-                .await;
-                Conn::start(socket, identity, Some(slot), settings, registry, hub);
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                debug!(%error, "websocket upgrade failed");
+                return;
             }
-            Err(error) => debug!(%error, "websocket upgrade failed"),
-        }
+        };
+        // The socket itself, out of hyper's box and out of HeadLimit, with
+        // whatever the client sent after the head: nothing is counted or
+        // boxed on a WebSocket's reads.
+        let Ok(parts) = upgraded.downcast::<Io>() else {
+            error!("an upgraded connection is not the socket hyper was given");
+            return;
+        };
+        let socket = WebSocketStream::from_partially_read(
+            parts.io.into_inner().into_inner(),
+            parts.read_buf.to_vec(),
+            Role::Server,
+            Some(ws_config),
+        )
+        .await;
+        Conn::start(socket, identity, Some(slot), settings, registry, hub);
     });
 
     let mut res = Response::new(Full::new(Bytes::new()));

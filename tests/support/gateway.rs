@@ -15,6 +15,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader},
     process::{Child, Command},
+    sync::Notify,
     task::JoinHandle,
     time::{Instant, timeout, timeout_at},
 };
@@ -36,7 +37,14 @@ const STDERR_KEEP_BYTES: usize = 1 << 20;
 const STDERR_TAIL_BYTES: usize = 8 << 10;
 
 /// Output of a process, collected in the background.
-type Collected = Arc<Mutex<String>>;
+type Collected = Arc<Output>;
+
+#[derive(Default)]
+struct Output {
+    text: Mutex<String>,
+    /// Notified each time more output arrived.
+    grew: Notify,
+}
 
 pub struct Gateway {
     pub addr: SocketAddr,
@@ -137,6 +145,29 @@ impl Gateway {
     /// Everything the gateway wrote on stderr so far.
     pub fn stderr(&self) -> String {
         lock(&self.stderr).clone()
+    }
+
+    /// Waits until what the gateway wrote on stderr satisfies `done`, and
+    /// returns it; panics after `within`.
+    pub async fn wait_for_stderr(&self, within: Duration, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            // Registered before looking, so output arriving in between
+            // still wakes this wait.
+            let grew = self.stderr.grew.notified();
+            tokio::pin!(grew);
+            grew.as_mut().enable();
+            {
+                let text = lock(&self.stderr);
+                if done(&text) {
+                    return text.clone();
+                }
+            }
+            // The tail of stderr is printed as the gateway is dropped.
+            if timeout_at(deadline, grew).await.is_err() {
+                panic!("stderr did not show what was awaited within {within:?}");
+            }
+        }
     }
 
     /// SIGKILL, and wait for the process to be gone.
@@ -266,15 +297,18 @@ fn collect(mut source: impl AsyncRead + Unpin + Send + 'static) -> (Collected, J
     let done = tokio::spawn(async move {
         let mut chunk = [0u8; 8192];
         while let Ok(read @ 1..) = source.read(&mut chunk).await {
-            let mut text = lock(&sink);
-            text.push_str(&String::from_utf8_lossy(&chunk[..read]));
-            if text.len() > STDERR_KEEP_BYTES {
-                let cut = text.len() - STDERR_KEEP_BYTES;
-                let cut = (cut..text.len())
-                    .find(|index| text.is_char_boundary(*index))
-                    .unwrap_or(text.len());
-                text.drain(..cut);
+            {
+                let mut text = lock(&sink);
+                text.push_str(&String::from_utf8_lossy(&chunk[..read]));
+                if text.len() > STDERR_KEEP_BYTES {
+                    let cut = text.len() - STDERR_KEEP_BYTES;
+                    let cut = (cut..text.len())
+                        .find(|index| text.is_char_boundary(*index))
+                        .unwrap_or(text.len());
+                    text.drain(..cut);
+                }
             }
+            sink.grew.notify_waiters();
         }
     });
     (collected, done)
@@ -282,6 +316,7 @@ fn collect(mut source: impl AsyncRead + Unpin + Send + 'static) -> (Collected, J
 
 fn lock(collected: &Collected) -> std::sync::MutexGuard<'_, String> {
     collected
+        .text
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
-    time::{Instant, timeout_at},
+    time::{Instant, timeout, timeout_at},
 };
 
 /// Bound for one request/response exchange.
@@ -162,80 +162,149 @@ async fn exchange_on(
     head: &str,
     receive_buffer: Option<u32>,
 ) -> (HttpResponse, TcpStream, Vec<u8>) {
-    let deadline = Instant::now() + HTTP_TIMEOUT;
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .expect("a TCP socket");
-    if let Some(size) = receive_buffer {
-        socket
-            .set_recv_buffer_size(size)
-            .expect("setting the receive buffer size");
-    }
-    let mut stream = timeout_at(deadline, socket.connect(addr))
-        .await
-        .unwrap_or_else(|_| panic!("HTTP connect to {addr} timed out"))
-        .unwrap_or_else(|error| panic!("HTTP connect to {addr} failed: {error}"));
-    timeout_at(deadline, stream.write_all(head.as_bytes()))
-        .await
-        .expect("HTTP request write timed out")
-        .expect("HTTP request write failed");
-
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(index) = find(&buf, b"\r\n\r\n") {
-            break index + 4;
-        }
-        if read_more(&mut stream, &mut buf, deadline).await == 0 {
-            panic!(
-                "connection closed before a complete HTTP response head; got {:?}",
-                String::from_utf8_lossy(&buf)
-            );
-        }
-    };
-    let (status, headers) = parse_head(&buf[..head_end]);
-    let mut rest = buf.split_off(head_end);
-    let mut response = HttpResponse {
-        status,
-        headers,
-        body: Vec::new(),
-    };
-    if status == 101 {
-        return (response, stream, rest);
-    }
-
-    let content_length = response.header("content-length").map(|value| {
-        value
-            .trim()
-            .parse::<usize>()
-            .expect("numeric Content-Length")
-    });
-    let chunked = response
-        .header("transfer-encoding")
-        .is_some_and(|value| value.to_ascii_lowercase().contains("chunked"));
-    response.body = if let Some(length) = content_length {
-        while rest.len() < length {
-            if read_more(&mut stream, &mut rest, deadline).await == 0 {
-                panic!("connection closed inside a {length}-byte body");
-            }
-        }
-        rest.truncate(length);
-        rest
-    } else if chunked {
-        loop {
-            if let Some(body) = decode_chunked(&rest) {
-                break body;
-            }
-            if read_more(&mut stream, &mut rest, deadline).await == 0 {
-                panic!("connection closed inside a chunked body");
-            }
-        }
+    let mut connection = Connection::open_with(addr, receive_buffer).await;
+    let response = connection.request(head.as_bytes()).await;
+    let Connection { stream, buffered } = connection;
+    let rest = if response.status == 101 {
+        buffered
     } else {
-        while read_more(&mut stream, &mut rest, deadline).await > 0 {}
-        rest
+        Vec::new()
     };
-    (response, stream, Vec::new())
+    (response, stream, rest)
+}
+
+/// One HTTP/1.1 connection used for as many requests as the server keeps
+/// it open: raw bytes out, responses parsed as they are on the wire.
+pub struct Connection {
+    stream: TcpStream,
+    /// Read past the last response.
+    buffered: Vec<u8>,
+}
+
+impl Connection {
+    pub async fn open(addr: SocketAddr) -> Connection {
+        Connection::open_with(addr, None).await
+    }
+
+    /// [`Connection::open`] from a socket whose kernel receive buffer is
+    /// `receive_buffer` bytes, if given.
+    pub async fn open_with(addr: SocketAddr, receive_buffer: Option<u32>) -> Connection {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .expect("a TCP socket");
+        if let Some(size) = receive_buffer {
+            socket
+                .set_recv_buffer_size(size)
+                .expect("setting the receive buffer size");
+        }
+        let stream = timeout(HTTP_TIMEOUT, socket.connect(addr))
+            .await
+            .unwrap_or_else(|_| panic!("HTTP connect to {addr} timed out"))
+            .unwrap_or_else(|error| panic!("HTTP connect to {addr} failed: {error}"));
+        Connection {
+            stream,
+            buffered: Vec::new(),
+        }
+    }
+
+    /// Writes `bytes` (a request, or any part of one).
+    pub async fn send(&mut self, bytes: &[u8]) {
+        timeout(HTTP_TIMEOUT, self.stream.write_all(bytes))
+            .await
+            .expect("HTTP request write timed out")
+            .expect("HTTP request write failed");
+    }
+
+    /// Writes `bytes` and reads the response to them.
+    pub async fn request(&mut self, bytes: &[u8]) -> HttpResponse {
+        self.send(bytes).await;
+        self.response().await
+    }
+
+    /// Reads one response. A `101` is returned as soon as its head is read.
+    pub async fn response(&mut self) -> HttpResponse {
+        let deadline = Instant::now() + HTTP_TIMEOUT;
+        let stream = &mut self.stream;
+        let buf = &mut self.buffered;
+        let head_end = loop {
+            if let Some(index) = find(buf, b"\r\n\r\n") {
+                break index + 4;
+            }
+            if read_more(stream, buf, deadline).await == 0 {
+                panic!(
+                    "connection closed before a complete HTTP response head; got {:?}",
+                    String::from_utf8_lossy(buf)
+                );
+            }
+        };
+        let (status, headers) = parse_head(&buf[..head_end]);
+        buf.drain(..head_end);
+        let mut response = HttpResponse {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if status == 101 {
+            return response;
+        }
+
+        let content_length = response.header("content-length").map(|value| {
+            value
+                .trim()
+                .parse::<usize>()
+                .expect("numeric Content-Length")
+        });
+        let chunked = response
+            .header("transfer-encoding")
+            .is_some_and(|value| value.to_ascii_lowercase().contains("chunked"));
+        response.body = if let Some(length) = content_length {
+            while buf.len() < length {
+                if read_more(stream, buf, deadline).await == 0 {
+                    panic!("connection closed inside a {length}-byte body");
+                }
+            }
+            buf.drain(..length).collect()
+        } else if chunked {
+            loop {
+                if let Some(body) = decode_chunked(buf) {
+                    // This client never keeps a chunked response's
+                    // connection for another request.
+                    buf.clear();
+                    break body;
+                }
+                if read_more(stream, buf, deadline).await == 0 {
+                    panic!("connection closed inside a chunked body");
+                }
+            }
+        } else {
+            while read_more(stream, buf, deadline).await > 0 {}
+            std::mem::take(buf)
+        };
+        response
+    }
+
+    /// Asserts the server closes the connection with nothing more to say.
+    pub async fn expect_closed(&mut self) {
+        let deadline = Instant::now() + HTTP_TIMEOUT;
+        let mut chunk = [0u8; 1024];
+        let more = match timeout_at(deadline, self.stream.read(&mut chunk)).await {
+            Ok(Ok(0)) if self.buffered.is_empty() => return,
+            // A reset after the answer is a closed connection too.
+            Ok(Err(error)) if self.buffered.is_empty() => {
+                assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+                return;
+            }
+            Ok(Ok(n)) => [&self.buffered[..], &chunk[..n]].concat(),
+            Ok(Err(_)) => self.buffered.clone(),
+            Err(_) => panic!("the connection is still open after {HTTP_TIMEOUT:?}"),
+        };
+        panic!(
+            "expected the connection closed, got {:?}",
+            String::from_utf8_lossy(&more)
+        );
+    }
 }
 
 async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> usize {
