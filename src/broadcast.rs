@@ -393,6 +393,7 @@ impl Hub {
 }
 
 /// A worker's fan-out actor: receives dispatches from the registry.
+#[derive(Debug)]
 pub struct Broadcaster {
     hub: SharedHub,
 }
@@ -411,6 +412,7 @@ impl Actor for Broadcaster {
 /// The users watched and rooms joined on the worker, for a resync.
 #[derive(Message)]
 #[rtype(result = "(Vec<UserId>, Vec<RoomName>)")]
+#[derive(Debug)]
 pub struct Subscriptions;
 
 impl Handler<Subscriptions> for Broadcaster {
@@ -428,6 +430,7 @@ impl Handler<Subscriptions> for Broadcaster {
 /// Closes every connection of the worker (a drain); answers how many.
 #[derive(Message)]
 #[rtype(result = "usize")]
+#[derive(Debug)]
 pub struct CloseAll(pub CloseFrame);
 
 impl Handler<CloseAll> for Broadcaster {

@@ -46,7 +46,7 @@ use crate::{
 const EXPIRY_CHECK_MAX: Duration = Duration::from_secs(3600);
 
 /// What a `Conn` needs from its worker, fixed for its life.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ConnSettings {
     /// This node.
     pub node: NodeId,
@@ -94,6 +94,16 @@ pub struct Conn {
     close_with: Option<CloseFrame>,
     /// Why the connection ends, for the metrics.
     close_reason: CloseReason,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("id", &self.id)
+            .field("user", &self.user)
+            .field("outbox", &self.outbox)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The writer gave up on the socket (outbox overflow or write error).

@@ -154,6 +154,12 @@ impl<K: Copy + PartialEq> Family<K> {
     }
 }
 
+impl<K: std::fmt::Debug> std::fmt::Debug for Family<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Family").field("keys", &self.keys).finish()
+    }
+}
+
 /// All of the gateway's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -333,6 +339,12 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .unwrap();
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
     }
 }
 

@@ -119,6 +119,9 @@ async fn serve(config: Config) -> Result<(), StartError> {
     let health = Arc::new(Health::default());
     let (stop_accepting, accepting) = watch::channel(true);
     let mut broadcasters = Vec::new();
+    // The worker threads run while these handles live: until `serve`
+    // returns, at the end of the drain.
+    let mut arbiters = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
         let worker = Worker {
             index,
@@ -133,9 +136,10 @@ async fn serve(config: Config) -> Result<(), StartError> {
             slots: slots.clone(),
             refusal_log: refusal_log.clone(),
         };
-        let broadcaster = start_worker(worker)
+        let (arbiter, broadcaster) = start_worker(worker)
             .await
             .ok_or(StartError::Worker(index))?;
+        arbiters.push(arbiter);
         broadcasters.push(broadcaster);
     }
     // Subscribe to the cluster's events before accepting anyone: an event
@@ -305,8 +309,9 @@ struct Worker {
 }
 
 /// Starts a worker on a new arbiter, accepting on its listener; returns
-/// its broadcaster.
-async fn start_worker(worker: Worker) -> Option<Addr<Broadcaster>> {
+/// the arbiter (its thread runs while a handle to it lives) and its
+/// broadcaster.
+async fn start_worker(worker: Worker) -> Option<(Arbiter, Addr<Broadcaster>)> {
     let arbiter = Arbiter::new();
     let (ready_tx, ready_rx) = oneshot::channel();
     arbiter.spawn_fn(move || {
@@ -332,9 +337,10 @@ async fn start_worker(worker: Worker) -> Option<Addr<Broadcaster>> {
             Err(error) => error!(worker = index, %error, "cannot use listener"),
         }
     });
-    // The arbiter thread runs until the process exits.
-    std::mem::forget(arbiter);
-    ready_rx.await.ok()
+    ready_rx
+        .await
+        .ok()
+        .map(|broadcaster| (arbiter, broadcaster))
 }
 
 /// Accepts connections for one worker and serves each on it, until the

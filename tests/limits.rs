@@ -223,7 +223,7 @@ async fn stalled_handshakes_do_not_block_anyone_and_are_closed() {
         let ends = join_all(stalled.into_iter().map(|mut socket| async move {
             let mut buf = [0u8; 256];
             match timeout_at(deadline, socket.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => Ok(()),
+                Ok(Ok(0) | Err(_)) => Ok(()),
                 Ok(Ok(n)) => Err(format!(
                     "got {n} bytes: {:?}",
                     String::from_utf8_lossy(&buf[..n])

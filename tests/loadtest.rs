@@ -142,6 +142,8 @@ async fn fanout_across_two_redis_nodes_is_correct_at_every_member() {
 async fn load_worker_entry() {
     if let Some(result) = presenced_load::worker::serve_from_env().await {
         result.expect("the worker runs its shard");
+        // This process is the tool's worker, not a test: it ends as one.
+        #[allow(clippy::exit)]
         std::process::exit(0);
     }
 }
@@ -206,6 +208,9 @@ async fn load_cli_entry() {
         let cli = Cli::try_parse_from(std::iter::once("presenced-load".to_owned()).chain(args))
             .expect("a valid command line");
         let ok = presenced_load::cli::execute(cli, false).await;
+        // This process is the tool's command line, not a test: it ends
+        // with the tool's status.
+        #[allow(clippy::exit)]
         std::process::exit(if ok { 0 } else { 1 });
     }
 }

@@ -344,6 +344,15 @@ impl ObserverLog {
     }
 }
 
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer")
+            .field("name", &self.name)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One observing connection.
 pub struct Observer {
     /// Its name (user id).

@@ -32,6 +32,7 @@ pub const LINE_PREFIX: &str = "@presenced-load ";
 
 /// A running shard, local or in a worker process, as the coordinator sees
 /// it.
+#[derive(Debug)]
 pub struct ShardHandle {
     /// Orders to the shard.
     pub orders: mpsc::UnboundedSender<Order>,

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Default page size when `?limit=` is absent.
-pub const DEFAULT_LIMIT: usize = 100;
+pub(super) const DEFAULT_LIMIT: usize = 100;
 
 type Body = Full<Bytes>;
 
@@ -39,7 +39,7 @@ impl From<StoreError> for HttpError {
 }
 
 /// Serves one `/v1` request.
-pub async fn serve(
+pub(super) async fn serve(
     req: Request<Incoming>,
     state: &WorkerState,
 ) -> Result<Response<Body>, HttpError> {

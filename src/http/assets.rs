@@ -26,11 +26,11 @@ use hyper::{
 use super::HttpError;
 
 /// The browser client, `client-js/presenced.js`, as built into this binary.
-pub const CLIENT_JS: &str = include_str!("../../client-js/presenced.js");
+pub(super) const CLIENT_JS: &str = include_str!("../../client-js/presenced.js");
 
 /// The demo page, `client-js/demo/index.html`: one self-contained file that
 /// imports `/client.js`.
-pub const DEMO_PAGE: &str = include_str!("../../client-js/demo/index.html");
+pub(super) const DEMO_PAGE: &str = include_str!("../../client-js/demo/index.html");
 
 /// The `ETag` of [`CLIENT_JS`], quoted as the header wants it.
 static CLIENT_JS_ETAG: LazyLock<HeaderValue> = LazyLock::new(|| {
@@ -40,7 +40,7 @@ static CLIENT_JS_ETAG: LazyLock<HeaderValue> = LazyLock::new(|| {
 });
 
 /// Serves `path` if it names a static file: `None` for every other path.
-pub fn serve(
+pub(super) fn serve(
     method: &Method,
     path: &str,
     headers: &HeaderMap,

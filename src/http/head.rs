@@ -49,7 +49,7 @@ const LINE_PREFIX: usize = 64;
 
 /// A socket whose request heads are counted, and refused past `cap` bytes.
 #[derive(Debug)]
-pub struct HeadLimit<S> {
+pub(super) struct HeadLimit<S> {
     inner: S,
     cap: usize,
     framing: Framing,
@@ -58,7 +58,7 @@ pub struct HeadLimit<S> {
 
 impl<S> HeadLimit<S> {
     /// Wraps a fresh connection: its first bytes are a request head.
-    pub fn new(inner: S, cap: usize) -> Self {
+    pub(super) fn new(inner: S, cap: usize) -> Self {
         Self {
             inner,
             cap,
@@ -68,12 +68,12 @@ impl<S> HeadLimit<S> {
     }
 
     /// The socket.
-    pub fn into_inner(self) -> S {
+    pub(super) fn into_inner(self) -> S {
         self.inner
     }
 
     /// The socket, if a head on it went over the cap (it gets the 431).
-    pub fn into_refused(self) -> Option<S> {
+    pub(super) fn into_refused(self) -> Option<S> {
         self.refused.then_some(self.inner)
     }
 }
@@ -158,7 +158,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLimit<S> {
 
 /// Answers a head over the cap with the JSON 431 and closes the socket,
 /// after a bounded linger (see [`LINGER`]).
-pub async fn refuse(mut socket: TcpStream, cap: usize) {
+pub(super) async fn refuse(mut socket: TcpStream, cap: usize) {
     let response = HttpError::RequestHeadTooLarge(cap).into_http1_bytes();
     let deadline = Instant::now() + LINGER;
     let _ = timeout_at(deadline, async {

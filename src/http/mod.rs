@@ -57,6 +57,7 @@ use crate::{
 };
 
 /// A worker's shared state for serving connections.
+#[derive(Debug)]
 pub struct WorkerState {
     /// The configuration.
     pub config: Arc<Config>,

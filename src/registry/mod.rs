@@ -732,7 +732,7 @@ mod tests {
     use crate::store::MemoryStore;
 
     /// A memory store that records every op it is given.
-    #[derive(Default, Clone)]
+    #[derive(Default, Clone, Debug)]
     struct Recording {
         inner: MemoryStore,
         seen: Arc<Mutex<Vec<StoreOp>>>,

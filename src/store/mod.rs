@@ -279,7 +279,7 @@ pub enum StoreError {
 
 /// A presence store. Implementations are shared by the registry and must
 /// apply each batch atomically.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// Applies `ops` in order as one atomic step; one outcome per op.
     fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Applied, StoreError>>;
 

@@ -251,7 +251,7 @@ impl SilentClient {
                     Err(_) => panic!(
                         "{label}: the server did not end the TCP connection within {within:?}"
                     ),
-                    Ok(Ok(0)) | Ok(Err(_)) => {
+                    Ok(Ok(0) | Err(_)) => {
                         return Flooded {
                             close_code,
                             ended_at: Instant::now(),

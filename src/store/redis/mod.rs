@@ -47,7 +47,7 @@ const STATS_LUA: &str = include_str!("../scripts/stats.lua");
 const RECONNECT_RETRIES: usize = 2;
 
 /// How long one Redis call may take before it counts as failed.
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Presence in Redis, shared by every node using the same prefix.
 #[derive(Clone)]
