@@ -107,3 +107,47 @@ async fn room_events_fire_per_user_across_tabs(backend: Backend) {
         json!({"type": "joined", "room": ROOM, "user": "bob"})
     );
 }
+
+on_both_stores!(a_snapshot_bigger_than_any_client_frame_arrives_whole =>
+    a_snapshot_bigger_than_any_client_frame_arrives_whole_memory,
+    a_snapshot_bigger_than_any_client_frame_arrives_whole_redis);
+
+/// A join snapshot is as big as the room: 300 members with 1 KiB of
+/// metadata each make a reply of over 300 KiB, more than four times the
+/// largest client message. It arrives whole; the gateway's write bound is
+/// the outbox, not a frame size.
+async fn a_snapshot_bigger_than_any_client_frame_arrives_whole(backend: Backend) {
+    const MEMBERS: usize = 300;
+    let deployment = backend.start(&[]).await;
+    let gateway = &deployment.gateway;
+    let filler = "x".repeat(1000);
+    let meta = format!(r#"{{"bio":"{filler}"}}"#);
+    let encoded: String = url_encoded(&meta);
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        let url = format!("{}&meta={encoded}", gateway.ws_url(&format!("m{i:03}")));
+        let mut member = Client::connect(&url).await;
+        member.join("big").await;
+        members.push(member);
+    }
+    let mut joiner = Client::connect(&gateway.ws_url("joiner")).await;
+    let reply = joiner.ask_ok(json!({"type": "join", "room": "big"})).await;
+    let listed = reply["members"].as_array().expect("members");
+    assert_eq!(listed.len(), MEMBERS + 1);
+    assert!(
+        reply.to_string().len() > 4 * 65536,
+        "the snapshot is bigger than four client messages"
+    );
+    assert_eq!(listed[1]["meta"]["bio"], filler.as_str());
+    joiner.ping().await;
+}
+
+/// `s` as a URL query value.
+fn url_encoded(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -82,11 +82,15 @@ pub struct WorkerState {
 /// The tungstenite settings: small buffers so an idle socket costs little.
 /// A frame longer than the read buffer gets its whole length reserved once
 /// its header is read, so big messages still arrive in few reads.
+/// `max_message_bytes` bounds what a client sends; what the gateway sends
+/// is bounded by the outbox, and with no write buffer tungstenite holds
+/// one frame at a time, so its own write bound would only refuse a big
+/// frame (a join snapshot of a big room) and drop the connection.
 pub fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(256)
         .write_buffer_size(0)
-        .max_write_buffer_size(max_message_bytes.saturating_mul(4))
+        .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes))
 }
