@@ -112,13 +112,32 @@ pub struct Subscriber {
     rooms: HashSet<RoomName>,
     /// Users it watches.
     watching: HashSet<UserId>,
-    /// Joins and leaves sent and not answered yet, by room.
+    /// Requests sent and not answered yet; allocated only while there are
+    /// any, so an idle connection's record stays small (the hub holds
+    /// thousands).
+    in_flight: Option<Box<InFlight>>,
+}
+
+/// What a connection asked for and has not had answered, by room or user.
+#[derive(Debug, Default)]
+struct InFlight {
     joining: HashMap<RoomName, u32>,
     leaving: HashMap<RoomName, u32>,
-    /// Watches and unwatches sent and not answered yet, by user.
     asked_to_watch: HashMap<UserId, u32>,
     asked_to_unwatch: HashMap<UserId, u32>,
 }
+
+impl InFlight {
+    fn is_empty(&self) -> bool {
+        self.joining.is_empty()
+            && self.leaving.is_empty()
+            && self.asked_to_watch.is_empty()
+            && self.asked_to_unwatch.is_empty()
+    }
+}
+
+/// No request in flight.
+static NONE_IN_FLIGHT: std::sync::LazyLock<InFlight> = std::sync::LazyLock::new(InFlight::default);
 
 /// Takes one off a count, dropping it at zero.
 fn settle<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: &K) {
@@ -147,8 +166,9 @@ impl Subscriber {
     /// Whether joining `room` keeps the connection within `max` rooms,
     /// counting its joins and leaves in flight as if accepted.
     pub fn may_join(&self, room: &RoomName, max: usize) -> bool {
+        let in_flight = self.in_flight();
         let mut count = 0;
-        for held in expected(&self.rooms, &self.joining, &self.leaving) {
+        for held in expected(&self.rooms, &in_flight.joining, &in_flight.leaving) {
             if held == room {
                 return true;
             }
@@ -160,8 +180,13 @@ impl Subscriber {
     /// How many users it will watch once its requests in flight are
     /// answered, and how many of `users` would be new.
     pub fn watch_counts(&self, users: &[UserId]) -> (usize, usize) {
-        let held: HashSet<&UserId> =
-            expected(&self.watching, &self.asked_to_watch, &self.asked_to_unwatch).collect();
+        let in_flight = self.in_flight();
+        let held: HashSet<&UserId> = expected(
+            &self.watching,
+            &in_flight.asked_to_watch,
+            &in_flight.asked_to_unwatch,
+        )
+        .collect();
         let new: HashSet<&UserId> = users.iter().filter(|u| !held.contains(u)).collect();
         (held.len(), new.len())
     }
@@ -173,12 +198,45 @@ impl Subscriber {
                 *map.entry(key.clone()).or_default() += 1;
             }
         }
+        if *change == SubChange::None {
+            return;
+        }
+        let in_flight = self.in_flight.get_or_insert_default();
         match change {
-            SubChange::Join(room) => count(&mut self.joining, std::slice::from_ref(room)),
-            SubChange::Leave(room) => count(&mut self.leaving, std::slice::from_ref(room)),
-            SubChange::Watch(users) => count(&mut self.asked_to_watch, users),
-            SubChange::Unwatch(users) => count(&mut self.asked_to_unwatch, users),
+            SubChange::Join(room) => count(&mut in_flight.joining, std::slice::from_ref(room)),
+            SubChange::Leave(room) => count(&mut in_flight.leaving, std::slice::from_ref(room)),
+            SubChange::Watch(users) => count(&mut in_flight.asked_to_watch, users),
+            SubChange::Unwatch(users) => count(&mut in_flight.asked_to_unwatch, users),
             SubChange::None => {}
+        }
+    }
+
+    fn in_flight(&self) -> &InFlight {
+        self.in_flight.as_deref().unwrap_or(&NONE_IN_FLIGHT)
+    }
+
+    /// Takes one answered request of `change` off what is in flight.
+    fn answered(&mut self, change: &SubChange) {
+        let Some(in_flight) = self.in_flight.as_deref_mut() else {
+            return;
+        };
+        match change {
+            SubChange::Join(room) => settle(&mut in_flight.joining, room),
+            SubChange::Leave(room) => settle(&mut in_flight.leaving, room),
+            SubChange::Watch(users) => {
+                users
+                    .iter()
+                    .for_each(|u| settle(&mut in_flight.asked_to_watch, u));
+            }
+            SubChange::Unwatch(users) => {
+                users
+                    .iter()
+                    .for_each(|u| settle(&mut in_flight.asked_to_unwatch, u));
+            }
+            SubChange::None => {}
+        }
+        if in_flight.is_empty() {
+            self.in_flight = None;
         }
     }
 }
@@ -222,10 +280,7 @@ impl Hub {
                 outbox,
                 rooms: HashSet::new(),
                 watching: HashSet::new(),
-                joining: HashMap::new(),
-                leaving: HashMap::new(),
-                asked_to_watch: HashMap::new(),
-                asked_to_unwatch: HashMap::new(),
+                in_flight: None,
             },
         );
     }
@@ -285,23 +340,21 @@ impl Hub {
         let Some(sub) = self.conns.get_mut(&conn) else {
             return;
         };
+        sub.answered(change);
         match change {
             SubChange::None => {}
             SubChange::Join(room) => {
-                settle(&mut sub.joining, room);
                 if accepted && sub.rooms.insert(room.clone()) {
                     self.rooms.entry(room.clone()).or_default().insert(conn);
                 }
             }
             SubChange::Leave(room) => {
-                settle(&mut sub.leaving, room);
                 if accepted && sub.rooms.remove(room) {
                     unlink(&mut self.rooms, room, &conn);
                 }
             }
             SubChange::Watch(users) => {
                 for user in users {
-                    settle(&mut sub.asked_to_watch, user);
                     if accepted && sub.watching.insert(user.clone()) {
                         self.watchers.entry(user.clone()).or_default().insert(conn);
                     }
@@ -309,7 +362,6 @@ impl Hub {
             }
             SubChange::Unwatch(users) => {
                 for user in users {
-                    settle(&mut sub.asked_to_unwatch, user);
                     if accepted && sub.watching.remove(user) {
                         unlink(&mut self.watchers, user, &conn);
                     }
@@ -582,5 +634,9 @@ mod tests {
             (0, 1)
         );
         assert!(hub.watchers.is_empty(), "a refused watch hears nothing");
+        assert!(
+            hub.subscriber(&a).unwrap().in_flight.is_none(),
+            "nothing in flight: the record holds no buffer for it"
+        );
     }
 }
