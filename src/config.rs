@@ -54,6 +54,9 @@ pub const DEFAULT_MAX_CONNS_PER_USER: usize = 50;
 /// files a process may hold here, leaving room for handshakes in progress,
 /// the listeners and the Redis connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 19_000;
+/// Default offline grace: how long a user whose last connection ended
+/// (other than by signing out) stays online, in milliseconds.
+pub const DEFAULT_OFFLINE_GRACE_MS: u64 = 5_000;
 /// Default longest time a client may take to send its HTTP request head.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Default largest HTTP request head (request line and headers), in bytes:
@@ -195,6 +198,13 @@ pub struct Config {
     /// with 4029.
     #[arg(long, env = "PRESENCED_RATE_BURST", default_value_t = DEFAULT_RATE_BURST)]
     pub rate_burst: u32,
+
+    /// How long a user whose last connection ended, other than by signing
+    /// out (the client's Close 1000), stays online, milliseconds; a
+    /// connection of theirs within it, on any node, means nobody sees them
+    /// go. Room memberships likewise, except an explicit `leave`. 0: off.
+    #[arg(long, env = "PRESENCED_OFFLINE_GRACE_MS", default_value_t = DEFAULT_OFFLINE_GRACE_MS)]
+    pub offline_grace_ms: u64,
 
     /// Most rooms one connection may be in.
     #[arg(long, env = "PRESENCED_MAX_ROOMS", default_value_t = DEFAULT_MAX_ROOMS)]
@@ -384,6 +394,18 @@ impl Config {
     /// Node lease length.
     pub fn node_lease(&self) -> Duration {
         Duration::from_millis(self.node_lease_ms)
+    }
+
+    /// The offline grace.
+    pub fn offline_grace(&self) -> Duration {
+        Duration::from_millis(self.offline_grace_ms)
+    }
+
+    /// How often due graces are ended: a twentieth of the grace, from 50 ms
+    /// to 1 s, so an `offline` comes at most 5% late; `None` without one.
+    pub fn grace_check(&self) -> Option<Duration> {
+        (self.offline_grace_ms > 0)
+            .then(|| Duration::from_millis((self.offline_grace_ms / 20).clamp(50, 1000)))
     }
 
     /// Bound on a graceful drain.

@@ -23,8 +23,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
-        Bytes, Error as WsError, Message as WsMessage, Utf8Bytes, error::ProtocolError,
-        protocol::CloseFrame,
+        Bytes, Error as WsError, Message as WsMessage, Utf8Bytes,
+        error::ProtocolError,
+        protocol::{CloseFrame, frame::coding::CloseCode},
     },
 };
 
@@ -36,7 +37,7 @@ use crate::{
     linger,
     metrics::{Received, Sent, metrics},
     outbox::Outbox,
-    protocol::{self, ClientFrame, ErrorCode, Reason, ReplyBody, Request},
+    protocol::{self, ClientFrame, Ends, ErrorCode, Reason, ReplyBody, Request},
     rate::{RateLimiter, Verdict},
     registry::{Notice, RegistryLink},
     slots::Slot,
@@ -94,6 +95,9 @@ pub struct Conn {
     close_with: Option<CloseFrame>,
     /// Why the connection ends, for the metrics.
     close_reason: CloseReason,
+    /// The client closed with 1000: a deliberate sign-out, whose presence
+    /// ends at once rather than after the grace.
+    signed_out: bool,
 }
 
 impl std::fmt::Debug for Conn {
@@ -161,6 +165,7 @@ impl Conn {
                 last_heard: Instant::now(),
                 close_with: None,
                 close_reason: CloseReason::Client,
+                signed_out: false,
             }
         })
     }
@@ -437,7 +442,13 @@ impl Actor for Conn {
             CloseReason::Shutdown => Reason::Shutdown,
             _ => Reason::Closed,
         };
-        self.registry.send(Notice::Disconnected(self.id, reason));
+        let ends = if self.signed_out && self.close_reason == CloseReason::Client {
+            Ends::Now
+        } else {
+            Ends::AfterGrace
+        };
+        self.registry
+            .send(Notice::Disconnected(self.id, reason, ends));
         self.outbox.close(self.close_with.take());
     }
 }
@@ -467,7 +478,10 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                     // tungstenite answers pings itself and replies to a
                     // close; the stream ends after a close.
                     WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
-                    WsMessage::Close(_) => ctx.stop(),
+                    WsMessage::Close(frame) => {
+                        self.signed_out = frame.is_some_and(|f| f.code == CloseCode::Normal);
+                        ctx.stop();
+                    }
                 }
             }
             Err(WsError::Capacity(_)) => self.close(CloseReason::TooBig, ctx),

@@ -18,6 +18,7 @@ use strum::IntoEnumIterator;
 use crate::{
     close::CloseReason,
     protocol::{ErrorCode, EventKind, RequestKind},
+    store::Tally,
 };
 
 /// A client frame, as `presenced_frames_received_total{type}` counts it.
@@ -195,6 +196,17 @@ pub struct Metrics {
     /// Replies sent before the events preceding them arrived (events lost
     /// with the event subscription).
     pub replies_released_late: IntCounter,
+    /// Offline graces started (a last connection ended), by scope.
+    pub grace_started: Family<&'static str>,
+    /// Offline graces ended by the user's return: flaps nobody saw.
+    pub grace_cancelled: Family<&'static str>,
+    /// Offline graces that ran out (the `offline`/`left` went out).
+    pub grace_expired: Family<&'static str>,
+    /// Users in the offline grace, cluster-wide (refreshed with
+    /// `users_online`).
+    pub users_in_grace: IntGauge,
+    /// What reasserts found wrong in the store and fixed, by kind.
+    pub reassert_corrections: Family<&'static str>,
     /// `/ws` handshakes refused before the upgrade, by error code.
     pub handshakes_refused: Family<&'static str>,
     /// Connections closed because their request head did not arrive in time.
@@ -232,7 +244,7 @@ impl Metrics {
             ),
             users_online: gauge(
                 "presenced_users_online",
-                "Users with at least one live connection, cluster-wide (refreshed every few seconds).",
+                "Users online (a live connection, or in the offline grace), cluster-wide (refreshed every few seconds).",
             ),
             connections_opened: counter(
                 "presenced_connections_opened_total",
@@ -315,6 +327,42 @@ impl Metrics {
                 "presenced_replies_released_late_total",
                 "Replies sent without waiting any longer for the events before them (event subscription lost).",
             ),
+            grace_started: Family::new(
+                &r,
+                "presenced_offline_grace_started_total",
+                "Offline graces started by this node: a user's last connection (scope user) or a member's last connection in a room (scope room) ended after-grace.",
+                "scope",
+                GRACE_SCOPES,
+                |scope| scope,
+            ),
+            grace_cancelled: Family::new(
+                &r,
+                "presenced_offline_grace_cancelled_total",
+                "Offline graces this node ended because the user came back in time: flaps no observer saw.",
+                "scope",
+                GRACE_SCOPES,
+                |scope| scope,
+            ),
+            grace_expired: Family::new(
+                &r,
+                "presenced_offline_grace_expired_total",
+                "Offline graces this node ended because they ran out (their offline or left went out).",
+                "scope",
+                GRACE_SCOPES,
+                |scope| scope,
+            ),
+            users_in_grace: gauge(
+                "presenced_users_in_grace",
+                "Users in the offline grace, online with no live connection, cluster-wide (refreshed every few seconds).",
+            ),
+            reassert_corrections: Family::new(
+                &r,
+                "presenced_reassert_corrections_total",
+                "What this node's reasserts found wrong in the store and fixed: connection records, user counts, room counts.",
+                "kind",
+                CORRECTIONS,
+                |kind| kind,
+            ),
             handshakes_refused: Family::new(
                 &r,
                 "presenced_handshakes_refused_total",
@@ -345,6 +393,45 @@ impl Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The scopes of the grace counters.
+const GRACE_SCOPES: [&str; 2] = ["user", "room"];
+/// The kinds of reassert corrections.
+const CORRECTIONS: [&str; 3] = ["connections", "user_counts", "room_counts"];
+
+impl Metrics {
+    /// Counts what a store op did besides its events.
+    pub fn count_tally(&self, tally: &Tally) {
+        let counts = [
+            (&self.grace_started, "user", tally.grace_started_users),
+            (&self.grace_started, "room", tally.grace_started_rooms),
+            (&self.grace_cancelled, "user", tally.grace_cancelled_users),
+            (&self.grace_cancelled, "room", tally.grace_cancelled_rooms),
+            (&self.grace_expired, "user", tally.grace_expired_users),
+            (&self.grace_expired, "room", tally.grace_expired_rooms),
+            (
+                &self.reassert_corrections,
+                "connections",
+                tally.corrected_connections,
+            ),
+            (
+                &self.reassert_corrections,
+                "user_counts",
+                tally.corrected_user_counts,
+            ),
+            (
+                &self.reassert_corrections,
+                "room_counts",
+                tally.corrected_room_counts,
+            ),
+        ];
+        for (family, key, n) in counts {
+            if n > 0 {
+                family.get(key).inc_by(n);
+            }
+        }
     }
 }
 

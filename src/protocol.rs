@@ -541,6 +541,18 @@ pub enum Reason {
     Shutdown,
 }
 
+/// How a connection's presence ends: at once, or after the offline grace
+/// (`--offline-grace-ms`) unless the user comes back within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ends {
+    /// At once: a deliberate sign-out (the client's Close 1000) or an
+    /// explicit `leave`.
+    Now,
+    /// After the grace: a tab closed or reloaded (Close 1001), a dropped
+    /// network, an idle timeout, a node stopped or lost.
+    AfterGrace,
+}
+
 /// A presence transition, as decided by the store, exactly as it goes on
 /// the wire (`{"type":"online",...}`) and through the Redis codec.
 /// [`EventKind`] names each kind; [`Event::audience`] says who hears it.

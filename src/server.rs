@@ -66,9 +66,10 @@ async fn serve(config: Config) -> Result<(), StartError> {
         Some(url) => Arc::new(
             RedisStore::connect(url, &config.prefix, node, config.node_lease())
                 .await
-                .map_err(|e| StartError::Store(config.redis_for_log(), e))?,
+                .map_err(|e| StartError::Store(config.redis_for_log(), e))?
+                .with_grace(config.offline_grace()),
         ),
-        None => Arc::new(MemoryStore::for_node(node)),
+        None => Arc::new(MemoryStore::for_node(node).with_grace(config.offline_grace())),
     };
     // The first listener resolves port 0; the others join it on the port
     // it got.
@@ -165,6 +166,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
         linger: Duration::from_millis(config.batch_linger_ms),
         lease_refresh: config.node_lease() / 3,
         max_pending: config.max_pending,
+        grace_check: config.grace_check(),
     };
     let broadcasters_len = broadcasters.len();
     let mut presence = PresenceRegistry::new(store, broadcasters.clone(), batching, health);
@@ -205,6 +207,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
         allowed_origins = ?config.allowed_origins,
         rate_limit = config.rate_limit,
         rate_burst = config.rate_burst,
+        offline_grace_ms = config.offline_grace_ms,
         max_rooms = config.max_rooms,
         max_watch = config.max_watch,
         max_conns_per_user = config.max_conns_per_user,

@@ -11,8 +11,8 @@ use std::{sync::Arc, time::Duration};
 use futures_util::StreamExt;
 use presenced::{
     ids::{ConnId, Meta, NodeId, RoomName, UserId},
-    protocol::{Event, Member, Reason},
-    store::{FeedItem, NodeState, Outcome, Read, RedisStore, Store, StoreOp, UserPresence},
+    protocol::{Ends, Event, Member, Reason},
+    store::{FeedItem, NodeState, Outcome, Read, RedisStore, Store, StoreOp, Tally, UserPresence},
 };
 use support::RedisServer;
 
@@ -49,9 +49,9 @@ async fn every_op_and_event_crosses_the_codec_unchanged() {
         StoreOp::Join(room.clone(), user.clone()),
         StoreOp::Members(room.clone()),
         StoreOp::Presence(vec![user.clone()]),
-        StoreOp::Leave(room.clone(), user.clone(), Reason::Timeout),
+        StoreOp::Leave(room.clone(), user.clone(), Reason::Timeout, Ends::Now),
         StoreOp::Detach(user.clone(), conn),
-        StoreOp::Disconnect(user.clone(), Reason::Shutdown),
+        StoreOp::Disconnect(user.clone(), Reason::Shutdown, Ends::Now),
         StoreOp::Reassert(Arc::new(NodeState {
             conns: vec![(user.clone(), other_conn, Some(awkward.clone()))],
             rooms: vec![(room.clone(), user.clone(), 1)],
@@ -83,6 +83,7 @@ async fn every_op_and_event_crosses_the_codec_unchanged() {
                 user: user.clone(),
             }],
             read: Read::Members(vec![member.clone()]),
+            ..Outcome::default()
         },
         Outcome::read(Read::Members(vec![member.clone()])),
         Outcome::read(Read::Presence(vec![UserPresence {
@@ -101,16 +102,26 @@ async fn every_op_and_event_crosses_the_codec_unchanged() {
             last_seen,
             reason: Reason::Shutdown,
         }]),
-        Outcome::events(vec![
-            Event::Joined {
-                room: room.clone(),
-                user: user.clone(),
+        Outcome {
+            events: vec![
+                Event::Joined {
+                    room: room.clone(),
+                    user: user.clone(),
+                },
+                Event::Online {
+                    user: user.clone(),
+                    seq: 3,
+                },
+            ],
+            // The store held none of it for this node: three fixes.
+            tally: Tally {
+                corrected_connections: 1,
+                corrected_user_counts: 1,
+                corrected_room_counts: 1,
+                ..Tally::default()
             },
-            Event::Online {
-                user: user.clone(),
-                seq: 3,
-            },
-        ]),
+            ..Outcome::default()
+        },
     ];
     assert_eq!(out, expected);
 

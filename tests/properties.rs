@@ -28,8 +28,8 @@ use futures_util::{FutureExt, future::BoxFuture};
 use presenced::{
     ids::{ConnId, Meta, NodeId, RoomName, UserId},
     protocol::{
-        Bounds, ClientFrame, DEFAULT_PAGE, DecodeError, ErrorCode, Event, MAX_REF_LEN, Member,
-        Reason, Request, decode, pong_frame,
+        Bounds, ClientFrame, DEFAULT_PAGE, DecodeError, Ends, ErrorCode, Event, MAX_REF_LEN,
+        Member, Reason, Request, decode, pong_frame,
     },
     store::{MemoryStore, Outcome, Read, RedisStore, Store, StoreError, StoreOp, UserPresence},
 };
@@ -795,7 +795,7 @@ impl Model {
                 if !rooms.is_empty() {
                     let r = rooms.remove(which.index(rooms.len()));
                     let u = self.conns[at].user;
-                    let op = StoreOp::Leave(room(r), user(u), Reason::Closed);
+                    let op = StoreOp::Leave(room(r), user(u), Reason::Closed, Ends::Now);
                     ops.push((op, self.left(r, u, Reason::Closed)));
                 }
             }
@@ -805,7 +805,7 @@ impl Model {
                 // The registry's order: each room left, the record
                 // detached, then the disconnect.
                 for &r in &gone.rooms {
-                    let op = StoreOp::Leave(room(r), user(u), *reason);
+                    let op = StoreOp::Leave(room(r), user(u), *reason, Ends::Now);
                     ops.push((op, self.left(r, u, *reason)));
                 }
                 ops.push((StoreOp::Detach(user(u), gone.id), Outcome::default()));
@@ -822,7 +822,7 @@ impl Model {
                     })
                     .into_iter()
                     .collect();
-                let op = StoreOp::Disconnect(user(u), *reason);
+                let op = StoreOp::Disconnect(user(u), *reason, Ends::Now);
                 ops.push((op, Outcome::events(offline)));
             }
             Action::Presence(users) => {

@@ -10,10 +10,10 @@ use futures_util::StreamExt;
 
 use presenced::{
     ids::{ConnId, Meta, NodeId, RoomName, UserId},
-    protocol::{Event, Member, Reason},
+    protocol::{Ends, Event, Member, Reason},
     store::{
         FeedItem, MemoryStore, NodeState, Outcome, Read, RedisStore, Store, StoreError, StoreOp,
-        UserPresence,
+        Tally, UserPresence,
     },
 };
 use support::RedisServer;
@@ -51,6 +51,7 @@ fn joined(r: &str, u: &str, after: Vec<Member>) -> Outcome {
             user: user(u),
         }],
         read: Read::Members(after),
+        ..Outcome::default()
     }
 }
 /// The room's members, and nothing decided (a join of a user already in
@@ -105,12 +106,20 @@ impl Backend {
         self.node_with_id(NodeId::new()).await
     }
     async fn node_with_id(&self, id: NodeId) -> Arc<dyn Store> {
+        self.graced_node_with_id(id, Duration::ZERO).await
+    }
+    /// A node whose store has an offline grace of `grace`.
+    async fn graced_node(&self, grace: Duration) -> Arc<dyn Store> {
+        self.graced_node_with_id(NodeId::new(), grace).await
+    }
+    async fn graced_node_with_id(&self, id: NodeId, grace: Duration) -> Arc<dyn Store> {
         match self {
-            Backend::Memory(m) => Arc::new(m.clone()),
+            Backend::Memory(m) => Arc::new(m.clone().with_grace(grace)),
             Backend::Redis(r) => Arc::new(
                 RedisStore::connect(&r.url(), "presence", id, LEASE)
                     .await
-                    .unwrap(),
+                    .unwrap()
+                    .with_grace(grace),
             ),
         }
     }
@@ -146,6 +155,9 @@ both_stores!(
     stats_count_users_and_live_nodes,
     user_records_follow_connections,
     reassert_makes_the_store_match_the_node,
+    a_return_within_the_grace_is_no_event_and_expiry_is_the_original_end,
+    ending_now_skips_the_grace,
+    a_grace_started_on_one_node_ends_on_another,
 );
 
 async fn second_tab_is_no_transition(b: Backend) {
@@ -157,9 +169,17 @@ async fn second_tab_is_no_transition(b: Backend) {
     )
     .await;
     assert_eq!(out, vec![online("alice", 1), quiet()]);
-    let out = apply(&s, vec![StoreOp::Disconnect(u.clone(), Reason::Closed)]).await;
+    let out = apply(
+        &s,
+        vec![StoreOp::Disconnect(u.clone(), Reason::Closed, Ends::Now)],
+    )
+    .await;
     assert_eq!(out, vec![quiet()]);
-    let out = apply(&s, vec![StoreOp::Disconnect(u.clone(), Reason::Closed)]).await;
+    let out = apply(
+        &s,
+        vec![StoreOp::Disconnect(u.clone(), Reason::Closed, Ends::Now)],
+    )
+    .await;
     let Some((seq, last_seen)) = offline_seq(&out[0]) else {
         panic!("last tab gone must be a transition: {out:?}");
     };
@@ -187,7 +207,7 @@ async fn seq_counts_every_transition(b: Backend) {
             &s,
             vec![
                 StoreOp::Connect(u.clone()),
-                StoreOp::Disconnect(u.clone(), Reason::Closed),
+                StoreOp::Disconnect(u.clone(), Reason::Closed, Ends::Now),
             ],
         )
         .await;
@@ -222,11 +242,11 @@ async fn room_transitions_follow_first_and_last_tab(b: Backend) {
     let out = apply(
         &s,
         vec![
-            StoreOp::Leave(r.clone(), u.clone(), Reason::Closed),
+            StoreOp::Leave(r.clone(), u.clone(), Reason::Closed, Ends::Now),
             StoreOp::Members(r.clone()),
-            StoreOp::Leave(r.clone(), u.clone(), Reason::Closed),
+            StoreOp::Leave(r.clone(), u.clone(), Reason::Closed, Ends::Now),
             StoreOp::Members(r.clone()),
-            StoreOp::Leave(r.clone(), v.clone(), Reason::Closed),
+            StoreOp::Leave(r.clone(), v.clone(), Reason::Closed, Ends::Now),
             StoreOp::Members(r.clone()),
         ],
     )
@@ -251,7 +271,7 @@ async fn presence_reads_state_and_seq(b: Backend) {
         &s,
         vec![
             StoreOp::Connect(user("was")),
-            StoreOp::Disconnect(user("was"), Reason::Closed),
+            StoreOp::Disconnect(user("was"), Reason::Closed, Ends::Now),
         ],
     )
     .await;
@@ -291,8 +311,8 @@ async fn unknown_disconnect_is_no_event(b: Backend) {
     let out = apply(
         &s,
         vec![
-            StoreOp::Disconnect(u.clone(), Reason::Closed),
-            StoreOp::Leave(r.clone(), u.clone(), Reason::Closed),
+            StoreOp::Disconnect(u.clone(), Reason::Closed, Ends::Now),
+            StoreOp::Leave(r.clone(), u.clone(), Reason::Closed, Ends::Now),
         ],
     )
     .await;
@@ -322,7 +342,7 @@ async fn racing_nodes_see_each_transition_once(b: Backend) {
             for _ in 0..25 {
                 for op in [
                     StoreOp::Connect(u.clone()),
-                    StoreOp::Disconnect(u.clone(), Reason::Closed),
+                    StoreOp::Disconnect(u.clone(), Reason::Closed, Ends::Now),
                 ] {
                     let outcome = &apply(&store, vec![op]).await[0];
                     if let Some(seq) = online_seq(outcome) {
@@ -393,9 +413,9 @@ async fn redis_keeps_per_node_bookkeeping_and_lease() {
     apply(
         &s,
         vec![
-            StoreOp::Leave(room("r"), user("u"), Reason::Closed),
-            StoreOp::Disconnect(user("u"), Reason::Closed),
-            StoreOp::Disconnect(user("u"), Reason::Closed),
+            StoreOp::Leave(room("r"), user("u"), Reason::Closed, Ends::Now),
+            StoreOp::Disconnect(user("u"), Reason::Closed, Ends::Now),
+            StoreOp::Disconnect(user("u"), Reason::Closed, Ends::Now),
         ],
     )
     .await;
@@ -499,16 +519,27 @@ async fn redis_restart_without_persistence_reloads_the_script() {
     assert_eq!(
         out,
         vec![
-            Outcome::events(vec![
-                Event::Joined {
-                    room: room("r"),
-                    user: user("u")
+            Outcome {
+                events: vec![
+                    Event::Joined {
+                        room: room("r"),
+                        user: user("u")
+                    },
+                    Event::Online {
+                        user: user("u"),
+                        seq: 1
+                    },
+                ],
+                // Redis lost it all: the connection, the user's count and
+                // the room's, each fixed and counted.
+                tally: Tally {
+                    corrected_connections: 1,
+                    corrected_user_counts: 1,
+                    corrected_room_counts: 1,
+                    ..Tally::default()
                 },
-                Event::Online {
-                    user: user("u"),
-                    seq: 1
-                },
-            ]),
+                ..Outcome::default()
+            },
             online("v", 1),
         ]
     );
@@ -611,8 +642,8 @@ async fn stats_count_users_and_live_nodes(b: Backend) {
     apply(
         &c,
         vec![
-            StoreOp::Disconnect(user("y"), Reason::Closed),
-            StoreOp::Disconnect(user("ghost"), Reason::Closed),
+            StoreOp::Disconnect(user("y"), Reason::Closed, Ends::Now),
+            StoreOp::Disconnect(user("ghost"), Reason::Closed, Ends::Now),
         ],
     )
     .await;
@@ -729,9 +760,9 @@ async fn user_records_follow_connections(b: Backend) {
         &s,
         vec![
             StoreOp::Detach(u.clone(), c1),
-            StoreOp::Disconnect(u.clone(), Reason::Closed),
+            StoreOp::Disconnect(u.clone(), Reason::Closed, Ends::Now),
             StoreOp::Detach(u.clone(), c2),
-            StoreOp::Disconnect(u.clone(), Reason::Closed),
+            StoreOp::Disconnect(u.clone(), Reason::Closed, Ends::Now),
         ],
     )
     .await;
@@ -979,4 +1010,388 @@ async fn redis_dead_node_is_reaped_once() {
         dead.apply(vec![StoreOp::Connect(user("late"))]).await,
         Err(StoreError::LeaseLost)
     ));
+}
+
+const GRACE: Duration = Duration::from_millis(400);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `Expire` on `s` until it ends something (bounded): a deadline in the
+/// store can only be watched by asking.
+async fn expire_until_due(s: &Arc<dyn Store>) -> Outcome {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = apply(s, vec![StoreOp::Expire]).await.remove(0);
+        if !out.events.is_empty() {
+            return out;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no grace ran out within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn started(users: u64, rooms: u64) -> Tally {
+    Tally {
+        grace_started_users: users,
+        grace_started_rooms: rooms,
+        ..Tally::default()
+    }
+}
+
+fn with_tally(mut outcome: Outcome, tally: Tally) -> Outcome {
+    outcome.tally = tally;
+    outcome
+}
+
+/// A last connection that ends after-grace leaves the user online, and a
+/// member in the room, with no event; a connection and a join within the
+/// grace end it with no event either. When it runs out, the `left` and the
+/// `offline` come once, with the reason and the moment of the end.
+async fn a_return_within_the_grace_is_no_event_and_expiry_is_the_original_end(b: Backend) {
+    let s = b.graced_node(GRACE).await;
+    let (u, r) = (user("g"), room("doc"));
+    apply(
+        &s,
+        vec![
+            StoreOp::Connect(u.clone()),
+            StoreOp::Join(r.clone(), u.clone()),
+        ],
+    )
+    .await;
+    let ends = |reason| {
+        vec![
+            StoreOp::Leave(r.clone(), u.clone(), reason, Ends::AfterGrace),
+            StoreOp::Disconnect(u.clone(), reason, Ends::AfterGrace),
+        ]
+    };
+    let closed_at = now_ms();
+    let out = apply(&s, ends(Reason::Timeout)).await;
+    assert_eq!(
+        out,
+        vec![
+            with_tally(quiet(), started(0, 1)),
+            with_tally(quiet(), started(1, 0))
+        ]
+    );
+    // Online for every read meanwhile.
+    let out = apply(
+        &s,
+        vec![
+            StoreOp::Presence(vec![u.clone()]),
+            StoreOp::Members(r.clone()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        out,
+        vec![
+            presence(vec![UserPresence {
+                online: true,
+                seq: 1
+            }]),
+            members_read(members(&["g"])),
+        ]
+    );
+    let stats = s.stats().await.unwrap();
+    assert_eq!(
+        (stats.users_online, stats.connections, stats.users_in_grace),
+        (1, 0, 1)
+    );
+    let record = s.user(u.clone()).await.unwrap();
+    assert!(record.online && record.connections.is_empty());
+    let until = record.grace_until_ms.expect("in the grace");
+    assert!(
+        until + 1_000 >= closed_at + GRACE.as_millis() as u64
+            && until <= now_ms() + GRACE.as_millis() as u64 + 1_000,
+        "the grace runs out {GRACE:?} after the end: {until} vs {closed_at}"
+    );
+    // Not due yet.
+    assert_eq!(apply(&s, vec![StoreOp::Expire]).await, vec![quiet()]);
+
+    // Back within the grace: nothing to tell anyone.
+    let out = apply(
+        &s,
+        vec![
+            StoreOp::Connect(u.clone()),
+            StoreOp::Join(r.clone(), u.clone()),
+        ],
+    )
+    .await;
+    let cancelled = |users, rooms| Tally {
+        grace_cancelled_users: users,
+        grace_cancelled_rooms: rooms,
+        ..Tally::default()
+    };
+    assert_eq!(
+        out,
+        vec![
+            with_tally(quiet(), cancelled(1, 0)),
+            with_tally(members_read(members(&["g"])), cancelled(0, 1)),
+        ]
+    );
+    assert_eq!(s.user(u.clone()).await.unwrap().grace_until_ms, None);
+
+    // Gone again: the grace starts anew from this end, and runs out.
+    let closed_at = now_ms();
+    apply(&s, ends(Reason::Shutdown)).await;
+    let out = expire_until_due(&s).await;
+    let expired_at = now_ms();
+    let last_seen = match out.events.as_slice() {
+        [_, Event::Offline { last_seen, .. }] => *last_seen,
+        other => panic!("a left, then an offline: {other:?}"),
+    };
+    assert_eq!(
+        out.events,
+        vec![
+            Event::Left {
+                room: r.clone(),
+                user: u.clone(),
+                reason: Reason::Shutdown
+            },
+            Event::Offline {
+                user: u.clone(),
+                seq: 2,
+                last_seen,
+                reason: Reason::Shutdown
+            },
+        ]
+    );
+    assert_eq!(
+        (out.tally.grace_expired_users, out.tally.grace_expired_rooms),
+        (1, 1)
+    );
+    assert!(
+        last_seen + 1_000 >= closed_at && last_seen + GRACE.as_millis() as u64 / 2 <= expired_at,
+        "last_seen is the end ({closed_at}), not the expiry ({expired_at}): {last_seen}"
+    );
+    // Exactly once.
+    assert_eq!(apply(&s, vec![StoreOp::Expire]).await, vec![quiet()]);
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.users_online, stats.users_in_grace), (0, 0));
+    assert_eq!(
+        apply(&s, vec![StoreOp::Members(r)]).await,
+        vec![members_read(vec![])]
+    );
+}
+
+/// A sign-out (close 1000) and an explicit leave end at once, whatever
+/// the grace.
+async fn ending_now_skips_the_grace(b: Backend) {
+    let s = b.graced_node(Duration::from_secs(60)).await;
+    let (u, r) = (user("n"), room("doc"));
+    apply(
+        &s,
+        vec![
+            StoreOp::Connect(u.clone()),
+            StoreOp::Join(r.clone(), u.clone()),
+        ],
+    )
+    .await;
+    let out = apply(
+        &s,
+        vec![
+            StoreOp::Leave(r.clone(), u.clone(), Reason::Closed, Ends::Now),
+            StoreOp::Disconnect(u.clone(), Reason::Closed, Ends::Now),
+        ],
+    )
+    .await;
+    assert_eq!(out[0], left("doc", "n"));
+    assert!(offline_seq(&out[1]).is_some(), "offline at once: {out:?}");
+    assert_eq!(s.stats().await.unwrap().users_in_grace, 0);
+}
+
+/// A grace started by one node's op is cancelled by another node's
+/// connect, and one started there runs out on the first node's expire,
+/// once.
+async fn a_grace_started_on_one_node_ends_on_another(b: Backend) {
+    let (a, c) = (b.graced_node(GRACE).await, b.graced_node(GRACE).await);
+    let u = user("roamer");
+    apply(&a, vec![StoreOp::Connect(u.clone())]).await;
+    apply(
+        &a,
+        vec![StoreOp::Disconnect(
+            u.clone(),
+            Reason::Closed,
+            Ends::AfterGrace,
+        )],
+    )
+    .await;
+    let out = apply(&c, vec![StoreOp::Connect(u.clone())]).await;
+    assert!(
+        out[0].events.is_empty(),
+        "the other node's connect is no online: {out:?}"
+    );
+    assert_eq!(out[0].tally.grace_cancelled_users, 1);
+    apply(
+        &c,
+        vec![StoreOp::Disconnect(
+            u.clone(),
+            Reason::Closed,
+            Ends::AfterGrace,
+        )],
+    )
+    .await;
+    let out = expire_until_due(&a).await;
+    assert!(
+        matches!(out.events.as_slice(), [Event::Offline { seq: 2, .. }]),
+        "{out:?}"
+    );
+    assert_eq!(apply(&c, vec![StoreOp::Expire]).await, vec![quiet()]);
+}
+
+/// 100,000 graces started and run out leave nothing behind: no deadline,
+/// no reason, no count, no field in a user's record.
+#[tokio::test]
+async fn redis_graces_leave_no_keys_behind() {
+    const USERS: usize = 100_000;
+    let b = Backend::redis().await;
+    let s = b.graced_node(Duration::from_millis(100)).await;
+    let Backend::Redis(server) = &b else {
+        unreachable!()
+    };
+    let names: Vec<UserId> = (0..USERS).map(|i| user(&format!("g{i}"))).collect();
+    for chunk in names.chunks(5_000) {
+        let mut ops = Vec::new();
+        for (i, u) in chunk.iter().enumerate() {
+            ops.push(StoreOp::Connect(u.clone()));
+            if i % 10 == 0 {
+                ops.push(StoreOp::Join(room(&format!("r{}", i % 100)), u.clone()));
+                ops.push(StoreOp::Leave(
+                    room(&format!("r{}", i % 100)),
+                    u.clone(),
+                    Reason::Closed,
+                    Ends::AfterGrace,
+                ));
+            }
+            ops.push(StoreOp::Disconnect(
+                u.clone(),
+                Reason::Closed,
+                Ends::AfterGrace,
+            ));
+        }
+        apply(&s, ops).await;
+    }
+    assert_eq!(s.stats().await.unwrap().users_in_grace, USERS as u64);
+    let mut offline = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while s.stats().await.unwrap().users_in_grace > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the graces never all ran out"
+        );
+        let out = apply(&s, vec![StoreOp::Expire]).await.remove(0);
+        offline += out
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Offline { .. }))
+            .count();
+        if out.events.is_empty() {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    assert_eq!(
+        offline, USERS,
+        "each grace ran out into exactly one offline"
+    );
+    let left: i64 = server
+        .command(&[
+            "EXISTS",
+            "presence:grace",
+            "presence:room_grace",
+            "presence:room_grace:reasons",
+            "presence:users",
+            "presence:room:r0",
+        ])
+        .await;
+    assert_eq!(left, 0, "no grace structure, count or room is left");
+    for u in ["g0", "g99999"] {
+        let fields: Vec<String> = server
+            .command(&["HKEYS", &format!("presence:user:{u}")])
+            .await;
+        let mut fields = fields;
+        fields.sort();
+        assert_eq!(
+            fields,
+            ["last_seen", "seq"],
+            "{u}: only what outlives presence"
+        );
+    }
+}
+
+/// A killed node's users enter the grace when it is reaped: one who
+/// reconnects in time never goes offline, the other goes offline once,
+/// with reason node_lost.
+#[tokio::test]
+async fn redis_a_reaped_nodes_users_enter_the_grace() {
+    let server = RedisServer::start().await;
+    let dead_id = NodeId::new();
+    let dead: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(
+            &server.url(),
+            "presence",
+            dead_id,
+            Duration::from_millis(1000),
+        )
+        .await
+        .unwrap(),
+    );
+    let b = Backend::Redis(server);
+    let alive = b.graced_node(GRACE).await;
+    apply(
+        &dead,
+        vec![
+            StoreOp::Connect(user("back")),
+            StoreOp::Connect(user("gone")),
+            StoreOp::Join(room("r"), user("gone")),
+        ],
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let reaped = loop {
+        let reaped = alive.reap().await.unwrap();
+        if !reaped.nodes.is_empty() {
+            break reaped;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never reaped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(reaped.events, 0, "nobody is told at the reap");
+    assert_eq!(
+        (
+            reaped.tally.grace_started_users,
+            reaped.tally.grace_started_rooms
+        ),
+        (2, 1)
+    );
+    let out = apply(&alive, vec![StoreOp::Connect(user("back"))]).await;
+    assert!(out[0].events.is_empty(), "back in time: {out:?}");
+    let out = expire_until_due(&alive).await;
+    let last_seen = match out.events.last() {
+        Some(Event::Offline { last_seen, .. }) => *last_seen,
+        other => panic!("an offline last: {other:?}"),
+    };
+    assert_eq!(
+        out.events,
+        vec![
+            Event::Left {
+                room: room("r"),
+                user: user("gone"),
+                reason: Reason::NodeLost
+            },
+            Event::Offline {
+                user: user("gone"),
+                seq: 2,
+                last_seen,
+                reason: Reason::NodeLost
+            },
+        ]
+    );
 }

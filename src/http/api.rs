@@ -230,6 +230,9 @@ async fn one_user(user: UserId, state: &WorkerState) -> Result<Response<Body>, H
     struct Answer<'a> {
         user: &'a str,
         online: bool,
+        /// Only while in the offline grace (online, no live connection).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        grace_until_ms: Option<u64>,
         connections: Vec<Connection<'a>>,
         last_seen_ms: Option<u64>,
         meta: &'a Option<Meta>,
@@ -238,6 +241,7 @@ async fn one_user(user: UserId, state: &WorkerState) -> Result<Response<Body>, H
     Ok(ok_json(&Answer {
         user: user.as_str(),
         online: record.online,
+        grace_until_ms: record.grace_until_ms,
         connections: record
             .connections
             .iter()

@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::PresenceRegistry;
 use crate::{
     ids::{ConnId, Meta, UserId},
-    protocol::{Reason, Request},
+    protocol::{Ends, Reason, Request},
 };
 
 /// What a `Conn` tells the registry.
@@ -18,8 +18,9 @@ pub enum Notice {
     /// A connection came up on this node with its verified user and its
     /// metadata.
     Connected(ConnId, UserId, Option<Meta>),
-    /// A connection on this node went away, and why.
-    Disconnected(ConnId, Reason),
+    /// A connection on this node went away, why, and whether its presence
+    /// ends at once (a sign-out) or after the grace.
+    Disconnected(ConnId, Reason, Ends),
     /// A client request that needs the store or changes subscriptions
     /// (never one the Conn answers itself, such as `ping`), with its `ref`.
     Request(ConnId, Option<Value>, Request),

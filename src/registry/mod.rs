@@ -63,7 +63,7 @@ use crate::{
     health::Health,
     ids::{ConnId, Meta, RoomName, UserId},
     metrics::metrics,
-    protocol::{self, ErrorCode, Reason, ReplyBody, Request},
+    protocol::{self, Ends, ErrorCode, Reason, ReplyBody, Request},
     store::{Applied, FeedItem, NodeState, Store, StoreError, StoreOp},
 };
 
@@ -87,6 +87,8 @@ pub struct Batching {
     /// Most requests waiting for the store; past it they are answered
     /// `unavailable` at once.
     pub max_pending: usize,
+    /// How often due offline graces are ended (`None`: no grace here).
+    pub grace_check: Option<Duration>,
 }
 
 /// The registry's record of one connection of this node.
@@ -308,6 +310,11 @@ impl PresenceRegistry {
         let mut replies = Vec::new();
         for Pending { op, answer } in batch {
             let outcome = op.and(outcomes.next()).unwrap_or_default();
+            metrics().count_tally(&outcome.tally);
+            if outcome.tally.expire_more {
+                // More graces are due than one op ends: go on at once.
+                self.queue.push(Pending::write(StoreOp::Expire));
+            }
             if let Some(reply) = answer.render(outcome.read) {
                 if local {
                     items.push(reply);
@@ -416,7 +423,9 @@ impl Handler<Notices> for PresenceRegistry {
         for notice in msg.0 {
             match notice {
                 Notice::Connected(conn, user, meta) => self.connected(conn, user, meta),
-                Notice::Disconnected(conn, reason) => self.disconnected(conn, reason),
+                Notice::Disconnected(conn, reason, ends) => {
+                    self.disconnected(conn, reason, ends);
+                }
                 Notice::Request(conn, reference, request) => {
                     self.request(conn, reference, request, ctx);
                 }
@@ -445,7 +454,9 @@ impl Handler<Drain> for PresenceRegistry {
             "draining: removing this node's connections"
         );
         for conn in conns {
-            self.disconnected(conn, Reason::Shutdown);
+            // Their clients reconnect elsewhere (1012): within the grace,
+            // nobody sees them go.
+            self.disconnected(conn, Reason::Shutdown, Ends::AfterGrace);
         }
         self.check_drained(ctx);
         self.maybe_flush(ctx);
@@ -475,7 +486,7 @@ impl PresenceRegistry {
             .push(Pending::write(StoreOp::Attach(user, conn, meta)));
     }
 
-    fn disconnected(&mut self, conn: ConnId, reason: Reason) {
+    fn disconnected(&mut self, conn: ConnId, reason: Reason, ends: Ends) {
         let Some(local) = self.conns.remove(&conn) else {
             return;
         };
@@ -484,12 +495,14 @@ impl PresenceRegistry {
                 room,
                 local.user.clone(),
                 reason,
+                ends,
             )));
         }
         self.queue
             .push(Pending::write(StoreOp::Detach(local.user.clone(), conn)));
-        self.queue
-            .push(Pending::write(StoreOp::Disconnect(local.user, reason)));
+        self.queue.push(Pending::write(StoreOp::Disconnect(
+            local.user, reason, ends,
+        )));
     }
 
     fn request(
@@ -623,7 +636,8 @@ impl PresenceRegistry {
             return;
         };
         local.rooms.remove(&room);
-        let op = StoreOp::Leave(room.clone(), local.user.clone(), Reason::Closed);
+        // An explicit leave is at once: no grace.
+        let op = StoreOp::Leave(room.clone(), local.user.clone(), Reason::Closed, Ends::Now);
         let answer = Answer::reply(conn, reference, change, move |_| ReplyBody::Left { room });
         self.queue.push(Pending {
             op: Some(op),
@@ -811,6 +825,7 @@ mod tests {
             linger: Duration::from_millis(1),
             lease_refresh: Duration::from_secs(60),
             max_pending: 1000,
+            grace_check: None,
         };
         let registry =
             PresenceRegistry::new(Arc::new(store.clone()), vec![], batching, Arc::default())
@@ -833,7 +848,7 @@ mod tests {
                 Request::Query(vec![user.clone()]),
             ));
         }
-        events.push(Notice::Disconnected(conn, Reason::Closed));
+        events.push(Notice::Disconnected(conn, Reason::Closed, Ends::Now));
         registry.send(Notices(events)).await.unwrap();
         let seen = store.seen(6).await;
         assert_eq!(
@@ -842,9 +857,9 @@ mod tests {
                 StoreOp::Connect(user.clone()),
                 StoreOp::Attach(user.clone(), conn, None),
                 StoreOp::Join(room.clone(), user.clone()),
-                StoreOp::Leave(room, user.clone(), Reason::Closed),
+                StoreOp::Leave(room, user.clone(), Reason::Closed, Ends::Now),
                 StoreOp::Detach(user.clone(), conn),
-                StoreOp::Disconnect(user, Reason::Closed),
+                StoreOp::Disconnect(user, Reason::Closed, Ends::Now),
             ]
         );
     }

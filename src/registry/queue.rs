@@ -250,7 +250,12 @@ mod tests {
         let mut queue = Queue::new(10);
         queue.push(Pending::write(StoreOp::Connect(user())));
         queue.push(request(StoreOp::Join(room(), user())));
-        queue.push(request(StoreOp::Leave(room(), user(), Reason::Closed)));
+        queue.push(request(StoreOp::Leave(
+            room(),
+            user(),
+            Reason::Closed,
+            crate::protocol::Ends::Now,
+        )));
         queue.push(Pending {
             op: None,
             answer: Answer::Ready(Delivery::Reply {

@@ -1,9 +1,11 @@
 //! The registry's background work, each a named loop with its interval in
 //! config: the node lease (every `--node-lease-ms` / 3), the cluster-wide
 //! users-online gauge ([`USERS_ONLINE_REFRESH`]), reaping dead nodes
-//! ([`REAP_INTERVAL`](super::REAP_INTERVAL), shared stores only), the
-//! resync after missed events, and the end of a drain. The loops run on
-//! the registry's context, so they stop with it.
+//! ([`REAP_INTERVAL`](super::REAP_INTERVAL), shared stores only), ending
+//! due offline graces (every twentieth of `--offline-grace-ms`, see
+//! [`Batching::grace_check`](super::Batching)), the resync after missed
+//! events, and the end of a drain. The loops run on the registry's
+//! context, so they stop with it.
 
 use std::collections::HashSet;
 
@@ -24,6 +26,21 @@ impl PresenceRegistry {
         ctx.run_interval(USERS_ONLINE_REFRESH, |this, ctx| {
             this.refresh_users_online(ctx);
         });
+        if let Some(every) = self.batching.grace_check {
+            ctx.run_interval(every, |this, ctx| this.expire_graces(ctx));
+        }
+    }
+
+    /// Ends the offline graces that ran out, this node's or any other's:
+    /// one `Expire` op, which rides along with the next batch (or is one,
+    /// when the node is idle). Every node does it; the store ends each
+    /// grace once.
+    fn expire_graces(&mut self, ctx: &mut Context<Self>) {
+        if self.drained.is_some() {
+            return;
+        }
+        self.queue.push(Pending::write(StoreOp::Expire));
+        self.maybe_flush(ctx);
     }
 
     /// Caches the store's count in a gauge, so a scrape never calls the store.
@@ -33,7 +50,10 @@ impl PresenceRegistry {
                 .stats()
                 .into_actor(self)
                 .map(|result, _, _| match result {
-                    Ok(stats) => metrics().users_online.set(stats.users_online as i64),
+                    Ok(stats) => {
+                        metrics().users_online.set(stats.users_online as i64);
+                        metrics().users_in_grace.set(stats.users_in_grace as i64);
+                    }
                     Err(error) => warn!(%error, "users-online refresh failed"),
                 }),
         );
@@ -77,6 +97,7 @@ impl PresenceRegistry {
                             info!(%node, events = reaped.events, "reaped a dead node");
                         }
                         metrics().nodes_reaped.inc_by(reaped.nodes.len() as u64);
+                        metrics().count_tally(&reaped.tally);
                     }
                     Err(error) => debug!(%error, "reaping dead nodes failed"),
                 }),

@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use futures_util::{FutureExt, future::BoxFuture, stream::BoxStream};
@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     ids::{ConnId, Meta, NodeId, RoomName, UserId},
-    protocol::{Event, Member},
+    protocol::{Ends, Event, Member, Reason},
 };
 
 /// In-process presence state.
@@ -35,14 +35,30 @@ struct Attached {
     meta: Option<Meta>,
 }
 
+/// A presence that ended after-grace and waits for its deadline.
+#[derive(Debug, Clone, Copy)]
+struct Grace {
+    until_ms: u64,
+    reason: Reason,
+    /// When the connection that started it ended (the offline's
+    /// `last_seen`).
+    at_ms: u64,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// user → live connections
+    /// The offline grace, milliseconds (0: none).
+    grace_ms: u64,
+    /// user → live connections; 0 while in the offline grace
     connections: HashMap<UserId, u64>,
+    /// user → their grace, while counted 0 in `connections`
+    graces: HashMap<UserId, Grace>,
     /// user → presence sequence
     seq: HashMap<UserId, u64>,
-    /// room → user → that user's connections in the room
+    /// room → user → that user's connections in the room; 0 in the grace
     rooms: HashMap<RoomName, HashMap<UserId, u64>>,
+    /// (room, user) → the membership's grace, while counted 0
+    room_graces: HashMap<(RoomName, UserId), Grace>,
     /// user → connection → its record
     records: HashMap<UserId, HashMap<ConnId, Attached>>,
     /// user → metadata of the latest attached connection
@@ -63,6 +79,13 @@ impl MemoryStore {
             state: Arc::default(),
             node: node.to_string(),
         }
+    }
+
+    /// The same store with an offline grace of `grace` (the default: none).
+    pub fn with_grace(self, grace: Duration) -> Self {
+        // unwrap: see `apply`.
+        self.state.lock().unwrap().grace_ms = grace.as_millis() as u64;
+        self
     }
 }
 
@@ -87,49 +110,50 @@ fn snapshot<'a>(
     v
 }
 
-/// Decrements `map[key]`, removing it at zero; true when it reached zero.
-/// A missing key stays missing (a disconnect the store never saw).
-fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u64>, key: &K) -> bool {
-    match map.get_mut(key) {
-        Some(n) if *n > 1 => {
-            *n -= 1;
-            false
-        }
-        Some(_) => {
-            map.remove(key);
-            true
-        }
-        None => false,
+/// How a count changed: it rose from zero (or from none), or fell to
+/// zero; anything else is no transition.
+#[derive(Debug, PartialEq, Eq)]
+enum Crossing {
+    Rose,
+    Fell,
+    None,
+}
+
+/// Adds `delta` to `map[key]` (a count of live connections; 0 is kept, it
+/// means "in the grace"). A count that would go below zero (a disconnect
+/// the store never saw) is dropped, with no transition.
+fn add<K: std::hash::Hash + Eq + Clone>(
+    map: &mut HashMap<K, u64>,
+    key: &K,
+    delta: i64,
+) -> Crossing {
+    let before = map.get(key).copied();
+    let after = before.unwrap_or(0) as i64 + delta;
+    if after < 0 {
+        map.remove(key);
+        return Crossing::None;
+    }
+    map.insert(key.clone(), after as u64);
+    match (before.unwrap_or(0), after) {
+        (0, 1..) => Crossing::Rose,
+        (1.., 0) => Crossing::Fell,
+        _ => Crossing::None,
     }
 }
 
 impl State {
     fn apply(&mut self, op: StoreOp, now: u64) -> Outcome {
+        let mut out = Outcome::default();
         match op {
             StoreOp::Connect(user) => {
-                let n = self.connections.entry(user.clone()).or_default();
-                *n += 1;
-                let first = *n == 1;
-                Outcome::events(if first {
-                    vec![Event::Online {
-                        seq: self.bump(&user),
-                        user,
-                    }]
-                } else {
-                    Vec::new()
-                })
-            }
-            StoreOp::Disconnect(user, reason) => {
-                if !decrement(&mut self.connections, &user) {
-                    return Outcome::default();
+                if add(&mut self.connections, &user, 1) == Crossing::Rose {
+                    self.user_came(&user, &mut out);
                 }
-                self.last_seen.insert(user.clone(), now);
-                Outcome::events(vec![Event::Offline {
-                    seq: self.bump(&user),
-                    user,
-                    last_seen: now,
-                    reason,
-                }])
+            }
+            StoreOp::Disconnect(user, reason, ends) => {
+                if add(&mut self.connections, &user, -1) == Crossing::Fell {
+                    self.user_ended(&user, reason, ends, now, &mut out);
+                }
             }
             StoreOp::Attach(user, conn, meta) => {
                 if let Some(m) = &meta {
@@ -138,7 +162,6 @@ impl State {
                 let records = self.records.entry(user).or_default();
                 let since_ms = records.get(&conn).map_or(now, |a| a.since_ms);
                 records.insert(conn, Attached { since_ms, meta });
-                Outcome::default()
             }
             StoreOp::Detach(user, conn) => {
                 if let Some(records) = self.records.get_mut(&user) {
@@ -147,128 +170,252 @@ impl State {
                         self.records.remove(&user);
                     }
                 }
-                Outcome::default()
             }
             StoreOp::Join(room, user) => {
                 let members = self.rooms.entry(room.clone()).or_default();
-                let n = members.entry(user.clone()).or_default();
-                *n += 1;
-                let first = *n == 1;
-                let snapshot = snapshot(members.keys(), &self.meta);
-                Outcome {
-                    events: if first {
-                        vec![Event::Joined { room, user }]
-                    } else {
-                        Vec::new()
-                    },
-                    read: Read::Members(snapshot),
+                if add(members, &user, 1) == Crossing::Rose {
+                    self.member_came(&room, &user, &mut out);
                 }
+                out.read = Read::Members(self.members(&room));
             }
-            StoreOp::Leave(room, user, reason) => {
-                let Some(members) = self.rooms.get_mut(&room) else {
-                    return Outcome::default();
-                };
-                let last = decrement(members, &user);
-                if members.is_empty() {
-                    self.rooms.remove(&room);
+            StoreOp::Leave(room, user, reason, ends) => {
+                let fell = self
+                    .rooms
+                    .get_mut(&room)
+                    .is_some_and(|members| add(members, &user, -1) == Crossing::Fell);
+                if fell {
+                    self.member_ended(&room, &user, reason, ends, now, &mut out);
                 }
-                Outcome::events(if last {
-                    vec![Event::Left { room, user, reason }]
-                } else {
-                    Vec::new()
-                })
+                self.drop_empty_room(&room);
             }
-            StoreOp::Members(room) => Outcome::read(Read::Members(snapshot(
-                self.rooms.get(&room).into_iter().flat_map(|m| m.keys()),
-                &self.meta,
-            ))),
-            StoreOp::Reassert(state) => Outcome::events(self.reassert(&state, now)),
-            StoreOp::Presence(users) => Outcome::read(Read::Presence(
-                users
-                    .iter()
-                    .map(|u| UserPresence {
-                        online: self.connections.contains_key(u),
-                        seq: self.seq.get(u).copied().unwrap_or(0),
-                    })
-                    .collect(),
-            )),
+            StoreOp::Members(room) => out.read = Read::Members(self.members(&room)),
+            StoreOp::Reassert(state) => self.reassert(&state, now, &mut out),
+            StoreOp::Presence(users) => {
+                out.read = Read::Presence(
+                    users
+                        .iter()
+                        .map(|u| UserPresence {
+                            online: self.connections.contains_key(u),
+                            seq: self.seq.get(u).copied().unwrap_or(0),
+                        })
+                        .collect(),
+                );
+            }
+            StoreOp::Expire => self.expire(now, &mut out),
+        }
+        out
+    }
+
+    fn members(&self, room: &RoomName) -> Vec<Member> {
+        snapshot(
+            self.rooms.get(room).into_iter().flat_map(|m| m.keys()),
+            &self.meta,
+        )
+    }
+
+    fn drop_empty_room(&mut self, room: &RoomName) {
+        if self.rooms.get(room).is_some_and(HashMap::is_empty) {
+            self.rooms.remove(room);
+        }
+    }
+
+    /// The user's count rose from zero: back within the grace (nobody is
+    /// told), or online.
+    fn user_came(&mut self, user: &UserId, out: &mut Outcome) {
+        if self.graces.remove(user).is_some() {
+            out.tally.grace_cancelled_users += 1;
+        } else {
+            out.events.push(Event::Online {
+                seq: self.bump(user),
+                user: user.clone(),
+            });
+        }
+    }
+
+    /// The user's last live connection ended: the grace starts, or, with
+    /// none, they are offline.
+    fn user_ended(
+        &mut self,
+        user: &UserId,
+        reason: Reason,
+        ends: Ends,
+        now: u64,
+        out: &mut Outcome,
+    ) {
+        if ends == Ends::AfterGrace && self.grace_ms > 0 {
+            let grace = Grace {
+                until_ms: now + self.grace_ms,
+                reason,
+                at_ms: now,
+            };
+            self.graces.insert(user.clone(), grace);
+            out.tally.grace_started_users += 1;
+        } else {
+            self.connections.remove(user);
+            self.went_offline(user, reason, now, out);
+        }
+    }
+
+    fn went_offline(&mut self, user: &UserId, reason: Reason, at: u64, out: &mut Outcome) {
+        self.last_seen.insert(user.clone(), at);
+        out.events.push(Event::Offline {
+            seq: self.bump(user),
+            user: user.clone(),
+            last_seen: at,
+            reason,
+        });
+    }
+
+    fn member_came(&mut self, room: &RoomName, user: &UserId, out: &mut Outcome) {
+        if self
+            .room_graces
+            .remove(&(room.clone(), user.clone()))
+            .is_some()
+        {
+            out.tally.grace_cancelled_rooms += 1;
+        } else {
+            out.events.push(Event::Joined {
+                room: room.clone(),
+                user: user.clone(),
+            });
+        }
+    }
+
+    fn member_ended(
+        &mut self,
+        room: &RoomName,
+        user: &UserId,
+        reason: Reason,
+        ends: Ends,
+        now: u64,
+        out: &mut Outcome,
+    ) {
+        if ends == Ends::AfterGrace && self.grace_ms > 0 {
+            let grace = Grace {
+                until_ms: now + self.grace_ms,
+                reason,
+                at_ms: now,
+            };
+            self.room_graces.insert((room.clone(), user.clone()), grace);
+            out.tally.grace_started_rooms += 1;
+        } else {
+            if let Some(members) = self.rooms.get_mut(room) {
+                members.remove(user);
+            }
+            out.events.push(Event::Left {
+                room: room.clone(),
+                user: user.clone(),
+                reason,
+            });
+        }
+    }
+
+    /// Ends the graces that ran out: rooms first, as a disconnect leaves
+    /// its rooms before it goes offline.
+    fn expire(&mut self, now: u64, out: &mut Outcome) {
+        let mut due: Vec<((RoomName, UserId), Grace)> = self
+            .room_graces
+            .iter()
+            .filter(|(_, g)| g.until_ms <= now)
+            .map(|(k, g)| (k.clone(), *g))
+            .collect();
+        due.sort_by_key(|(_, g)| g.until_ms);
+        for ((room, user), grace) in due {
+            self.room_graces.remove(&(room.clone(), user.clone()));
+            if let Some(members) = self.rooms.get_mut(&room) {
+                members.remove(&user);
+            }
+            self.drop_empty_room(&room);
+            out.events.push(Event::Left {
+                room,
+                user,
+                reason: grace.reason,
+            });
+            out.tally.grace_expired_rooms += 1;
+        }
+        let mut due: Vec<(UserId, Grace)> = self
+            .graces
+            .iter()
+            .filter(|(_, g)| g.until_ms <= now)
+            .map(|(u, g)| (u.clone(), *g))
+            .collect();
+        due.sort_by_key(|(_, g)| g.until_ms);
+        for (user, grace) in due {
+            self.graces.remove(&user);
+            self.connections.remove(&user);
+            self.went_offline(&user, grace.reason, grace.at_ms, out);
+            out.tally.grace_expired_users += 1;
         }
     }
 
     /// This store is the only node, so the node's state is the whole
     /// state: make it exactly `state`, returning the transitions (room
-    /// events first, as a disconnect leaves its rooms first).
-    fn reassert(&mut self, state: &NodeState, now: u64) -> Vec<Event> {
-        let mut events = Vec::new();
-        let mut want_rooms: HashMap<RoomName, HashMap<UserId, u64>> = HashMap::new();
+    /// events first, as a disconnect leaves its rooms first). What it held
+    /// and the node no longer does ends after the grace.
+    fn reassert(&mut self, state: &NodeState, now: u64, out: &mut Outcome) {
+        let mut want_rooms: HashMap<(RoomName, UserId), u64> = HashMap::new();
         for (room, user, n) in &state.rooms {
-            want_rooms
-                .entry(room.clone())
-                .or_default()
-                .insert(user.clone(), *n);
+            want_rooms.insert((room.clone(), user.clone()), *n);
         }
+        let mut pairs: Vec<(RoomName, UserId)> = want_rooms.keys().cloned().collect();
         for (room, members) in &self.rooms {
-            for user in members.keys() {
-                if !want_rooms.get(room).is_some_and(|m| m.contains_key(user)) {
-                    events.push(Event::Left {
-                        room: room.clone(),
-                        user: user.clone(),
-                        reason: state.gone,
-                    });
-                }
-            }
+            pairs.extend(members.keys().map(|u| (room.clone(), u.clone())));
         }
-        for (room, members) in &want_rooms {
-            for user in members.keys() {
-                if !self.rooms.get(room).is_some_and(|m| m.contains_key(user)) {
-                    events.push(Event::Joined {
-                        room: room.clone(),
-                        user: user.clone(),
-                    });
-                }
+        pairs.sort();
+        pairs.dedup();
+        for (room, user) in pairs {
+            let have = self.rooms.get(&room).and_then(|m| m.get(&user)).copied();
+            let want = want_rooms
+                .get(&(room.clone(), user.clone()))
+                .copied()
+                .unwrap_or(0);
+            let delta = want as i64 - have.unwrap_or(0) as i64;
+            if delta == 0 {
+                continue;
             }
+            out.tally.corrected_room_counts += 1;
+            let members = self.rooms.entry(room.clone()).or_default();
+            match add(members, &user, delta) {
+                Crossing::Rose => self.member_came(&room, &user, out),
+                Crossing::Fell => {
+                    self.member_ended(&room, &user, state.gone, Ends::AfterGrace, now, out);
+                }
+                Crossing::None => {}
+            }
+            self.drop_empty_room(&room);
         }
-        self.rooms = want_rooms;
 
         let mut want: HashMap<UserId, u64> = HashMap::new();
         for (user, ..) in &state.conns {
             *want.entry(user.clone()).or_default() += 1;
         }
-        let gone: Vec<UserId> = self
-            .connections
-            .keys()
-            .filter(|u| !want.contains_key(*u))
-            .cloned()
-            .collect();
-        for user in gone {
-            self.last_seen.insert(user.clone(), now);
-            events.push(Event::Offline {
-                seq: self.bump(&user),
-                user,
-                last_seen: now,
-                reason: state.gone,
-            });
+        let mut users: Vec<UserId> = want.keys().cloned().collect();
+        users.extend(self.connections.keys().cloned());
+        users.sort();
+        users.dedup();
+        for user in users {
+            let have = self.connections.get(&user).copied().unwrap_or(0);
+            let delta = want.get(&user).copied().unwrap_or(0) as i64 - have as i64;
+            if delta == 0 {
+                continue;
+            }
+            out.tally.corrected_user_counts += 1;
+            match add(&mut self.connections, &user, delta) {
+                Crossing::Rose => self.user_came(&user, out),
+                Crossing::Fell => self.user_ended(&user, state.gone, Ends::AfterGrace, now, out),
+                Crossing::None => {}
+            }
         }
-        let came: Vec<UserId> = want
-            .keys()
-            .filter(|u| !self.connections.contains_key(*u))
-            .cloned()
-            .collect();
-        for user in came {
-            events.push(Event::Online {
-                seq: self.bump(&user),
-                user,
-            });
-        }
-        self.connections = want;
 
         let mut records: HashMap<UserId, HashMap<ConnId, Attached>> = HashMap::new();
         for (user, conn, meta) in &state.conns {
-            let since_ms = self
-                .records
-                .get(user)
-                .and_then(|r| r.get(conn))
-                .map_or(now, |a| a.since_ms);
+            let since_ms = match self.records.get(user).and_then(|r| r.get(conn)) {
+                Some(a) => a.since_ms,
+                None => {
+                    out.tally.corrected_connections += 1;
+                    now
+                }
+            };
             if let Some(m) = meta {
                 self.meta.insert(user.clone(), m.clone());
             }
@@ -280,8 +427,17 @@ impl State {
                 },
             );
         }
+        let dropped: usize = self
+            .records
+            .iter()
+            .map(|(user, r)| {
+                r.keys()
+                    .filter(|c| !records.get(user).is_some_and(|mine| mine.contains_key(c)))
+                    .count()
+            })
+            .sum();
+        out.tally.corrected_connections += dropped as u64;
         self.records = records;
-        events
     }
 
     fn bump(&mut self, user: &UserId) -> u64 {
@@ -371,6 +527,7 @@ impl Store for MemoryStore {
         connections.sort_by(|a, b| a.conn.cmp(&b.conn));
         let record = UserRecord {
             online: state.connections.contains_key(&user),
+            grace_until_ms: state.graces.get(&user).map(|g| g.until_ms),
             connections,
             last_seen_ms: state.last_seen.get(&user).copied(),
             meta: state.meta.get(&user).cloned(),
@@ -384,6 +541,7 @@ impl Store for MemoryStore {
         futures_util::future::ready(Ok(Stats {
             users_online: state.connections.len() as u64,
             connections: state.connections.values().sum(),
+            users_in_grace: state.graces.len() as u64,
             nodes_alive: 1,
         }))
         .boxed()

@@ -11,6 +11,14 @@
 //! sees each transition. An outcome carries the transitions as
 //! [`Event`]s, the wire's own type, so nothing between the store and the
 //! sockets translates them. The store never talks to clients.
+//!
+//! **Offline grace.** A store has a grace length (zero: none). A user whose
+//! last connection ends [`Ends::AfterGrace`] stays online (counted with no
+//! live connection) until the grace runs out; a connection of theirs
+//! within it, from any node, ends the grace with no event at all. A room
+//! member likewise. The deadlines live in the store, and
+//! [`StoreOp::Expire`], which any node may run, ends the due ones exactly
+//! once with the `offline` and `left` the connection's end called for.
 
 mod memory;
 mod redis;
@@ -22,7 +30,7 @@ use futures_util::{future::BoxFuture, stream::BoxStream};
 pub use self::{memory::MemoryStore, redis::RedisStore};
 use crate::{
     ids::{ConnId, Meta, RoomName, UserId},
-    protocol::{Event, Member, Reason},
+    protocol::{Ends, Event, Member, Reason},
 };
 
 /// One write or read in a batch.
@@ -30,12 +38,14 @@ use crate::{
 pub enum StoreOp {
     /// A connection of `user` came up.
     Connect(UserId),
-    /// A connection of `user` went away, for `reason`.
-    Disconnect(UserId, Reason),
+    /// A connection of `user` went away, for `reason`; if it was their
+    /// last, they go offline as `Ends` says.
+    Disconnect(UserId, Reason, Ends),
     /// A connection of `user` joined `room`; reads the members after it.
     Join(RoomName, UserId),
-    /// A connection of `user` left `room`, for `reason`.
-    Leave(RoomName, UserId, Reason),
+    /// A connection of `user` left `room`, for `reason`; if it was their
+    /// last in the room, they leave it as `Ends` says.
+    Leave(RoomName, UserId, Reason, Ends),
     /// Read `room`'s members.
     Members(RoomName),
     /// Read these users' presence.
@@ -50,8 +60,12 @@ pub enum StoreOp {
     /// node's lease), emitting the transitions that takes. Used after the
     /// store lost or may have lost writes: Redis restarted empty, the lease
     /// was reaped, or a batch failed in a way that may or may not have
-    /// applied. Idempotent.
+    /// applied. Idempotent. What the store held and the node no longer
+    /// does ends after the grace.
     Reassert(Arc<NodeState>),
+    /// End the offline graces whose deadline has passed (this node's or
+    /// any other's), deciding their `left` and `offline`.
+    Expire,
 }
 
 impl StoreOp {
@@ -97,13 +111,44 @@ pub struct NodeState {
 }
 
 /// What the store decided for one op: the transitions it took, in order,
-/// and what it read.
+/// what it read, and the bookkeeping it did that is no event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Outcome {
     /// The events the op caused (a write's transitions).
     pub events: Vec<Event>,
     /// What the op read.
     pub read: Read,
+    /// What it did that clients do not see, for the metrics.
+    pub tally: Tally,
+}
+
+/// What an op did that is no event: offline graces and reassert
+/// corrections, for the metrics. The Redis scripts count by these field
+/// names (absent: zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct Tally {
+    /// Graces started (a last connection ended after-grace), users.
+    pub grace_started_users: u64,
+    /// The same, room memberships.
+    pub grace_started_rooms: u64,
+    /// Graces ended by the user's return (flaps nobody saw), users.
+    pub grace_cancelled_users: u64,
+    /// The same, room memberships.
+    pub grace_cancelled_rooms: u64,
+    /// Graces that ran out (the `offline`/`left` went out), users.
+    pub grace_expired_users: u64,
+    /// The same, room memberships.
+    pub grace_expired_rooms: u64,
+    /// `Expire` stopped at its bound with more graces due.
+    pub expire_more: bool,
+    /// What a reassert found wrong and fixed: connection records added or
+    /// dropped.
+    pub corrected_connections: u64,
+    /// Users whose count on this node was off.
+    pub corrected_user_counts: u64,
+    /// (room, user) pairs whose count on this node was off.
+    pub corrected_room_counts: u64,
 }
 
 impl Outcome {
@@ -111,15 +156,15 @@ impl Outcome {
     pub fn events(events: Vec<Event>) -> Self {
         Self {
             events,
-            read: Read::Nothing,
+            ..Self::default()
         }
     }
 
     /// A read's outcome.
     pub fn read(read: Read) -> Self {
         Self {
-            events: Vec::new(),
             read,
+            ..Self::default()
         }
     }
 }
@@ -201,6 +246,8 @@ pub struct Reaped {
     pub nodes: Vec<String>,
     /// The `offline` and `left` events it published.
     pub events: u64,
+    /// The graces it started.
+    pub tally: Tally,
 }
 
 /// One live connection of a user, as `GET /v1/users/{id}` shows it.
@@ -219,8 +266,11 @@ pub struct ConnRecord {
 /// Everything the store knows of one user.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserRecord {
-    /// At least one live connection.
+    /// At least one live connection, or in the offline grace.
     pub online: bool,
+    /// While in the offline grace (no live connection): when it runs out,
+    /// Unix milliseconds (store clock).
+    pub grace_until_ms: Option<u64>,
     /// The live connections, sorted by id.
     pub connections: Vec<ConnRecord>,
     /// When the user last went offline, Unix milliseconds.
@@ -232,7 +282,7 @@ pub struct UserRecord {
 /// A user's presence as the store sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct UserPresence {
-    /// At least one live connection somewhere.
+    /// At least one live connection somewhere, or in the offline grace.
     pub online: bool,
     /// Presence sequence: +1 on every online/offline transition.
     pub seq: u64,
@@ -251,12 +301,14 @@ pub struct Page {
 /// Cluster-wide counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stats {
-    /// Users with at least one live connection.
+    /// Users online: with at least one live connection, or in the grace.
     pub users_online: u64,
     /// Live connections.
     pub connections: u64,
     /// Nodes whose lease has not expired.
     pub nodes_alive: u64,
+    /// Users in the offline grace (online with no live connection).
+    pub users_in_grace: u64,
 }
 
 /// Why a store call failed. The batch was not applied.

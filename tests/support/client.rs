@@ -544,9 +544,17 @@ impl Client {
     // ---- ending ------------------------------------------------------------
 
     /// Clean close: sends a close frame (1000) and waits for the server's.
-    pub async fn close(mut self) {
+    /// Closes with 1000, a deliberate sign-out, and waits for the end of
+    /// the close handshake.
+    pub async fn close(self) {
+        self.close_with(1000).await;
+    }
+
+    /// Closes with `code` (1001: a page going away, reloading) and waits
+    /// for the end of the close handshake.
+    pub async fn close_with(mut self, code: u16) {
         let frame = CloseFrame {
-            code: CloseCode::Normal,
+            code: CloseCode::from(code),
             reason: "".into(),
         };
         self.send_message(Message::Close(Some(frame))).await;

@@ -56,8 +56,14 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the gateway with `--listen 127.0.0.1:0` and `args`, and waits
     /// until it listens.
+    /// Without `--offline-grace-ms` in `args`, the grace is off (0): the
+    /// scenarios that do not test it expect every `offline` and `left` at
+    /// once.
     pub async fn start(args: &[&str]) -> Gateway {
         let mut all_args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+        if !args.contains(&"--offline-grace-ms") {
+            all_args.extend(["--offline-grace-ms".to_owned(), "0".to_owned()]);
+        }
         all_args.extend(args.iter().map(|arg| (*arg).to_owned()));
         let mut child = command(&all_args)
             .spawn()

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize, Serializer, de::DeserializeOwned};
 
 use crate::{
     ids::{Meta, UserId},
-    protocol::{Event, Member},
-    store::{NodeState, Outcome, Read, ReadKind, StoreError, StoreOp, UserPresence},
+    protocol::{Ends, Event, Member},
+    store::{NodeState, Outcome, Read, ReadKind, StoreError, StoreOp, Tally, UserPresence},
 };
 
 /// A reply that is one MessagePack value, decoded into `T`.
@@ -63,6 +63,10 @@ impl Serialize for Ops<'_> {
 /// One op: `[code, args...]`.
 struct Op<'a>(&'a StoreOp);
 
+fn graced(ends: Ends) -> bool {
+    ends == Ends::AfterGrace
+}
+
 fn meta(meta: &Option<Meta>) -> Option<&str> {
     meta.as_ref().map(Meta::as_str)
 }
@@ -71,14 +75,19 @@ impl Serialize for Op<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self.0 {
             StoreOp::Connect(user) => ("C", user).serialize(s),
-            StoreOp::Disconnect(user, reason) => ("D", user, reason).serialize(s),
+            StoreOp::Disconnect(user, reason, ends) => {
+                ("D", user, reason, graced(*ends)).serialize(s)
+            }
             StoreOp::Join(room, user) => ("J", room, user).serialize(s),
-            StoreOp::Leave(room, user, reason) => ("L", room, user, reason).serialize(s),
+            StoreOp::Leave(room, user, reason, ends) => {
+                ("L", room, user, reason, graced(*ends)).serialize(s)
+            }
             StoreOp::Members(room) => ("M", room).serialize(s),
             StoreOp::Presence(users) => ("P", users).serialize(s),
             StoreOp::Attach(user, conn, m) => ("A", user, conn, meta(m)).serialize(s),
             StoreOp::Detach(user, conn) => ("X", user, conn).serialize(s),
             StoreOp::Reassert(state) => reassert(state).serialize(s),
+            StoreOp::Expire => ("E",).serialize(s),
         }
     }
 }
@@ -112,6 +121,8 @@ pub(super) type BatchReply = (u64, Vec<OutcomeWire>);
 pub(super) struct OutcomeWire {
     #[serde(default)]
     e: Vec<Event>,
+    #[serde(default)]
+    t: Tally,
     m: Option<Vec<MemberWire>>,
     p: Option<Vec<UserPresenceWire>>,
 }
@@ -174,6 +185,7 @@ impl OutcomeWire {
         Ok(Outcome {
             events: self.e,
             read,
+            tally: self.t,
         })
     }
 }
@@ -191,5 +203,11 @@ pub(super) struct ConnRecordWire {
     pub(super) meta: Option<String>,
 }
 
-/// What reap.lua returns: events published, nodes reaped.
-pub(super) type ReapReply = (u64, Vec<String>);
+/// What reap.lua returns.
+#[derive(Debug, Deserialize)]
+pub(super) struct ReapReply {
+    pub(super) events: u64,
+    pub(super) nodes: Vec<String>,
+    #[serde(default)]
+    pub(super) t: Tally,
+}

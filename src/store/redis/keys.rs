@@ -47,6 +47,11 @@ impl Keys {
         format!("{}:user:{user}:conns", self.prefix)
     }
 
+    /// User → the deadline of their offline grace.
+    pub(super) fn grace(&self) -> String {
+        format!("{}:grace", self.prefix)
+    }
+
     /// Node → lease deadline.
     pub(super) fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)

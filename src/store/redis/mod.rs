@@ -61,6 +61,8 @@ pub struct RedisStore {
     keys: Keys,
     node: String,
     lease_ms: u64,
+    /// The offline grace, ms (0: none).
+    grace_ms: u64,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -103,6 +105,7 @@ impl RedisStore {
             keys: Keys::new(prefix),
             node: node.to_string(),
             lease_ms: lease.as_millis() as u64,
+            grace_ms: 0,
         };
         // Take the lease: from now on other nodes may reap this one.
         store
@@ -115,11 +118,18 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// The same store with an offline grace of `grace` (the default: none).
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace_ms = grace.as_millis() as u64;
+        self
+    }
+
     /// One batch: `MULTI`, the batch script, `EXEC`.
     fn batch_pipeline(&self, ops: &[StoreOp]) -> redis::Pipeline {
         let mut call = self.batch.prepare_invoke();
         call.arg(self.keys.prefix())
             .arg(&self.node)
+            .arg(self.grace_ms)
             .arg(self.lease_ms)
             .arg(if needs_lease(ops) { "1" } else { "0" })
             .arg(codec::encode_ops(ops));
@@ -267,13 +277,17 @@ impl Store for RedisStore {
         async move {
             let mut conn = this.conn.clone();
             #[allow(clippy::type_complexity)]
-            let (online, records, (last_seen, meta)): (
+            let (online, grace_until, records, (last_seen, meta)): (
                 bool,
+                Option<u64>,
                 Vec<(String, Packed<ConnRecordWire>)>,
                 (Option<u64>, Option<String>),
             ) = redis::pipe()
                 .cmd("HEXISTS")
                 .arg(this.keys.users())
+                .arg(user.as_str())
+                .cmd("ZSCORE")
+                .arg(this.keys.grace())
                 .arg(user.as_str())
                 .cmd("HGETALL")
                 .arg(this.keys.user_conns(&user))
@@ -295,6 +309,7 @@ impl Store for RedisStore {
             connections.sort_by(|a, b| a.conn.cmp(&b.conn));
             Ok(UserRecord {
                 online,
+                grace_until_ms: grace_until,
                 connections,
                 last_seen_ms: last_seen,
                 meta: meta.and_then(Meta::from_stored),
@@ -307,17 +322,19 @@ impl Store for RedisStore {
         let this = self.clone();
         async move {
             let mut conn = this.conn.clone();
-            let (users_online, connections, nodes_alive): (u64, i64, u64) = this
-                .stats
-                .key(this.keys.users())
-                .key(this.keys.nodes())
-                .key(this.keys.connections())
-                .invoke_async(&mut conn)
-                .await?;
+            let (users_online, connections, nodes_alive, users_in_grace): (u64, i64, u64, u64) =
+                this.stats
+                    .key(this.keys.users())
+                    .key(this.keys.nodes())
+                    .key(this.keys.connections())
+                    .key(this.keys.grace())
+                    .invoke_async(&mut conn)
+                    .await?;
             Ok(Stats {
                 users_online,
                 connections: connections.max(0) as u64,
                 nodes_alive,
+                users_in_grace,
             })
         }
         .boxed()
@@ -343,13 +360,18 @@ impl Store for RedisStore {
         let this = self.clone();
         async move {
             let mut conn = this.conn.clone();
-            let Packed((events, nodes)): Packed<ReapReply> = this
+            let Packed(reply): Packed<ReapReply> = this
                 .reap
                 .arg(this.keys.prefix())
                 .arg(&this.node)
+                .arg(this.grace_ms)
                 .invoke_async(&mut conn)
                 .await?;
-            Ok(Reaped { nodes, events })
+            Ok(Reaped {
+                nodes: reply.nodes,
+                events: reply.events,
+                tally: reply.t,
+            })
         }
         .boxed()
     }

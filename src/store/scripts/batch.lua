@@ -4,14 +4,17 @@
 -- KEYS: none. Every key is derived from ARGV[1] (the prefix), so one call
 --   touches many users and rooms; for Redis Cluster, give the prefix a
 --   hash tag ("{presence}") so all keys share one slot.
--- ARGV[1] prefix, ARGV[2] node id, ARGV[3] lease length ms, ARGV[4] "1" to
---   require this node's lease (see below), ARGV[5] the ops: a MessagePack
---   array of arrays, each its code and its arguments (store/redis/codec.rs
---   writes them; nil is "none"):
---   {'C', user}              a connection of user came up
---   {'D', user, reason}      a connection of user went away
---   {'J', room, user}        a connection of user joined room
---   {'L', room, user, reason}  a connection of user left room
+-- ARGV[1] prefix, ARGV[2] node id, ARGV[3] offline grace ms (0: none),
+--   ARGV[4] lease length ms, ARGV[5] "1" to require this node's lease (see
+--   below), ARGV[6] the ops: a MessagePack array of arrays, each its code
+--   and its arguments (store/redis/codec.rs writes them; nil is "none";
+--   graced: true when a last connection ends after the grace):
+--   {'C', user}              a connection of user came up (ends their
+--                            grace if they are in one)
+--   {'D', user, reason, graced}  a connection of user went away
+--   {'J', room, user}        a connection of user joined room (ends the
+--                            membership's grace if it is in one)
+--   {'L', room, user, reason, graced}  a connection of user left room
 --   {'M', room}              read room's members
 --   {'P', {user...}}         read these users' presence
 --   {'A', user, conn, meta}  record connection conn of user on this node
@@ -21,22 +24,31 @@
 --   {'R', {{user, conn, meta}...}, {{room, user, count}...}, reason}
 --                            make this node's contribution exactly that
 --                            (see reassert below; reason: of the offline
---                            and left events it takes) and renew its lease
+--                            and left events it takes, after the grace)
+--                            and renew its lease
+--   {'E'}                    end the graces (any node's) that ran out
 -- A batch that writes (and does not start with R) asks for the lease check:
 -- it is refused with a NOLEASE error, before any write, when this node has
 -- no lease (it was reaped as dead, or Redis lost its data): the node must
 -- reassert first, or its counts would go wrong. Reads need no lease.
 -- Returns MessagePack {feed number before the first event, {outcome...}},
--- one outcome per op: {e = {event...}, m = {member...}, p = {presence...}}
+-- one outcome per op: {e = {event...}, m = {member...}, p = {presence...},
+-- t = {name = count...}}
 --   e: the events the op published, as on the channel (every op)
 --   m: J, M: the room's members after the op, each {user = u, meta = m}
---   p: P: per user, in order, {online = bool, seq = n}
+--      (a member in the grace included)
+--   p: P: per user, in order, {online = bool, seq = n} (in the grace:
+--      online)
+--   t: what it did that is no event, by the names of store::Tally (absent
+--      when nothing)
 
-local lease_ms = tonumber(ARGV[3])
+local lease_ms = tonumber(ARGV[4])
+-- Most graces of each kind one E ends; it says when more are due.
+local EXPIRE_MAX = 1000
 local node_users = key.node_users(node)
 local node_rooms = key.node_rooms(node)
 
-if ARGV[4] == '1' and not redis.call('ZSCORE', key.nodes(), node) then
+if ARGV[5] == '1' and not redis.call('ZSCORE', key.nodes(), node) then
   return redis.error_reply('NOLEASE node ' .. node .. ' has no lease')
 end
 
@@ -71,12 +83,8 @@ local function reassert(want_users, want_conns, want_rooms, reason)
     local delta = (want_rooms[f] or 0) - (have_rooms[f] or 0)
     if delta ~= 0 then
       local room, u = split_room_field(f)
-      local before, after = add(key.room(room), u, delta)
-      if before <= 0 and after > 0 then
-        publish(event.joined(room, u))
-      elseif before > 0 and after <= 0 then
-        publish(event.left(room, u, reason))
-      end
+      add_member(room, u, delta, reason, true)
+      count('corrected_room_counts')
     end
   end
   redis.call('DEL', node_rooms)
@@ -91,20 +99,18 @@ local function reassert(want_users, want_conns, want_rooms, reason)
   for u in pairs(all) do
     local delta = (want_users[u] or 0) - (have_users[u] or 0)
     if delta ~= 0 then
-      local before, after = add(key.users(), u, delta)
+      local before, after = add_user(u, delta, reason, true)
       redis.call('INCRBY', key.connections(), math.max(after, 0) - math.max(before, 0))
-      if before <= 0 and after > 0 then
-        went_online(u)
-      elseif before > 0 and after <= 0 then
-        went_offline(u, reason)
-      end
+      count('corrected_user_counts')
     end
     -- This node's connection records of u: drop the gone, add the new.
     local mine = want_conns[u] or {}
-    local present = drop_conn_records(u, node, mine)
+    local present, dropped = drop_conn_records(u, node, mine)
+    if dropped > 0 then count('corrected_connections', dropped) end
     for conn, meta in pairs(mine) do
       if not present[conn] then
         record(u, conn, meta or nil, now_ms)
+        count('corrected_connections')
       end
     end
   end
@@ -115,43 +121,67 @@ local function reassert(want_users, want_conns, want_rooms, reason)
   redis.call('ZADD', key.nodes(), now_ms + lease_ms, node)
 end
 
+-- Ends the graces that ran out, rooms first (a disconnect leaves its rooms
+-- before it goes offline). A grace whose count is no longer 0 was ended
+-- otherwise (a lost count) and goes silently.
+local function expire()
+  local rooms = redis.call('ZRANGEBYSCORE', key.room_grace(), '-inf', now_ms, 'LIMIT', 0, EXPIRE_MAX)
+  for _, f in ipairs(rooms) do
+    redis.call('ZREM', key.room_grace(), f)
+    local reason = redis.call('HGET', key.room_grace_reasons(), f)
+    redis.call('HDEL', key.room_grace_reasons(), f)
+    local room, u = split_room_field(f)
+    if redis.call('HGET', key.room(room), u) == '0' then
+      redis.call('HDEL', key.room(room), u)
+      publish(event.left(room, u, reason))
+      count('grace_expired_rooms')
+    end
+  end
+  local users = redis.call('ZRANGEBYSCORE', key.grace(), '-inf', now_ms, 'LIMIT', 0, EXPIRE_MAX)
+  for _, u in ipairs(users) do
+    redis.call('ZREM', key.grace(), u)
+    local ukey = key.user(u)
+    local held = redis.call('HMGET', ukey, 'grace_reason', 'grace_at')
+    redis.call('HDEL', ukey, 'grace_reason', 'grace_at')
+    if redis.call('HGET', key.users(), u) == '0' then
+      redis.call('HDEL', key.users(), u)
+      went_offline(u, held[1] or 'closed', tonumber(held[2]) or now_ms)
+      count('grace_expired_users')
+    end
+  end
+  if #rooms == EXPIRE_MAX or #users == EXPIRE_MAX then
+    tally.expire_more = true
+    tallied = true
+  end
+end
+
 local outcomes = {}
-for _, op in ipairs(cmsgpack.unpack(ARGV[5])) do
+for _, op in ipairs(cmsgpack.unpack(ARGV[6])) do
   local code = op[1]
   local out = {}
   if code == 'C' then
     local u = op[2]
     redis.call('HINCRBY', node_users, u, 1)
     redis.call('INCR', key.connections())
-    if redis.call('HINCRBY', key.users(), u, 1) == 1 then
-      went_online(u)
-    end
+    add_user(u, 1)
   elseif code == 'D' then
-    local u, reason = op[2], op[3]
+    local u, reason, graced = op[2], op[3], op[4]
     add(node_users, u, -1)
     -- Below zero means the store lost this user's count (Redis restarted
     -- empty): there is no online to undo, so no event.
-    local _, left = add(key.users(), u, -1)
+    local _, left = add_user(u, -1, reason, graced)
     if left >= 0 then
       redis.call('DECR', key.connections())
-    end
-    if left == 0 then
-      went_offline(u, reason)
     end
   elseif code == 'J' then
     local room, u = op[2], op[3]
     redis.call('HINCRBY', node_rooms, room_field(room, u), 1)
-    if redis.call('HINCRBY', key.room(room), u, 1) == 1 then
-      publish(event.joined(room, u))
-    end
+    add_member(room, u, 1)
     out.m = snapshot(room)
   elseif code == 'L' then
-    local room, u, reason = op[2], op[3], op[4]
+    local room, u, reason, graced = op[2], op[3], op[4], op[5]
     add(node_rooms, room_field(room, u), -1)
-    local _, left_in_room = add(key.room(room), u, -1)
-    if left_in_room == 0 then
-      publish(event.left(room, u, reason))
-    end
+    add_member(room, u, -1, reason, graced)
   elseif code == 'M' then
     out.m = snapshot(op[2])
   elseif code == 'P' then
@@ -184,10 +214,13 @@ for _, op in ipairs(cmsgpack.unpack(ARGV[5])) do
       want_rooms[room_field(r[1], r[2])] = r[3]
     end
     reassert(want_users, want_conns, want_rooms, op[4])
+  elseif code == 'E' then
+    expire()
   else
     return redis.error_reply('ERR presenced batch: unknown op ' .. tostring(code))
   end
   out.e = take_decided()
+  out.t = take_tally()
   outcomes[#outcomes + 1] = out
 end
 published()

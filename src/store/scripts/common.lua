@@ -3,7 +3,8 @@
 -- the same way. This is the only Lua place that names a key or an event;
 -- the layout is documented in docs/operations.md ("Redis keys").
 --
--- ARGV[1] prefix, ARGV[2] this node's id.
+-- ARGV[1] prefix, ARGV[2] this node's id, ARGV[3] the offline grace, ms
+-- (0: none).
 --
 -- Everything that crosses between Rust and Lua is MessagePack (cmsgpack
 -- here, store/redis/codec.rs there), so any string and any JSON text
@@ -11,6 +12,7 @@
 
 local p = ARGV[1]
 local node = ARGV[2]
+local grace_ms = tonumber(ARGV[3])
 
 local key = {}
 -- user -> live connection count, cluster-wide
@@ -29,6 +31,14 @@ function key.user(u) return p .. ':user:' .. u end
 function key.user_conns(u) return p .. ':user:' .. u .. ':conns' end
 -- node -> lease deadline
 function key.nodes() return p .. ':nodes' end
+-- Offline grace: a user whose last connection ended stays in key.users
+-- with count 0 and is here with the grace's deadline; the offline's reason
+-- and last_seen wait in key.user(u) (grace_reason, grace_at).
+function key.grace() return p .. ':grace' end
+-- A room member likewise stays in key.room(r) with count 0 and is here as
+-- room_field(r, u) with the deadline, its reason in key.room_grace_reasons.
+function key.room_grace() return p .. ':room_grace' end
+function key.room_grace_reasons() return p .. ':room_grace:reasons' end
 -- the event channel, and the number of the last event published on it
 function key.events() return p .. ':events' end
 function key.events_seq() return p .. ':events:seq' end
@@ -80,6 +90,24 @@ local function take_decided()
   return d
 end
 
+-- What the op being applied did that is no event (graces, corrections),
+-- by the names of store::Tally.
+local tally = {}
+local tallied = false
+local function count(name, n)
+  tally[name] = (tally[name] or 0) + (n or 1)
+  tallied = true
+end
+
+-- The tally since the last call, nil if nothing was counted.
+local function take_tally()
+  if not tallied then return nil end
+  local t = tally
+  tally = {}
+  tallied = false
+  return t
+end
+
 -- Stores the last event number; call once, at the end.
 local function published()
   if seq > base then
@@ -101,10 +129,93 @@ local function went_online(u)
   publish(event.online(u, redis.call('HINCRBY', key.user(u), 'seq', 1)))
 end
 
-local function went_offline(u, reason)
+local function went_offline(u, reason, at)
   local ukey = key.user(u)
-  redis.call('HSET', ukey, 'last_seen', now_ms)
-  publish(event.offline(u, redis.call('HINCRBY', ukey, 'seq', 1), now_ms, reason))
+  redis.call('HSET', ukey, 'last_seen', at)
+  publish(event.offline(u, redis.call('HINCRBY', ukey, 'seq', 1), at, reason))
+end
+
+-- The user's count rose from 0 (or none): back within the grace (nobody
+-- is told), or online.
+local function user_came(u)
+  if redis.call('ZREM', key.grace(), u) == 1 then
+    redis.call('HDEL', key.user(u), 'grace_reason', 'grace_at')
+    count('grace_cancelled_users')
+  else
+    went_online(u)
+  end
+end
+
+-- The user's count fell to `after`: at 0 their grace starts (graced and a
+-- grace configured) or they are offline; below 0 the store had lost their
+-- count (Redis restarted empty) and there is nothing to undo.
+local function user_ended(u, after, reason, graced)
+  if after < 0 then
+    redis.call('HDEL', key.users(), u)
+  elseif graced and grace_ms > 0 then
+    redis.call('ZADD', key.grace(), now_ms + grace_ms, u)
+    redis.call('HSET', key.user(u), 'grace_reason', reason, 'grace_at', now_ms)
+    count('grace_started_users')
+  else
+    redis.call('HDEL', key.users(), u)
+    went_offline(u, reason, now_ms)
+  end
+end
+
+-- A room member's count rose from 0 (or none): back within the grace, or
+-- joined.
+local function member_came(room, u)
+  local f = room_field(room, u)
+  if redis.call('ZREM', key.room_grace(), f) == 1 then
+    redis.call('HDEL', key.room_grace_reasons(), f)
+    count('grace_cancelled_rooms')
+  else
+    publish(event.joined(room, u))
+  end
+end
+
+-- A room member's count fell to `after`, as user_ended.
+local function member_ended(room, u, after, reason, graced)
+  if after < 0 then
+    redis.call('HDEL', key.room(room), u)
+  elseif graced and grace_ms > 0 then
+    local f = room_field(room, u)
+    redis.call('ZADD', key.room_grace(), now_ms + grace_ms, f)
+    redis.call('HSET', key.room_grace_reasons(), f, reason)
+    count('grace_started_rooms')
+  else
+    redis.call('HDEL', key.room(room), u)
+    publish(event.left(room, u, reason))
+  end
+end
+
+-- Adds delta to a live count and settles what crossing zero means:
+-- user_came/member_came on the way up, user_ended/member_ended on the way
+-- down. Returns the count after.
+local function add_user(u, delta, reason, graced)
+  local after = redis.call('HINCRBY', key.users(), u, delta)
+  local before = after - delta
+  if before <= 0 and after > 0 then
+    user_came(u)
+  elseif before > 0 and after <= 0 then
+    user_ended(u, after, reason, graced)
+  elseif after < 0 then
+    redis.call('HDEL', key.users(), u)
+  end
+  return before, after
+end
+
+local function add_member(room, u, delta, reason, graced)
+  local after = redis.call('HINCRBY', key.room(room), u, delta)
+  local before = after - delta
+  if before <= 0 and after > 0 then
+    member_came(room, u)
+  elseif before > 0 and after <= 0 then
+    member_ended(room, u, after, reason, graced)
+  elseif after < 0 then
+    redis.call('HDEL', key.room(room), u)
+  end
+  return before, after
 end
 
 -- A hash as a Lua table of numbers.
@@ -117,18 +228,21 @@ local function counts(k)
   return t
 end
 
--- Drops node n's records of user u's connections, except those in keep.
+-- Drops node n's records of user u's connections, except those in keep;
+-- returns the kept ones present and how many were dropped.
 local function drop_conn_records(u, n, keep)
   local ckey = key.user_conns(u)
   local flat = redis.call('HGETALL', ckey)
   local present = {}
+  local dropped = 0
   for i = 1, #flat, 2 do
     local conn = flat[i]
     if keep and keep[conn] ~= nil then
       present[conn] = true
     elseif read_conn_record(flat[i + 1]).node == n then
       redis.call('HDEL', ckey, conn)
+      dropped = dropped + 1
     end
   end
-  return present
+  return present, dropped
 end
