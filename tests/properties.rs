@@ -9,7 +9,9 @@
 //! compares every outcome with a model that knows only which connections
 //! are live and which rooms each is in: a user is online while one of their
 //! connections is live, a member of a room while one of their connections
-//! is in it.
+//! is in it. Each store runs twice: with no offline grace, and with a grace
+//! longer than any case, where a connection that ends other than by a
+//! sign-out leaves its user online (and a member) until they come back.
 
 mod support;
 
@@ -625,8 +627,12 @@ enum Action {
     },
     /// A live connection leaves one of its rooms.
     Leave { conn: Index, room: Index },
-    /// A live connection goes away.
-    Disconnect { conn: Index, reason: Reason },
+    /// A live connection goes away, at once (a sign-out) or after-grace.
+    Disconnect {
+        conn: Index,
+        reason: Reason,
+        ends: Ends,
+    },
     /// `watch`/`query` of these users.
     Presence(Vec<usize>),
     /// A room's members.
@@ -641,7 +647,8 @@ fn action() -> impl Strategy<Value = Action> {
         3 => (any::<Index>(), 0..ROOMS.len(), option::weighted(0.3, 0..METAS.len()))
             .prop_map(|(conn, room, meta)| Action::Join { conn, room, meta }),
         2 => (any::<Index>(), any::<Index>()).prop_map(|(conn, room)| Action::Leave { conn, room }),
-        2 => (any::<Index>(), reason).prop_map(|(conn, reason)| Action::Disconnect { conn, reason }),
+        2 => (any::<Index>(), reason, select(vec![Ends::Now, Ends::AfterGrace]))
+            .prop_map(|(conn, reason, ends)| Action::Disconnect { conn, reason, ends }),
         1 => vec(0..USERS.len(), 0..=USERS.len()).prop_map(Action::Presence),
         1 => (0..ROOMS.len()).prop_map(Action::Members),
     ]
@@ -677,16 +684,32 @@ struct LiveConn {
 
 /// The reference model: the node's live connections and, per user, the
 /// presence sequence, the latest metadata attached and whether they ever
-/// went offline. Every count is recomputed from the connections.
+/// went offline. Every count is recomputed from the connections. With
+/// `grace` the store has an offline grace longer than any case: a last
+/// connection ending after-grace leaves the user online (and a member)
+/// until they come back.
 #[derive(Debug, Default)]
 struct Model {
+    grace: bool,
     conns: Vec<LiveConn>,
     seq: [u64; USERS.len()],
     meta: [Option<&'static str>; USERS.len()],
     went_offline: [bool; USERS.len()],
+    /// Users in the grace.
+    graced: [bool; USERS.len()],
+    /// (room, user) memberships in the grace.
+    room_graced: HashSet<(usize, usize)>,
 }
 
 impl Model {
+    fn online(&self, user: usize) -> bool {
+        self.live(user) > 0 || self.graced[user]
+    }
+
+    fn member(&self, room: usize, user: usize) -> bool {
+        self.in_room(room, user) > 0 || self.room_graced.contains(&(room, user))
+    }
+
     fn live(&self, user: usize) -> usize {
         self.conns.iter().filter(|c| c.user == user).count()
     }
@@ -700,7 +723,7 @@ impl Model {
 
     fn members(&self, room: usize) -> Vec<Member> {
         let mut members: Vec<Member> = (0..USERS.len())
-            .filter(|&u| self.in_room(room, u) > 0)
+            .filter(|&u| self.member(room, u))
             .map(|u| Member {
                 user: user(u),
                 meta: self.meta[u].map(meta_of),
@@ -718,7 +741,7 @@ impl Model {
         users
             .iter()
             .map(|&u| UserPresence {
-                online: self.live(u) > 0,
+                online: self.online(u),
                 seq: self.seq[u],
             })
             .collect()
@@ -742,24 +765,23 @@ impl Model {
         match action {
             Action::Connect { user: u, meta } => {
                 let (u, meta) = (*u, meta.map(|m| METAS[m]));
-                let online = self.live(u) == 0;
+                let mut outcome = Outcome::default();
+                if self.live(u) == 0 && std::mem::take(&mut self.graced[u]) {
+                    outcome.tally.grace_cancelled_users = 1;
+                } else if self.live(u) == 0 {
+                    self.seq[u] += 1;
+                    outcome.events.push(Event::Online {
+                        user: user(u),
+                        seq: self.seq[u],
+                    });
+                }
                 self.conns.push(LiveConn {
                     id: ConnId::new(),
                     user: u,
                     rooms: Vec::new(),
                     meta: None,
                 });
-                let events = online
-                    .then(|| {
-                        self.seq[u] += 1;
-                        Event::Online {
-                            user: user(u),
-                            seq: self.seq[u],
-                        }
-                    })
-                    .into_iter()
-                    .collect();
-                ops.push((StoreOp::Connect(user(u)), Outcome::events(events)));
+                ops.push((StoreOp::Connect(user(u)), outcome));
                 ops.push(self.attach(self.conns.len() - 1, meta));
             }
             Action::Join {
@@ -776,9 +798,12 @@ impl Model {
                     ops.push((StoreOp::Members(room(*r)), self.members_read(*r)));
                 } else {
                     let first = self.in_room(*r, u) == 0;
+                    let back = first && self.room_graced.remove(&(*r, u));
                     self.conns[at].rooms.push(*r);
                     let mut outcome = self.members_read(*r);
-                    if first {
+                    if back {
+                        outcome.tally.grace_cancelled_rooms = 1;
+                    } else if first {
                         outcome.events.push(Event::Joined {
                             room: room(*r),
                             user: user(u),
@@ -796,34 +821,35 @@ impl Model {
                     let r = rooms.remove(which.index(rooms.len()));
                     let u = self.conns[at].user;
                     let op = StoreOp::Leave(room(r), user(u), Reason::Closed, Ends::Now);
-                    ops.push((op, self.left(r, u, Reason::Closed)));
+                    ops.push((op, self.left(r, u, Reason::Closed, Ends::Now)));
                 }
             }
-            Action::Disconnect { conn, reason } if !self.conns.is_empty() => {
+            Action::Disconnect { conn, reason, ends } if !self.conns.is_empty() => {
                 let gone = self.conns.remove(conn.index(self.conns.len()));
                 let u = gone.user;
                 // The registry's order: each room left, the record
                 // detached, then the disconnect.
                 for &r in &gone.rooms {
-                    let op = StoreOp::Leave(room(r), user(u), *reason, Ends::Now);
-                    ops.push((op, self.left(r, u, *reason)));
+                    let op = StoreOp::Leave(room(r), user(u), *reason, *ends);
+                    ops.push((op, self.left(r, u, *reason, *ends)));
                 }
                 ops.push((StoreOp::Detach(user(u), gone.id), Outcome::default()));
-                let offline = (self.live(u) == 0)
-                    .then(|| {
-                        self.seq[u] += 1;
-                        self.went_offline[u] = true;
-                        Event::Offline {
-                            user: user(u),
-                            seq: self.seq[u],
-                            last_seen: 0,
-                            reason: *reason,
-                        }
-                    })
-                    .into_iter()
-                    .collect();
-                let op = StoreOp::Disconnect(user(u), *reason, Ends::Now);
-                ops.push((op, Outcome::events(offline)));
+                let mut outcome = Outcome::default();
+                if self.live(u) == 0 && self.grace && *ends == Ends::AfterGrace {
+                    self.graced[u] = true;
+                    outcome.tally.grace_started_users = 1;
+                } else if self.live(u) == 0 {
+                    self.seq[u] += 1;
+                    self.went_offline[u] = true;
+                    outcome.events.push(Event::Offline {
+                        user: user(u),
+                        seq: self.seq[u],
+                        last_seen: 0,
+                        reason: *reason,
+                    });
+                }
+                let op = StoreOp::Disconnect(user(u), *reason, *ends);
+                ops.push((op, outcome));
             }
             Action::Presence(users) => {
                 let op = StoreOp::Presence(users.iter().map(|&u| user(u)).collect());
@@ -840,17 +866,22 @@ impl Model {
 
     /// The outcome of a leave of `r` by one of `u`'s connections (already
     /// removed from the model).
-    fn left(&self, r: usize, u: usize, reason: Reason) -> Outcome {
-        let last = self.in_room(r, u) == 0;
-        Outcome::events(
-            last.then(|| Event::Left {
+    fn left(&mut self, r: usize, u: usize, reason: Reason, ends: Ends) -> Outcome {
+        let mut outcome = Outcome::default();
+        if self.in_room(r, u) > 0 {
+            return outcome;
+        }
+        if self.grace && ends == Ends::AfterGrace {
+            self.room_graced.insert((r, u));
+            outcome.tally.grace_started_rooms = 1;
+        } else {
+            outcome.events.push(Event::Left {
                 room: room(r),
                 user: user(u),
                 reason,
-            })
-            .into_iter()
-            .collect(),
-        )
+            });
+        }
+        outcome
     }
 }
 
@@ -896,11 +927,15 @@ fn without_last_seen(mut outcome: Outcome, since_ms: u64) -> Result<Outcome, Tes
 async fn follows_the_model(
     store: &dyn Store,
     node: NodeId,
+    grace: bool,
     actions: &[Action],
     cuts: &[bool],
 ) -> Result<(), TestCaseError> {
     let since_ms = now_ms();
-    let mut model = Model::default();
+    let mut model = Model {
+        grace,
+        ..Model::default()
+    };
     let ops: Vec<(StoreOp, Outcome)> = actions.iter().flat_map(|a| model.issue(a)).collect();
     let mut batch = Vec::new();
     for (i, op) in ops.into_iter().enumerate() {
@@ -925,13 +960,16 @@ async fn follows_the_model(
     apply_and_compare(store, reads, since_ms).await?;
 
     let stats = within("stats", store.stats()).await?;
-    let online = everyone.iter().filter(|&&u| model.live(u) > 0).count();
+    let online = everyone.iter().filter(|&&u| model.online(u)).count();
     prop_assert_eq!(stats.users_online, online as u64);
     prop_assert_eq!(stats.connections, model.conns.len() as u64);
+    let in_grace = model.graced.iter().filter(|g| **g).count();
+    prop_assert_eq!(stats.users_in_grace, in_grace as u64);
 
     for u in everyone {
         let record = within("user", store.user(user(u))).await?;
-        prop_assert_eq!(record.online, model.live(u) > 0);
+        prop_assert_eq!(record.online, model.online(u));
+        prop_assert_eq!(record.grace_until_ms.is_some(), model.graced[u]);
         prop_assert_eq!(record.last_seen_ms.is_some(), model.went_offline[u]);
         prop_assert_eq!(record.meta.as_ref().map(Meta::as_str), model.meta[u]);
         let mut want: Vec<(String, Option<&str>)> = model
@@ -977,6 +1015,7 @@ async fn apply_and_compare(
 fn store_follows_the_model(
     runtime: &tokio::runtime::Runtime,
     cases: u32,
+    grace: bool,
     new_store: impl Fn(NodeId) -> BoxFuture<'static, Result<Arc<dyn Store>, StoreError>>,
 ) {
     let config = ProptestConfig {
@@ -990,7 +1029,7 @@ fn store_follows_the_model(
         runtime.block_on(async {
             let node = NodeId::new();
             let store = within("new store", new_store(node)).await?;
-            follows_the_model(&*store, node, &actions, &cuts).await
+            follows_the_model(&*store, node, grace, &actions, &cuts).await
         })
     });
     if let Err(failure) = result {
@@ -1005,16 +1044,27 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
+/// Longer than any case runs: no grace expires while one is checked.
+const LONG_GRACE: Duration = Duration::from_secs(3600);
+
 #[test]
 fn memory_store_follows_the_model() {
-    store_follows_the_model(&runtime(), ProptestConfig::default().cases, |node| {
+    store_follows_the_model(&runtime(), ProptestConfig::default().cases, false, |node| {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::for_node(node));
         futures_util::future::ready(Ok(store)).boxed()
     });
 }
 
 #[test]
-fn redis_store_follows_the_model() {
+fn memory_store_with_a_grace_follows_the_model() {
+    store_follows_the_model(&runtime(), ProptestConfig::default().cases, true, |node| {
+        let store = MemoryStore::for_node(node).with_grace(LONG_GRACE);
+        futures_util::future::ready(Ok(Arc::new(store) as Arc<dyn Store>)).boxed()
+    });
+}
+
+/// The Redis store against the model, on a fresh key prefix per case.
+fn redis_store_follows_the_model_with(grace: Option<Duration>) {
     let runtime = runtime();
     let redis = runtime.block_on(RedisServer::start());
     let url = redis.url();
@@ -1025,14 +1075,28 @@ fn redis_store_follows_the_model() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(REDIS_CASES);
-    store_follows_the_model(&runtime, cases, |node| {
+    store_follows_the_model(&runtime, cases, grace.is_some(), |node| {
         let url = url.clone();
         let prefix = format!("prop{}", cases_run.fetch_add(1, Ordering::Relaxed));
         async move {
             let store = RedisStore::connect(&url, &prefix, node, LEASE).await?;
+            let store = match grace {
+                Some(grace) => store.with_grace(grace),
+                None => store,
+            };
             Ok::<_, StoreError>(Arc::new(store) as Arc<dyn Store>)
         }
         .boxed()
     });
     drop(redis);
+}
+
+#[test]
+fn redis_store_follows_the_model() {
+    redis_store_follows_the_model_with(None);
+}
+
+#[test]
+fn redis_store_with_a_grace_follows_the_model() {
+    redis_store_follows_the_model_with(Some(LONG_GRACE));
 }
