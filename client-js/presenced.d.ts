@@ -173,6 +173,11 @@ export class PresenceClient {
   readonly heartbeatMs: number | undefined;
 
   connect(): void;
+  /**
+   * Sign out: close with 1000 (the gateway sends this user's offline and
+   * left at once, with no offline grace) and do not reconnect. Not for page
+   * unload: a reload should keep the user online through the grace.
+   */
   close(): void;
   join(room: string, meta?: Meta): Promise<Member[]>;
   leave(room: string): Promise<void>;

@@ -317,7 +317,12 @@ export class PresenceClient {
     this._openSocket();
   }
 
-  /** Close for good: no reconnect; pending requests reject with code "closed". */
+  /**
+   * Sign out: close with 1000, which the gateway takes as deliberate (no
+   * offline grace: the user's offline and left go out at once), and do not
+   * reconnect; pending requests reject with code "closed". Not for page
+   * unload: a reload is meant to stay invisible through the grace.
+   */
   close() {
     if (this.state === "closed") return;
     this._clearTimers();

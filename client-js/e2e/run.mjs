@@ -313,6 +313,7 @@ async function main() {
   cleanups.push(() => browser.close());
   await importFromAnotherOrigin(browser, port);
   await manyTabsOneUser(browser);
+  await reloadIsInvisible(browser);
   await gatewayRestart(browser, port);
 }
 

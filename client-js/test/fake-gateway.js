@@ -25,8 +25,10 @@ export function fakeWebSocket() {
       this.sent.push(JSON.parse(data));
     }
 
-    close(code = 1000) {
-      this.closedByClient = code;
+    // A close() with no code sends none (the gateway sees 1005, not the
+    // sign-out 1000): recorded as null, told apart from never closed.
+    close(code) {
+      this.closedByClient = code ?? null;
       this.readyState = 3;
     }
 

@@ -307,6 +307,70 @@ describe("against the real gateway", () => {
   });
 });
 
+describe("against the real gateway, with its offline grace", () => {
+  // Longer than any wait here: an offline or left that shows up within a
+  // test can only come from a sign-out, never from the grace running out.
+  const LONG_GRACE = ["--dev", "--offline-grace-ms", "60000"];
+
+  test("a dropped connection that reconnects within the grace is invisible: no offline, no online, no left, no joined, seq unchanged", TEST, async (t) => {
+    const gw = await startGateway(t, 0, LONG_GRACE);
+    const observer = client(t, gw, "observer");
+    await open(observer);
+    await observer.join("doc:1");
+    const room = observer.room("doc:1");
+    await observer.watch(["bob", "carol"]);
+    // bob's reconnect waits its whole backoff bound, so the grace can be seen.
+    const bob = client(t, gw, "bob", { reconnect: { minMs: 1000, maxMs: 1000 }, random: () => 1 });
+    await open(bob);
+    await bob.join("doc:1");
+    await until("bob online and in doc:1", [observer, room], () => observer.isOnline("bob") === true && room.members.has("bob"));
+    const seq = (await observer.query(["bob"]))[0].seq;
+    const log = recordEvents(observer);
+
+    // What a dropped network or the client's heartbeat timeout does: the
+    // socket ends without a sign-out (4000, not 1000).
+    bob._ws.close(4000, "test: the network dropped");
+    await until("bob reconnecting", [bob], () => bob.state === "reconnecting", "state");
+    const inGrace = await untilApi(gw, "/v1/users/bob", (u) => u.connections.length === 0);
+    assert.equal(inGrace.online, true);
+    assert.equal(typeof inGrace.grace_until_ms, "number");
+    assert.deepEqual((await observer.query(["bob"]))[0], { user: "bob", online: true, seq });
+
+    await until("bob back", [bob], () => bob.state === "open", "state");
+    await untilApi(gw, "/v1/rooms/doc%3A1", (r) => r.users.includes("bob"));
+    const back = await untilApi(gw, "/v1/users/bob", (u) => u.connections.length === 1);
+    assert.equal(back.grace_until_ms, undefined, "the return ended the grace");
+    // carol's online comes after anything bob's drop or return could have
+    // caused for the observer (both were decided first).
+    const carol = client(t, gw, "carol");
+    await open(carol);
+    await until("carol online", [observer], () => observer.isOnline("carol") === true);
+    assert.deepEqual(summary(log), ["online carol"]);
+    assert.deepEqual((await observer.query(["bob"]))[0], { user: "bob", online: true, seq });
+    assert.ok(room.members.has("bob"));
+  });
+
+  test("close() is a sign-out: offline and left come at once, with reason closed, despite the grace", TEST, async (t) => {
+    const gw = await startGateway(t, 0, LONG_GRACE);
+    const observer = client(t, gw, "observer");
+    await open(observer);
+    await observer.join("doc:1");
+    const room = observer.room("doc:1");
+    await observer.watch(["bob"]);
+    const bob = client(t, gw, "bob");
+    await open(bob);
+    await bob.join("doc:1");
+    await until("bob in doc:1", [room], () => room.members.has("bob"));
+    const log = recordEvents(observer);
+
+    bob.close();
+    await until("bob offline and gone from doc:1", [observer, room], () => observer.isOnline("bob") === false && !room.members.has("bob"));
+    assert.deepEqual(summary(log), ["left doc:1 bob closed", "offline bob closed"]);
+    const gone = await untilApi(gw, "/v1/users/bob", (u) => !u.online);
+    assert.equal(gone.grace_until_ms, undefined);
+  });
+});
+
 describe("against the real gateway, with tokens", () => {
   test("a 3 s token refreshed from getToken(): the connection outlives it, no reconnect", TEST, async (t) => {
     const gw = await startGateway(t, 0, JWT_ARGS);
