@@ -230,6 +230,34 @@ async function manyTabsOneUser(browser) {
   await context.close();
 }
 
+async function reloadIsInvisible(browser) {
+  step("a page reload within the offline grace: watchers and room members see nothing");
+  const context = await browser.newContext();
+  const observer = await openAs(context, "observer", { rooms: ["lobby"], watch: ["rita", "sam"] });
+  const rita = await openAs(context, "rita", { rooms: ["lobby"] });
+  await until(observer, "observer sees rita online", isOnline, "rita");
+  await until(observer, "the lobby shows rita", roomIs, ["lobby", ["observer", "rita"]]);
+
+  // The unload closes the socket without a sign-out (the page never calls
+  // close()), so the gateway holds rita for its grace (5 s by default).
+  await rita.reload({ timeout: EVENT_TIMEOUT_MS });
+  await waitForState(rita, "open");
+  await until(rita, "rita's reloaded page is back in the lobby", roomIs, ["lobby", ["observer", "rita"]]);
+  // sam's online is decided after rita's return, so the observer has
+  // everything rita's reload caused once it shows sam.
+  const sam = await openAs(context, "sam");
+  await until(observer, "observer sees sam online", isOnline, "sam");
+  for (const type of ["offline", "left"]) await expectCount(observer, type, "rita", 0);
+  for (const type of ["online", "joined"]) await expectCount(observer, type, "rita", 1);
+  if (!(await observer.evaluate(roomIs, ["lobby", ["observer", "rita"]]))) fail("rita is missing from the lobby after her reload");
+
+  // The demo's "sign out" is close(): a sign-out, no grace (that it is
+  // at once, the node suite checks against a 60 s grace).
+  await sam.click("#signout", { timeout: EVENT_TIMEOUT_MS });
+  await until(observer, "observer sees sam offline after the sign-out", isOffline, "sam");
+  await context.close();
+}
+
 async function gatewayRestart(browser, port) {
   step("a room, a kill -9 and a restart on the same port");
   const context = await browser.newContext({ viewport: { width: 1000, height: 470 } });
