@@ -73,6 +73,8 @@ export interface PresenceClientOptions {
    * it was never reported gone.
    */
   reconcileGraceMs?: number;
+  /** Most update() frames per room per second (default 10, the gateway's --state-rate). */
+  stateRate?: number;
   /** Random source in [0, 1) for the backoff jitter (default Math.random). */
   random?: () => number;
 }
@@ -80,6 +82,8 @@ export interface PresenceClientOptions {
 export interface Member {
   user: string;
   meta?: Meta;
+  /** The member's room state, once they set one (update()). */
+  state?: Record<string, unknown>;
 }
 
 export interface UserState {
@@ -106,6 +110,15 @@ export interface MemberEvent {
   sync?: boolean;
 }
 
+export interface UpdatedEvent {
+  room: string;
+  user: string;
+  /** The member's new room state. */
+  state: Record<string, unknown>;
+  /** true when derived from a snapshot (reconnect or `sync`) rather than a live event. */
+  sync?: boolean;
+}
+
 export interface TokenEvent {
   /** The new token's `exp`, Unix seconds (as the gateway's `expires_at`). */
   expiresAt: number;
@@ -121,6 +134,8 @@ export interface PresenceEvents {
   offline: PresenceEvent;
   joined: MemberEvent;
   left: MemberEvent;
+  /** A member's room state changed (not sent for this connection's own update()). */
+  updated: UpdatedEvent;
   state: PresenceState;
   /** The connection's token was replaced by a refresh. */
   token: TokenEvent;
@@ -143,6 +158,8 @@ export interface RoomView {
   readonly name: string;
   /** user → meta (undefined when the user has none or it is not known yet). */
   readonly members: Map<string, Meta | undefined>;
+  /** member → their room state, for members who set one (update()). */
+  readonly states: Map<string, Record<string, unknown>>;
   on(event: "change", fn: (room: RoomView) => void): this;
   off(event: "change", fn: (room: RoomView) => void): this;
 }
@@ -150,6 +167,7 @@ export interface RoomView {
 export declare const DEFAULT_RECONNECT: Readonly<Required<ReconnectOptions>>;
 export declare const DEFAULT_REQUEST_TIMEOUT_MS: number;
 export declare const DEFAULT_RECONCILE_GRACE_MS: number;
+export declare const DEFAULT_STATE_RATE: number;
 export declare const DRAIN_RECONNECT_MAX_MS: number;
 export declare const MAX_IDS_PER_FRAME: number;
 export declare const DEFAULT_REFRESH_AHEAD_MS: number;
@@ -181,6 +199,12 @@ export class PresenceClient {
   close(): void;
   join(room: string, meta?: Meta): Promise<Member[]>;
   leave(room: string): Promise<void>;
+  /**
+   * Set this user's state in a joined room (rejects "not_joined" otherwise);
+   * at most `stateRate` frames a second per room, the latest state winning.
+   * Resolves once the state (or a later one that replaced it) is written.
+   */
+  update(room: string, state: Record<string, unknown>): Promise<void>;
   watch(users: string[]): Promise<UserState[]>;
   unwatch(users: string[]): Promise<void>;
   query(users: string[]): Promise<UserState[]>;

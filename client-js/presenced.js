@@ -27,6 +27,12 @@ export const DEFAULT_REQUEST_TIMEOUT_MS = 10000;
  * simply not back yet is not news.
  */
 export const DEFAULT_RECONCILE_GRACE_MS = 2000;
+/**
+ * Room-state writes per room per second (the gateway's `--state-rate`
+ * default): update() sends no more often, the latest state replacing one
+ * that waits.
+ */
+export const DEFAULT_STATE_RATE = 10;
 /** After close 1012 (node draining), reconnect within this many milliseconds. */
 export const DRAIN_RECONNECT_MAX_MS = 100;
 /** Longest `users` list the gateway accepts in one frame (`--max-ids`). */
@@ -139,6 +145,10 @@ class Room {
     this.name = name;
     /** @type {Map<string, object|undefined>} user → meta */
     this.members = new Map();
+    /** @type {Map<string, object>} member → their room state (members who set one) */
+    this.states = new Map();
+    /** This client's update() pacing: when the next may go, the state waiting, its callers. */
+    this._turn = { nextAt: 0, waiting: undefined, waiters: [], timer: null };
     /** True while the application wants to be in it (re-joined after reconnects). */
     this._desired = false;
     this._meta = undefined;
@@ -200,6 +210,7 @@ export class PresenceClient {
     this._reconnect = { ...DEFAULT_RECONNECT, ...(options.reconnect ?? {}) };
     this._requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     this._graceMs = options.reconcileGraceMs ?? DEFAULT_RECONCILE_GRACE_MS;
+    this._stateEveryMs = 1000 / (options.stateRate ?? DEFAULT_STATE_RATE);
     this._refreshAheadMs = options.refreshAheadMs ?? DEFAULT_REFRESH_AHEAD_MS;
     /** @type {{perSecond: number, burst: number} | null} null: frames go out unpaced. */
     this._rate = options.rateLimit === false || options.rateLimit === null
@@ -376,6 +387,41 @@ export class PresenceClient {
     });
   }
 
+  /**
+   * Set this user's state in `room` (joined with join()); members hear
+   * `updated`. Sent at most `stateRate` times a second per room: a state
+   * given while one waits replaces it (latest wins), and every caller
+   * waiting on it resolves when the state that replaced theirs is written.
+   * @returns {Promise<void>}
+   */
+  update(room, state) {
+    const r = this._rooms.get(room);
+    if (!r || !r._desired) return Promise.reject(new PresenceError("not_joined", `not in room ${room}: join() it first`));
+    const turn = r._turn;
+    const done = new Promise((resolve, reject) => turn.waiters.push({ resolve, reject }));
+    turn.waiting = state;
+    if (turn.timer === null) {
+      const wait = Math.max(0, turn.nextAt - Date.now());
+      turn.timer = setTimeout(() => this._stateTurn(r), wait);
+    }
+    return done;
+  }
+
+  /** A room's waiting state, at its turn: one frame for every update() since the last. */
+  _stateTurn(r) {
+    const turn = r._turn;
+    turn.timer = null;
+    const waiters = turn.waiters.splice(0);
+    const state = turn.waiting;
+    turn.waiting = undefined;
+    if (waiters.length === 0) return;
+    turn.nextAt = Date.now() + this._stateEveryMs;
+    this._request({ type: "update", room: r.name, state }, { unpaced: true }).then(
+      () => waiters.forEach((w) => w.resolve()),
+      (err) => waiters.forEach((w) => w.reject(err)),
+    );
+  }
+
   /** Leave `room` (and stop re-joining it). */
   async leave(room) {
     const r = this._rooms.get(room);
@@ -384,6 +430,10 @@ export class PresenceClient {
       r._desired = false;
       r._gen = 0;
       r._held = [];
+      clearTimeout(r._turn.timer);
+      r._turn.timer = null;
+      for (const w of r._turn.waiters.splice(0)) w.reject(new PresenceError("cancelled", `left ${room}`));
+      r.states.clear();
       r._cancelAllLeft();
       for (const w of r._waiters.splice(0)) this._settle(w, null, new PresenceError("cancelled", `left ${room}`));
       if (r.members.size > 0) {
@@ -531,10 +581,14 @@ export class PresenceClient {
     else w.resolve(value);
   }
 
-  /** Send `frame` with a fresh ref (or queue it until open); resolves with the reply. */
-  _request(frame) {
+  /**
+   * Send `frame` with a fresh ref (or queue it until open); resolves with
+   * the reply. `unpaced`: not held to the client's message pacing (an
+   * `update`, which the gateway counts apart).
+   */
+  _request(frame, { unpaced = false } = {}) {
     return new Promise((resolve, reject) => {
-      const req = { frame, resolve, reject, timer: null, ref: 0 };
+      const req = { frame, resolve, reject, timer: null, ref: 0, unpaced };
       req.timer = setTimeout(() => {
         if (req.ref) this._inflight.delete(req.ref);
         const i = this._queue.indexOf(req);
@@ -549,7 +603,7 @@ export class PresenceClient {
   _sendRequest(req) {
     req.ref = this._nextRef++;
     this._inflight.set(req.ref, req);
-    this._send({ ...req.frame, ref: req.ref });
+    this._send({ ...req.frame, ref: req.ref }, req.unpaced);
   }
 
   /** A users request split into frames of at most MAX_IDS_PER_FRAME; resolves with the joined `users`. */
@@ -568,10 +622,12 @@ export class PresenceClient {
   }
 
   /** Send `frame` on the current socket, now or (over the rate) as soon as a send credit comes back. */
-  _send(frame) {
+  _send(frame, unpaced = false) {
     const ws = this._ws;
     if (!ws || ws.readyState !== WS_OPEN) return;
-    if (!this._rate) {
+    // Unpaced frames still queue behind paced ones already waiting, so a
+    // re-join goes out before an update of its room.
+    if (!this._rate || (unpaced && this._paced.length === 0)) {
       ws.send(JSON.stringify(frame));
       return;
     }
@@ -827,6 +883,7 @@ export class PresenceClient {
         return this._onPresence(frame);
       case "joined":
       case "left":
+      case "updated":
         return this._onMember(frame);
       case "sync":
         return this._onSync(frame);
@@ -1035,14 +1092,24 @@ export class PresenceClient {
       r._held.push(frame);
       return;
     }
+    if (frame.type === "updated") {
+      if (!r.members.has(frame.user)) return;
+      r.states.set(frame.user, frame.state);
+      this._emit("updated", { room: r.name, user: frame.user, state: frame.state });
+      r._changed();
+      this._changed({ kind: "room", room: r.name });
+      return;
+    }
     r._cancelLeft(frame.user);
     if (frame.type === "joined") {
       if (r.members.has(frame.user)) return;
       r.members.set(frame.user, frame.meta);
+      r.states.delete(frame.user);
       this._emit("joined", { room: r.name, user: frame.user });
     } else {
       if (!r.members.has(frame.user)) return;
       r.members.delete(frame.user);
+      r.states.delete(frame.user);
       const event = { room: r.name, user: frame.user };
       if (frame.reason !== undefined) event.reason = frame.reason;
       this._emit("left", event);
@@ -1131,16 +1198,25 @@ export class PresenceClient {
    */
   _applyRoomSnapshot(r, members) {
     const next = new Map(members.map((m) => [m.user, m.meta]));
+    const states = new Map(members.filter((m) => m.state !== undefined).map((m) => [m.user, m.state]));
     const liveLeft = new Map();
     for (const f of r._held.splice(0)) {
-      if (f.type === "joined") {
-        if (!next.has(f.user)) next.set(f.user, f.meta);
+      if (f.type === "updated") {
+        if (next.has(f.user)) states.set(f.user, f.state);
+      } else if (f.type === "joined") {
+        if (!next.has(f.user)) {
+          next.set(f.user, f.meta);
+          states.delete(f.user);
+        }
         liveLeft.delete(f.user);
       } else {
         next.delete(f.user);
+        states.delete(f.user);
         liveLeft.set(f.user, f.reason);
       }
     }
+    const statesBefore = r.states;
+    r.states = states;
     const diff = r._gen !== 0;
     const before = new Map(r.members);
     const gone = diff ? [...before.keys()].filter((u) => !next.has(u)) : [];
@@ -1160,6 +1236,7 @@ export class PresenceClient {
         left.push(event);
       } else if (this._graceMs > 0) {
         r.members.set(user, before.get(user));
+        if (statesBefore.has(user)) r.states.set(user, statesBefore.get(user));
         this._deferLeft(r, user);
       } else {
         left.push({ room: r.name, user, sync: true });
@@ -1167,6 +1244,13 @@ export class PresenceClient {
     }
     for (const event of left) this._emit("left", event);
     for (const user of joined) this._emit("joined", { room: r.name, user, sync: true });
+    if (diff) {
+      for (const [user, state] of states) {
+        if (JSON.stringify(statesBefore.get(user)) !== JSON.stringify(state)) {
+          this._emit("updated", { room: r.name, user, state, sync: true });
+        }
+      }
+    }
     r._changed();
     this._changed({ kind: "room", room: r.name });
   }
@@ -1177,6 +1261,7 @@ export class PresenceClient {
       r._pendingLeft.delete(user);
       if (!r._desired || !r.members.has(user)) return;
       r.members.delete(user);
+      r.states.delete(user);
       this._emit("left", { room: r.name, user, sync: true });
       r._changed();
       this._changed({ kind: "room", room: r.name });

@@ -372,9 +372,10 @@ impl Hub {
 
     /// The connections of this worker that hear `audience`, each once.
     fn audience<'a>(&'a self, audience: &'a Audience) -> impl Iterator<Item = &'a Subscriber> {
-        let (targets, feed) = match audience {
-            Audience::Watchers(user) => (self.watchers.get(user), Some(&self.feed)),
-            Audience::Room(room) => (self.rooms.get(room), None),
+        let (targets, feed, except) = match audience {
+            Audience::Watchers(user) => (self.watchers.get(user), Some(&self.feed), None),
+            Audience::Room(room) => (self.rooms.get(room), None, None),
+            Audience::RoomExcept(room, conn) => (self.rooms.get(room), None, Some(conn)),
         };
         // A feed subscriber that also watches the user hears it once.
         let feed_only = feed
@@ -385,6 +386,7 @@ impl Hub {
             .into_iter()
             .flatten()
             .chain(feed_only)
+            .filter(move |conn| except != Some(*conn))
             .filter_map(|conn| self.conns.get(conn))
     }
 

@@ -30,6 +30,12 @@ pub const DEFAULT_OUTBOX_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_IDS: usize = 1000;
 /// Default largest connection metadata, in bytes.
 pub const DEFAULT_MAX_META_BYTES: usize = 1024;
+/// Default largest room state of an `update`, in bytes.
+pub const DEFAULT_MAX_STATE_BYTES: usize = 1024;
+/// Default `update` frames a connection may send per second.
+pub const DEFAULT_MAX_UPDATE_RATE: u32 = 120;
+/// Default room-state writes per connection and room per second.
+pub const DEFAULT_STATE_RATE: u32 = 10;
 /// Default largest page of the `/v1` API.
 pub const DEFAULT_MAX_PAGE: usize = 1000;
 /// Default node lease length, in milliseconds.
@@ -131,6 +137,21 @@ pub struct Config {
     /// Largest connection metadata (a JSON object), bytes.
     #[arg(long, env = "PRESENCED_MAX_META_BYTES", default_value_t = DEFAULT_MAX_META_BYTES)]
     pub max_meta_bytes: usize,
+
+    /// Largest room state (the JSON object of an `update`), bytes.
+    #[arg(long, env = "PRESENCED_MAX_STATE_BYTES", default_value_t = DEFAULT_MAX_STATE_BYTES)]
+    pub max_state_bytes: usize,
+
+    /// `update` frames a connection may send per second (with a burst of
+    /// as many), counted apart from --rate-limit; past it they are refused
+    /// with `rate_limited`, and a client that keeps on is closed with 4029.
+    #[arg(long, env = "PRESENCED_MAX_UPDATE_RATE", default_value_t = DEFAULT_MAX_UPDATE_RATE)]
+    pub max_update_rate: u32,
+
+    /// Room-state writes per connection and room per second: an `update`
+    /// arriving sooner waits, and a later one replaces it (latest wins).
+    #[arg(long, env = "PRESENCED_STATE_RATE", default_value_t = DEFAULT_STATE_RATE)]
+    pub state_rate: u32,
 
     /// Largest page of users the `/v1` API returns.
     #[arg(long, env = "PRESENCED_MAX_PAGE", default_value_t = DEFAULT_MAX_PAGE)]
@@ -306,6 +327,9 @@ impl Config {
         }
         if self.rate_limit == 0 || self.rate_burst == 0 {
             return invalid("--rate-limit and --rate-burst must be at least 1");
+        }
+        if self.max_update_rate == 0 || self.state_rate == 0 {
+            return invalid("--max-update-rate and --state-rate must be at least 1");
         }
         if self.max_rooms == 0 || self.max_watch == 0 {
             return invalid("--max-rooms and --max-watch must be at least 1");

@@ -14,6 +14,7 @@
 //! disconnect path. A `Conn` never talks to the store.
 
 use std::{
+    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -33,7 +34,7 @@ use crate::{
     auth::{Grants, Identity, Verifier, now_s},
     broadcast::{SharedHub, SubChange},
     close::CloseReason,
-    ids::{ConnId, Meta, NodeId, UserId},
+    ids::{ConnId, Meta, NodeId, RoomName, UserId},
     linger,
     metrics::{Received, Sent, metrics},
     outbox::Outbox,
@@ -71,6 +72,18 @@ pub struct ConnSettings {
     pub rate_limit: u32,
     /// Client messages at once above the rate.
     pub rate_burst: u32,
+    /// `update` frames per second (and at once), apart from `rate_limit`.
+    pub max_update_rate: u32,
+    /// Shortest time between two room-state writes of one room.
+    pub state_every: Duration,
+}
+
+/// One room's state writes of a connection: when the next may go, and
+/// the update waiting for that moment (latest wins).
+#[derive(Debug)]
+struct StateTurn {
+    next_at: Instant,
+    waiting: Option<(Option<serde_json::Value>, Meta)>,
 }
 
 /// One WebSocket connection.
@@ -86,6 +99,10 @@ pub struct Conn {
     /// The timer that closes the connection at `expires_at` + leeway.
     expiry: Option<SpawnHandle>,
     rate: RateLimiter,
+    /// `update` frames have their own bound: a cursor sends many.
+    update_rate: RateLimiter,
+    /// Per room, the pacing of this connection's state writes.
+    states: HashMap<RoomName, StateTurn>,
     settings: ConnSettings,
     registry: RegistryLink,
     hub: SharedHub,
@@ -158,6 +175,12 @@ impl Conn {
                 expires_at: identity.expires_at,
                 expiry: None,
                 rate: RateLimiter::new(settings.rate_limit, settings.rate_burst, Instant::now()),
+                update_rate: RateLimiter::new(
+                    settings.max_update_rate,
+                    settings.max_update_rate,
+                    Instant::now(),
+                ),
+                states: HashMap::new(),
                 settings,
                 registry,
                 hub,
@@ -195,21 +218,35 @@ impl Conn {
         ctx.stop();
     }
 
-    /// Counts a client message against the rate limit; false when it
-    /// must be dropped (an error was sent, or the connection is closing).
+    /// Counts a client message against the rate limit (an `update`
+    /// against `--max-update-rate`); false when it must be dropped (an
+    /// error was sent, or the connection is closing).
     fn within_rate(
         &mut self,
         reference: Option<&serde_json::Value>,
+        update: bool,
         ctx: &mut Context<Self>,
     ) -> bool {
-        match self.rate.check(Instant::now()) {
+        let limiter = if update {
+            &mut self.update_rate
+        } else {
+            &mut self.rate
+        };
+        match limiter.check(Instant::now()) {
             Verdict::Allow => true,
             Verdict::Refuse => {
                 metrics().frames_received.get(Received::RateLimited).inc();
-                let message = format!(
-                    "over {} messages per second (burst {}): this message was dropped",
-                    self.settings.rate_limit, self.settings.rate_burst
-                );
+                let message = if update {
+                    format!(
+                        "over {} updates per second (--max-update-rate): this update was dropped",
+                        self.settings.max_update_rate
+                    )
+                } else {
+                    format!(
+                        "over {} messages per second (burst {}): this message was dropped",
+                        self.settings.rate_limit, self.settings.rate_burst
+                    )
+                };
                 let frame = protocol::error_frame(reference, ErrorCode::RateLimited, &message);
                 self.send_error(ErrorCode::RateLimited, frame, ctx);
                 false
@@ -224,11 +261,14 @@ impl Conn {
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         let decoded = protocol::decode(text, self.settings.bounds);
-        let reference = match &decoded {
-            Ok(frame) => frame.reference.as_ref(),
-            Err(e) => e.reference.as_ref(),
+        let (reference, update) = match &decoded {
+            Ok(frame) => (
+                frame.reference.as_ref(),
+                matches!(frame.request, Request::Update(..)),
+            ),
+            Err(e) => (e.reference.as_ref(), false),
         };
-        if !self.within_rate(reference, ctx) {
+        if !self.within_rate(reference, update, ctx) {
             return;
         }
         match decoded {
@@ -313,6 +353,18 @@ impl Conn {
                     return;
                 }
             }
+            Request::Update(..) => {
+                if let Request::Update(room, state) = request {
+                    self.update(reference, room, state, ctx);
+                }
+                return;
+            }
+            Request::Leave(room) => {
+                // A state waiting for its turn goes no further.
+                if let Some((waiting, _)) = self.states.remove(room).and_then(|t| t.waiting) {
+                    self.superseded(waiting.as_ref(), room.clone(), ctx);
+                }
+            }
             Request::Watch(users) | Request::Query(users) => {
                 if let Some(user) = users.iter().find(|u| !self.grants.may_watch(u)) {
                     let message = format!("this token does not allow watching user {user}");
@@ -339,11 +391,71 @@ impl Conn {
             // Everything else is the registry's to answer.
             _ => {}
         }
+        self.pass_on(reference, request);
+    }
+
+    fn pass_on(&mut self, reference: Option<serde_json::Value>, request: Request) {
         self.hub
             .borrow_mut()
             .ask(&self.id, &SubChange::of(&request));
         self.registry
             .send(Notice::Request(self.id, reference, request));
+    }
+
+    /// `update`: written at once if this room's last write is at least
+    /// `state_every` ago, else held for that moment; an update arriving
+    /// while one is held replaces it, and the replaced one is answered
+    /// `superseded` (nobody ever sees it).
+    fn update(
+        &mut self,
+        reference: Option<serde_json::Value>,
+        room: RoomName,
+        state: Meta,
+        ctx: &mut Context<Self>,
+    ) {
+        let now = Instant::now();
+        let every = self.settings.state_every;
+        let turn = self.states.entry(room.clone()).or_insert(StateTurn {
+            next_at: now,
+            waiting: None,
+        });
+        if let Some((replaced, _)) = turn.waiting.replace((reference.clone(), state.clone())) {
+            self.superseded(replaced.as_ref(), room, ctx);
+            return;
+        }
+        if now >= turn.next_at {
+            turn.waiting = None;
+            turn.next_at = now + every;
+            self.pass_on(reference, Request::Update(room, state));
+            return;
+        }
+        let wait = turn.next_at - now;
+        ctx.run_later(wait, move |conn, _| conn.state_turn(room));
+    }
+
+    /// A room's held update, at its turn.
+    fn state_turn(&mut self, room: RoomName) {
+        let Some(turn) = self.states.get_mut(&room) else {
+            return;
+        };
+        let Some((reference, state)) = turn.waiting.take() else {
+            return;
+        };
+        turn.next_at = Instant::now() + self.settings.state_every;
+        self.pass_on(reference, Request::Update(room, state));
+    }
+
+    fn superseded(
+        &mut self,
+        reference: Option<&serde_json::Value>,
+        room: RoomName,
+        ctx: &mut Context<Self>,
+    ) {
+        let body = ReplyBody::Updated {
+            room,
+            superseded: true,
+        };
+        self.send(Sent::Reply, protocol::reply_frame(reference, &body), ctx);
     }
 
     /// `refresh`: a new token for the same user replaces the grants and
@@ -461,7 +573,7 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                 match msg {
                     WsMessage::Text(text) => self.on_text(&text, ctx),
                     WsMessage::Binary(_) => {
-                        if !self.within_rate(None, ctx) {
+                        if !self.within_rate(None, false, ctx) {
                             return;
                         }
                         metrics().frames_received.get(Received::Invalid).inc();

@@ -134,8 +134,8 @@ pub enum MetaError {
     },
 }
 
-/// A connection's metadata: a JSON object, stored compact, at most
-/// `--max-meta-bytes`. Built once where it enters; everywhere else it is
+/// A connection's metadata (at most `--max-meta-bytes`), or a member's
+/// room state (at most `--max-state-bytes`): a JSON object, stored compact. Built once where it enters; everywhere else it is
 /// opaque text that frames embed verbatim (no re-parse, no re-encoding of
 /// its numbers).
 #[derive(Clone)]
@@ -219,6 +219,28 @@ impl fmt::Debug for Meta {
 impl Serialize for Meta {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.0.serialize(s)
+    }
+}
+
+/// From the store's text (a string: what the Redis codec carries) or from
+/// an object (what the wire carries).
+impl<'de> Deserialize<'de> for Meta {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> serde::de::Visitor<'de> for Text {
+            type Value = Meta;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object, or its text")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Meta, E> {
+                Meta::from_stored(text).ok_or_else(|| E::custom("not JSON text"))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Meta, A::Error> {
+                let value = Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Meta::trusted(value.to_string()))
+            }
+        }
+        d.deserialize_any(Text)
     }
 }
 

@@ -72,6 +72,9 @@ pub enum Request {
     Join(RoomName, Option<Meta>),
     /// Leave a room.
     Leave(RoomName),
+    /// Set this user's state in a room the connection is in (latest wins;
+    /// the connection writes at most `--state-rate` a second per room).
+    Update(RoomName, Meta),
     /// Subscribe to these users' online/offline events.
     Watch(Vec<UserId>),
     /// Undo `Watch` for these users.
@@ -109,7 +112,9 @@ impl Request {
     /// claim must allow (leaving is always allowed).
     pub fn room_to_grant(&self) -> Option<&RoomName> {
         match self {
-            Request::Join(room, _) | Request::Room { room, .. } => Some(room),
+            Request::Join(room, _) | Request::Update(room, _) | Request::Room { room, .. } => {
+                Some(room)
+            }
             _ => None,
         }
     }
@@ -162,6 +167,8 @@ pub struct Bounds {
     pub max_page: usize,
     /// Largest `meta` of a `join`, in bytes of compact JSON.
     pub max_meta_bytes: usize,
+    /// Largest `state` of an `update`, in bytes of compact JSON.
+    pub max_state_bytes: usize,
 }
 
 /// Decodes one client text frame within `bounds`.
@@ -201,6 +208,16 @@ pub fn decode(text: &str, bounds: Bounds) -> Result<ClientFrame, DecodeError> {
             meta_field(&obj, &reference, bounds.max_meta_bytes)?,
         ),
         RequestKind::Leave => Request::Leave(room_field(&obj, &reference)?),
+        RequestKind::Update => {
+            let room = room_field(&obj, &reference)?;
+            match obj.get("state").filter(|v| !v.is_null()) {
+                Some(state) => Request::Update(
+                    room,
+                    object_field("state", state, &reference, bounds.max_state_bytes)?,
+                ),
+                None => return Err(bad(&reference, "missing \"state\"")),
+            }
+        }
         RequestKind::Watch => Request::Watch(users_field(&obj, &reference, max_ids)?),
         RequestKind::Unwatch => Request::Unwatch(users_field(&obj, &reference, max_ids)?),
         RequestKind::Query => Request::Query(users_field(&obj, &reference, max_ids)?),
@@ -255,16 +272,27 @@ fn meta_field(
     let Some(meta) = obj.get("meta").filter(|v| !v.is_null()) else {
         return Ok(None);
     };
-    Meta::from_value(meta, max).map(Some).map_err(|e| match e {
+    object_field("meta", meta, reference, max).map(Some)
+}
+
+/// A field that must be a JSON object of at most `max` bytes compact
+/// (a `join`'s `meta`, an `update`'s `state`).
+fn object_field(
+    name: &str,
+    value: &Value,
+    reference: &Option<Value>,
+    max: usize,
+) -> Result<Meta, DecodeError> {
+    Meta::from_value(value, max).map_err(|e| match e {
         MetaError::TooLarge { size, max } => DecodeError::new(
             reference.clone(),
             ErrorCode::LimitExceeded,
-            format!("\"meta\" is {size} bytes; at most {max}"),
+            format!("\"{name}\" is {size} bytes; at most {max}"),
         ),
         MetaError::NotJson | MetaError::NotObject => DecodeError::new(
             reference.clone(),
             ErrorCode::BadRequest,
-            "\"meta\" must be a JSON object",
+            format!("\"{name}\" must be a JSON object"),
         ),
     })
 }
@@ -451,12 +479,20 @@ pub struct Member {
     /// The member's metadata, when any connection of theirs carried some.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meta: Option<Meta>,
+    /// The member's room state, the latest `update` of any of their
+    /// connections in the room, once there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<Meta>,
 }
 
 impl Member {
-    /// A member without metadata.
+    /// A member without metadata or state.
     pub fn plain(user: UserId) -> Self {
-        Self { user, meta: None }
+        Self {
+            user,
+            meta: None,
+            state: None,
+        }
     }
 }
 
@@ -475,6 +511,15 @@ pub enum ReplyBody {
     Left {
         /// The room left.
         room: RoomName,
+    },
+    /// `update`: the state was written, or replaced by a later `update`
+    /// before it was (`superseded`, never sent to anyone).
+    Updated {
+        /// The room.
+        room: RoomName,
+        /// A later update took this one's place.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        superseded: bool,
     },
     /// `watch` / `query`: each user's state.
     Users {
@@ -598,6 +643,20 @@ pub enum Event {
         /// Why.
         reason: Reason,
     },
+    /// A member's room state changed (an `update` of one of their
+    /// connections in the room).
+    Updated {
+        /// Which room.
+        room: RoomName,
+        /// Whose state.
+        user: UserId,
+        /// The new state.
+        state: Meta,
+        /// The connection that sent it, which does not hear it (the store
+        /// carries it; the wire does not).
+        #[serde(skip_serializing, default)]
+        from: Option<ConnId>,
+    },
 }
 
 /// Who hears an event.
@@ -608,6 +667,8 @@ pub enum Audience {
     Watchers(UserId),
     /// The connections that joined this room.
     Room(RoomName),
+    /// The connections that joined this room but one (the sender).
+    RoomExcept(RoomName, ConnId),
 }
 
 impl Event {
@@ -618,6 +679,12 @@ impl Event {
                 Audience::Watchers(user.clone())
             }
             Event::Joined { room, .. } | Event::Left { room, .. } => Audience::Room(room.clone()),
+            Event::Updated {
+                room,
+                from: Some(conn),
+                ..
+            } => Audience::RoomExcept(room.clone(), *conn),
+            Event::Updated { room, .. } => Audience::Room(room.clone()),
         }
     }
 
@@ -641,6 +708,7 @@ mod tests {
         max_ids: 3,
         max_page: 10,
         max_meta_bytes: 20,
+        max_state_bytes: 30,
     };
 
     fn code(text: &str) -> ErrorCode {

@@ -96,6 +96,7 @@ async fn serve(config: Config) -> Result<(), StartError> {
             max_ids: config.max_ids,
             max_page: config.max_page,
             max_meta_bytes: config.max_meta_bytes,
+            max_state_bytes: config.max_state_bytes,
         },
         outbox_messages: config.outbox_messages,
         outbox_bytes: config.outbox_bytes,
@@ -106,6 +107,8 @@ async fn serve(config: Config) -> Result<(), StartError> {
         max_watch: config.max_watch,
         rate_limit: config.rate_limit,
         rate_burst: config.rate_burst,
+        max_update_rate: config.max_update_rate,
+        state_every: Duration::from_secs(1) / config.state_rate,
     };
     let origins: Arc<[OriginPattern]> = config
         .allowed_origins
@@ -201,6 +204,9 @@ async fn serve(config: Config) -> Result<(), StartError> {
         max_pending = config.max_pending,
         max_page = config.max_page,
         max_meta_bytes = config.max_meta_bytes,
+        max_state_bytes = config.max_state_bytes,
+        max_update_rate = config.max_update_rate,
+        state_rate = config.state_rate,
         token_key = ?settings.verifier,
         jwt_audience = ?config.jwt_audience,
         jwt_issuer = ?config.jwt_issuer,

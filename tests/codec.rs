@@ -47,6 +47,7 @@ async fn every_op_and_event_crosses_the_codec_unchanged() {
         StoreOp::Connect(user.clone()),
         StoreOp::Attach(user.clone(), conn, Some(awkward.clone())),
         StoreOp::Join(room.clone(), user.clone()),
+        StoreOp::Update(room.clone(), user.clone(), conn, awkward.clone()),
         StoreOp::Members(room.clone()),
         StoreOp::Presence(vec![user.clone()]),
         StoreOp::Leave(room.clone(), user.clone(), Reason::Timeout, Ends::Now),
@@ -66,8 +67,14 @@ async fn every_op_and_event_crosses_the_codec_unchanged() {
     let member = Member {
         user: user.clone(),
         meta: Some(awkward.clone()),
+        state: None,
     };
-    let last_seen = match out[7].events.as_slice() {
+    // The room state is as awkward as the metadata, and arrives as sent.
+    let with_state = Member {
+        state: Some(awkward.clone()),
+        ..member.clone()
+    };
+    let last_seen = match out[8].events.as_slice() {
         [Event::Offline { last_seen, .. }] => *last_seen,
         other => panic!("the last connection's disconnect is an offline: {other:?}"),
     };
@@ -85,7 +92,13 @@ async fn every_op_and_event_crosses_the_codec_unchanged() {
             read: Read::Members(vec![member.clone()]),
             ..Outcome::default()
         },
-        Outcome::read(Read::Members(vec![member.clone()])),
+        Outcome::events(vec![Event::Updated {
+            room: room.clone(),
+            user: user.clone(),
+            state: awkward.clone(),
+            from: Some(conn),
+        }]),
+        Outcome::read(Read::Members(vec![with_state])),
         Outcome::read(Read::Presence(vec![UserPresence {
             online: true,
             seq: 1,

@@ -16,7 +16,7 @@
 mod support;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt::Display,
     future::Future,
     sync::{
@@ -49,11 +49,13 @@ use support::RedisServer;
 // The decoder
 // ---------------------------------------------------------------------------
 
-/// The gateway's defaults (`--max-ids`, `--max-page`, `--max-meta-bytes`).
+/// The gateway's defaults (`--max-ids`, `--max-page`, `--max-meta-bytes`,
+/// `--max-state-bytes`).
 const BOUNDS: Bounds = Bounds {
     max_ids: 1000,
     max_page: 1000,
     max_meta_bytes: 1024,
+    max_state_bytes: 1024,
 };
 
 /// Requests carrying a `users` list.
@@ -277,6 +279,16 @@ fn well_formed() -> impl Strategy<Value = (String, ClientFrame)> {
             let request = Request::Leave(parse_room(&room));
             ("leave", vec![("room", json!(room))], request)
         }),
+        (room_name(), meta_object()).prop_map(|(room, state)| {
+            let state = Value::Object(state);
+            let compact = Meta::from_stored(state.to_string()).expect("compact JSON");
+            let request = Request::Update(parse_room(&room), compact);
+            (
+                "update",
+                vec![("room", json!(room)), ("state", state)],
+                request,
+            )
+        }),
         (select(LIST_TYPES.to_vec()), vec(user_id(), 0..12)).prop_map(|(kind, users)| {
             let request = list_request(kind, distinct_ids(&users));
             (kind, vec![("users", json!(users))], request)
@@ -346,6 +358,7 @@ fn kind_of(request: &Request) -> Option<&'static str> {
     match request {
         Request::Join(..) => Some("join"),
         Request::Leave(_) => Some("leave"),
+        Request::Update(..) => Some("update"),
         Request::Watch(_) => Some("watch"),
         Request::Unwatch(_) => Some("unwatch"),
         Request::Query(_) => Some("query"),
@@ -538,6 +551,35 @@ proptest! {
     }
 
     #[test]
+    fn an_update_state_is_an_object_within_max_state_bytes(
+        room in room_name(),
+        state in prop_oneof![
+            meta_object().prop_map(Value::Object),
+            json_value().prop_filter("not an object, not null", |v| !v.is_object() && !v.is_null()),
+        ],
+        max_state_bytes in 2usize..=160,
+        reference in reference(),
+    ) {
+        let bounds = Bounds { max_state_bytes, ..BOUNDS };
+        let compact = state.to_string();
+        let text = frame("update", &reference, vec![("room", json!(room)), ("state", state.clone())]);
+        let result = decode(&text, bounds);
+        if !state.is_object() {
+            let error = refused(result)?;
+            prop_assert_eq!(error.code, ErrorCode::BadRequest);
+            prop_assert_eq!(error.reference, reference);
+        } else if compact.len() <= max_state_bytes {
+            let state = Meta::from_stored(compact).expect("compact JSON");
+            let request = Request::Update(parse_room(&room), state);
+            prop_assert_eq!(result, Ok(ClientFrame { reference, request }));
+        } else {
+            let error = refused(result)?;
+            prop_assert_eq!(error.code, ErrorCode::LimitExceeded);
+            prop_assert_eq!(error.reference, reference);
+        }
+    }
+
+    #[test]
     fn a_join_meta_that_is_not_an_object_is_bad_request(
         room in room_name(),
         meta in json_value().prop_filter("not an object, not null", |v| !v.is_object() && !v.is_null()),
@@ -603,6 +645,8 @@ proptest! {
 const USERS: [&str; 3] = ["ann", "bob", "cy"];
 const ROOMS: [&str; 2] = ["doc:1", "doc:2"];
 const METAS: [&str; 2] = [r#"{"device":"phone"}"#, r#"{"device":"web"}"#];
+/// Room states, one with the characters a separator-based codec would trip on.
+const STATES: [&str; 2] = [r#"{"cursor":[1,2]}"#, r#"{"text":"a b \" c\n"}"#];
 
 /// Bound on every store call.
 const STORE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -627,6 +671,13 @@ enum Action {
     },
     /// A live connection leaves one of its rooms.
     Leave { conn: Index, room: Index },
+    /// A live connection sets its user's state, `STATES[state]`, in one of
+    /// its rooms.
+    Update {
+        conn: Index,
+        room: Index,
+        state: usize,
+    },
     /// A live connection goes away, at once (a sign-out) or after-grace.
     Disconnect {
         conn: Index,
@@ -647,6 +698,8 @@ fn action() -> impl Strategy<Value = Action> {
         3 => (any::<Index>(), 0..ROOMS.len(), option::weighted(0.3, 0..METAS.len()))
             .prop_map(|(conn, room, meta)| Action::Join { conn, room, meta }),
         2 => (any::<Index>(), any::<Index>()).prop_map(|(conn, room)| Action::Leave { conn, room }),
+        2 => (any::<Index>(), any::<Index>(), 0..STATES.len())
+            .prop_map(|(conn, room, state)| Action::Update { conn, room, state }),
         2 => (any::<Index>(), reason, select(vec![Ends::Now, Ends::AfterGrace]))
             .prop_map(|(conn, reason, ends)| Action::Disconnect { conn, reason, ends }),
         1 => vec(0..USERS.len(), 0..=USERS.len()).prop_map(Action::Presence),
@@ -699,6 +752,8 @@ struct Model {
     graced: [bool; USERS.len()],
     /// (room, user) memberships in the grace.
     room_graced: HashSet<(usize, usize)>,
+    /// (room, user) → that member's state.
+    states: HashMap<(usize, usize), &'static str>,
 }
 
 impl Model {
@@ -727,6 +782,7 @@ impl Model {
             .map(|u| Member {
                 user: user(u),
                 meta: self.meta[u].map(meta_of),
+                state: self.states.get(&(room, u)).map(|s| meta_of(s)),
             })
             .collect();
         members.sort();
@@ -824,6 +880,29 @@ impl Model {
                     ops.push((op, self.left(r, u, Reason::Closed, Ends::Now)));
                 }
             }
+            Action::Update {
+                conn,
+                room: which,
+                state,
+            } if !self.conns.is_empty() => {
+                let at = conn.index(self.conns.len());
+                let live = &self.conns[at];
+                // An update of a room the connection is not in is answered
+                // `not_joined` by the registry: no op.
+                if !live.rooms.is_empty() {
+                    let r = live.rooms[which.index(live.rooms.len())];
+                    let (u, id, text) = (live.user, live.id, STATES[*state]);
+                    self.states.insert((r, u), text);
+                    let op = StoreOp::Update(room(r), user(u), id, meta_of(text));
+                    let updated = Event::Updated {
+                        room: room(r),
+                        user: user(u),
+                        state: meta_of(text),
+                        from: Some(id),
+                    };
+                    ops.push((op, Outcome::events(vec![updated])));
+                }
+            }
             Action::Disconnect { conn, reason, ends } if !self.conns.is_empty() => {
                 let gone = self.conns.remove(conn.index(self.conns.len()));
                 let u = gone.user;
@@ -875,6 +954,7 @@ impl Model {
             self.room_graced.insert((r, u));
             outcome.tally.grace_started_rooms = 1;
         } else {
+            self.states.remove(&(r, u));
             outcome.events.push(Event::Left {
                 room: room(r),
                 user: user(u),

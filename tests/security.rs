@@ -336,6 +336,10 @@ async fn claims_bound_rooms_watching_and_the_feed() {
             (json!({"type": "join", "room": "lobby2"}), "forbidden"),
             (json!({"type": "room", "room": "secret"}), "forbidden"),
             (
+                json!({"type": "update", "room": "secret", "state": {"x": 1}}),
+                "forbidden",
+            ),
+            (
                 json!({"type": "watch", "users": ["team:a", "insider"]}),
                 "forbidden",
             ),

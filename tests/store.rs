@@ -718,6 +718,7 @@ async fn user_records_follow_connections(b: Backend) {
         Member {
             user: u.clone(),
             meta: Some(meta(r#"{"tab":1}"#)),
+            state: None,
         },
         Member::plain(user("bob")),
     ];
@@ -751,6 +752,7 @@ async fn user_records_follow_connections(b: Backend) {
             Member {
                 user: u.clone(),
                 meta: Some(meta(r#"{"tab":2}"#)),
+                state: None,
             },
             Member::plain(user("bob")),
         ])

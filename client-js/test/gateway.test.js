@@ -371,6 +371,45 @@ describe("against the real gateway, with its offline grace", () => {
   });
 });
 
+describe("against the real gateway: room state", () => {
+  test("update() reaches the other members as updated, states follow snapshots and leaves, and calls are coalesced", TEST, async (t) => {
+    const gw = await startGateway(t);
+    const bob = client(t, gw, "bob");
+    const alice = client(t, gw, "alice");
+    for (const c of [bob, alice]) await open(c);
+    await bob.join("doc:1");
+    await alice.join("doc:1");
+    const room = bob.room("doc:1");
+    await until("alice in bob's doc:1", [room], () => room.members.has("alice"));
+    const seen = [];
+    bob.on("updated", (e) => seen.push(e));
+    const ownEcho = [];
+    alice.on("updated", (e) => ownEcho.push(e));
+
+    // Twenty calls in one go: one frame now, then only the latest.
+    const calls = [];
+    for (let i = 0; i < 20; i++) calls.push(alice.update("doc:1", { i }));
+    await Promise.all(calls);
+    await until("bob has alice's final state", [room], () => room.states.get("alice")?.i === 19);
+    assert.ok(seen.length <= 2, `at most two frames for twenty calls, bob saw ${seen.length}`);
+    assert.deepEqual(seen.at(-1), { room: "doc:1", user: "alice", state: { i: 19 } });
+
+    // A late joiner has it from the snapshot.
+    const carol = client(t, gw, "carol");
+    await open(carol);
+    const members = await carol.join("doc:1");
+    assert.deepEqual(members.find((m) => m.user === "alice"), { user: "alice", state: { i: 19 } });
+    assert.deepEqual(carol.room("doc:1").states.get("alice"), { i: 19 });
+
+    // Leaving drops it.
+    await alice.leave("doc:1");
+    await until("alice gone from bob's doc:1", [room], () => !room.members.has("alice"));
+    assert.equal(room.states.has("alice"), false);
+    await assert.rejects(alice.update("doc:1", { i: 20 }), (err) => err.code === "not_joined");
+    assert.deepEqual(ownEcho, [], "a sender does not hear its own update");
+  });
+});
+
 describe("against the real gateway, with tokens", () => {
   test("a 3 s token refreshed from getToken(): the connection outlives it, no reconnect", TEST, async (t) => {
     const gw = await startGateway(t, 0, JWT_ARGS);

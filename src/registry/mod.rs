@@ -520,6 +520,7 @@ impl PresenceRegistry {
         match request {
             Request::Join(room, meta) => self.join(conn, reference, change, room, meta),
             Request::Leave(room) => self.leave(conn, reference, change, room),
+            Request::Update(room, state) => self.update(conn, reference, change, room, state),
             Request::Watch(users) | Request::Query(users) => {
                 let op = StoreOp::Presence(users.clone());
                 self.ask(conn, reference, change, op, move |read| ReplyBody::Users {
@@ -642,6 +643,37 @@ impl PresenceRegistry {
         self.queue.push(Pending {
             op: Some(op),
             answer,
+        });
+    }
+
+    /// `update` of a room the connection is in (its Conn paced it).
+    fn update(
+        &mut self,
+        conn: ConnId,
+        reference: Option<Value>,
+        change: SubChange,
+        room: RoomName,
+        state: Meta,
+    ) {
+        let Some(local) = self.conns.get(&conn) else {
+            return;
+        };
+        if !local.rooms.contains(&room) {
+            let message = format!("not in room {room}: join it before updating its state");
+            let refusal = render::refusal(
+                conn,
+                reference.as_ref(),
+                change,
+                ErrorCode::NotJoined,
+                &message,
+            );
+            self.answer_in_order(refusal);
+            return;
+        }
+        let op = StoreOp::Update(room.clone(), local.user.clone(), conn, state);
+        self.ask(conn, reference, change, op, move |_| ReplyBody::Updated {
+            room,
+            superseded: false,
         });
     }
 

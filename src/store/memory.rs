@@ -59,6 +59,8 @@ struct State {
     rooms: HashMap<RoomName, HashMap<UserId, u64>>,
     /// (room, user) → the membership's grace, while counted 0
     room_graces: HashMap<(RoomName, UserId), Grace>,
+    /// room → user → that member's room state (the latest `update`)
+    states: HashMap<RoomName, HashMap<UserId, Meta>>,
     /// user → connection → its record
     records: HashMap<UserId, HashMap<ConnId, Attached>>,
     /// user → metadata of the latest attached connection
@@ -95,15 +97,17 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Room members with their metadata, sorted by user.
+/// Room members with their metadata and room state, sorted by user.
 fn snapshot<'a>(
     users: impl Iterator<Item = &'a UserId>,
     meta: &HashMap<UserId, Meta>,
+    states: Option<&HashMap<UserId, Meta>>,
 ) -> Vec<Member> {
     let mut v: Vec<Member> = users
         .map(|u| Member {
             user: u.clone(),
             meta: meta.get(u).cloned(),
+            state: states.and_then(|s| s.get(u)).cloned(),
         })
         .collect();
     v.sort();
@@ -189,6 +193,20 @@ impl State {
                 self.drop_empty_room(&room);
             }
             StoreOp::Members(room) => out.read = Read::Members(self.members(&room)),
+            StoreOp::Update(room, user, conn, state) => {
+                // A member (a leave may have overtaken the update): the
+                // latest state of any of their connections wins.
+                if self.rooms.get(&room).is_some_and(|m| m.contains_key(&user)) {
+                    let states = self.states.entry(room.clone()).or_default();
+                    states.insert(user.clone(), state.clone());
+                    out.events.push(Event::Updated {
+                        room,
+                        user,
+                        state,
+                        from: Some(conn),
+                    });
+                }
+            }
             StoreOp::Reassert(state) => self.reassert(&state, now, &mut out),
             StoreOp::Presence(users) => {
                 out.read = Read::Presence(
@@ -210,7 +228,21 @@ impl State {
         snapshot(
             self.rooms.get(room).into_iter().flat_map(|m| m.keys()),
             &self.meta,
+            self.states.get(room),
         )
+    }
+
+    /// A member is gone from `room`: so is their room state.
+    fn forget_member(&mut self, room: &RoomName, user: &UserId) {
+        if let Some(members) = self.rooms.get_mut(room) {
+            members.remove(user);
+        }
+        if let Some(states) = self.states.get_mut(room) {
+            states.remove(user);
+            if states.is_empty() {
+                self.states.remove(room);
+            }
+        }
     }
 
     fn drop_empty_room(&mut self, room: &RoomName) {
@@ -274,6 +306,11 @@ impl State {
         {
             out.tally.grace_cancelled_rooms += 1;
         } else {
+            // A fresh member starts with no state, whatever a count the
+            // store lost left behind.
+            if let Some(states) = self.states.get_mut(room) {
+                states.remove(user);
+            }
             out.events.push(Event::Joined {
                 room: room.clone(),
                 user: user.clone(),
@@ -299,9 +336,7 @@ impl State {
             self.room_graces.insert((room.clone(), user.clone()), grace);
             out.tally.grace_started_rooms += 1;
         } else {
-            if let Some(members) = self.rooms.get_mut(room) {
-                members.remove(user);
-            }
+            self.forget_member(room, user);
             out.events.push(Event::Left {
                 room: room.clone(),
                 user: user.clone(),
@@ -322,9 +357,7 @@ impl State {
         due.sort_by_key(|(_, g)| g.until_ms);
         for ((room, user), grace) in due {
             self.room_graces.remove(&(room.clone(), user.clone()));
-            if let Some(members) = self.rooms.get_mut(&room) {
-                members.remove(&user);
-            }
+            self.forget_member(&room, &user);
             self.drop_empty_room(&room);
             out.events.push(Event::Left {
                 room,

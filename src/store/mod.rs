@@ -48,6 +48,10 @@ pub enum StoreOp {
     Leave(RoomName, UserId, Reason, Ends),
     /// Read `room`'s members.
     Members(RoomName),
+    /// A connection of `user` set their state in `room` (latest wins);
+    /// members hear it (but that connection). Nothing if `user` is no
+    /// member (a leave overtook it).
+    Update(RoomName, UserId, ConnId, Meta),
     /// Read these users' presence.
     Presence(Vec<UserId>),
     /// Record a connection of `user` on this node, with its metadata, for
@@ -87,10 +91,13 @@ impl StoreOp {
 
     /// What is left of a queued op once the writes are folded into a
     /// reassert (which writes their sum): the read its answer still needs,
-    /// if any. A join still answers with the room's members.
+    /// if any, or the op itself where a node's state does not hold it. A
+    /// join still answers with the room's members; an update is no part
+    /// of the node's state and stays as it is.
     pub fn read_part(&self) -> Option<StoreOp> {
         match self {
             StoreOp::Join(room, _) => Some(StoreOp::Members(room.clone())),
+            StoreOp::Update(..) => Some(self.clone()),
             read if !read.is_write() => Some(read.clone()),
             _ => None,
         }

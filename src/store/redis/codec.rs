@@ -83,6 +83,9 @@ impl Serialize for Op<'_> {
                 ("L", room, user, reason, graced(*ends)).serialize(s)
             }
             StoreOp::Members(room) => ("M", room).serialize(s),
+            StoreOp::Update(room, user, conn, state) => {
+                ("U", room, user, conn, state.as_str()).serialize(s)
+            }
             StoreOp::Presence(users) => ("P", users).serialize(s),
             StoreOp::Attach(user, conn, m) => ("A", user, conn, meta(m)).serialize(s),
             StoreOp::Detach(user, conn) => ("X", user, conn).serialize(s),
@@ -131,6 +134,7 @@ pub(super) struct OutcomeWire {
 struct MemberWire {
     user: UserId,
     meta: Option<String>,
+    state: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +154,7 @@ impl OutcomeWire {
                     .map(|m| Member {
                         user: m.user,
                         meta: m.meta.and_then(Meta::from_stored),
+                        state: m.state.and_then(Meta::from_stored),
                     })
                     .collect();
                 members.sort();

@@ -16,6 +16,8 @@
 --                            membership's grace if it is in one)
 --   {'L', room, user, reason, graced}  a connection of user left room
 --   {'M', room}              read room's members
+--   {'U', room, user, conn, state}  conn set user's state in room (a JSON
+--                            text; latest wins); only for a member
 --   {'P', {user...}}         read these users' presence
 --   {'A', user, conn, meta}  record connection conn of user on this node
 --                            (again: new metadata, same since_ms); a meta
@@ -35,7 +37,8 @@
 -- one outcome per op: {e = {event...}, m = {member...}, p = {presence...},
 -- t = {name = count...}}
 --   e: the events the op published, as on the channel (every op)
---   m: J, M: the room's members after the op, each {user = u, meta = m}
+--   m: J, M: the room's members after the op, each {user = u, meta = m,
+--      state = s}
 --      (a member in the grace included)
 --   p: P: per user, in order, {online = bool, seq = n} (in the grace:
 --      online)
@@ -52,11 +55,16 @@ if ARGV[5] == '1' and not redis.call('ZSCORE', key.nodes(), node) then
   return redis.error_reply('NOLEASE node ' .. node .. ' has no lease')
 end
 
--- Room members, each with their metadata.
+-- Room members, each with their metadata and room state.
 local function snapshot(room)
   local r = {}
+  local states = redis.call('HGETALL', key.room_state(room))
+  local state = {}
+  for i = 1, #states, 2 do
+    state[states[i]] = states[i + 1]
+  end
   for _, m in ipairs(redis.call('HKEYS', key.room(room))) do
-    r[#r + 1] = {user = m, meta = redis.call('HGET', key.user(m), 'meta') or nil}
+    r[#r + 1] = {user = m, meta = redis.call('HGET', key.user(m), 'meta') or nil, state = state[m]}
   end
   return r
 end
@@ -132,7 +140,7 @@ local function expire()
     redis.call('HDEL', key.room_grace_reasons(), f)
     local room, u = split_room_field(f)
     if redis.call('HGET', key.room(room), u) == '0' then
-      redis.call('HDEL', key.room(room), u)
+      forget_member(room, u)
       publish(event.left(room, u, reason))
       count('grace_expired_rooms')
     end
@@ -184,6 +192,13 @@ for _, op in ipairs(cmsgpack.unpack(ARGV[6])) do
     add_member(room, u, -1, reason, graced)
   elseif code == 'M' then
     out.m = snapshot(op[2])
+  elseif code == 'U' then
+    local room, u, conn, state = op[2], op[3], op[4], op[5]
+    -- Only a member has a state (a leave may have overtaken the update).
+    if redis.call('HEXISTS', key.room(room), u) == 1 then
+      redis.call('HSET', key.room_state(room), u, state)
+      publish(event.updated(room, u, state, conn))
+    end
   elseif code == 'P' then
     local r = {}
     for _, u in ipairs(op[2]) do

@@ -25,6 +25,8 @@ function key.node_users(n) return p .. ':node:' .. n .. ':users' end
 function key.node_rooms(n) return p .. ':node:' .. n .. ':rooms' end
 -- user -> that user's connections in room r
 function key.room(r) return p .. ':room:' .. r end
+-- user -> that member's room state (JSON text), while a member of room r
+function key.room_state(r) return p .. ':room_state:' .. r end
 -- seq, last_seen, meta of user u
 function key.user(u) return p .. ':user:' .. u end
 -- connection id -> conn_record(...) of user u
@@ -70,6 +72,16 @@ function event.joined(room, u)
 end
 function event.left(room, u, reason)
   return {type = 'left', room = room, user = u, reason = reason}
+end
+-- from: the connection that sent it (it does not hear it; not on the wire)
+function event.updated(room, u, state, from)
+  return {type = 'updated', room = room, user = u, state = state, from = from}
+end
+
+-- A member is gone from room: so is their room state.
+local function forget_member(room, u)
+  redis.call('HDEL', key.room(room), u)
+  redis.call('HDEL', key.room_state(room), u)
 end
 
 -- Events are numbered cluster-wide and published as [number, event]. The
@@ -170,6 +182,8 @@ local function member_came(room, u)
     redis.call('HDEL', key.room_grace_reasons(), f)
     count('grace_cancelled_rooms')
   else
+    -- A fresh member starts with no state, whatever a lost count left.
+    redis.call('HDEL', key.room_state(room), u)
     publish(event.joined(room, u))
   end
 end
@@ -177,14 +191,14 @@ end
 -- A room member's count fell to `after`, as user_ended.
 local function member_ended(room, u, after, reason, graced)
   if after < 0 then
-    redis.call('HDEL', key.room(room), u)
+    forget_member(room, u)
   elseif graced and grace_ms > 0 then
     local f = room_field(room, u)
     redis.call('ZADD', key.room_grace(), now_ms + grace_ms, f)
     redis.call('HSET', key.room_grace_reasons(), f, reason)
     count('grace_started_rooms')
   else
-    redis.call('HDEL', key.room(room), u)
+    forget_member(room, u)
     publish(event.left(room, u, reason))
   end
 end
@@ -213,7 +227,7 @@ local function add_member(room, u, delta, reason, graced)
   elseif before > 0 and after <= 0 then
     member_ended(room, u, after, reason, graced)
   elseif after < 0 then
-    redis.call('HDEL', key.room(room), u)
+    forget_member(room, u)
   end
   return before, after
 end
