@@ -16,9 +16,9 @@
 # once, as the latency targets were set), and for issue 13
 #   reload-grace / reload-nograce
 #           the same churn of reloads (1,000 users x 1 tab on 2 nodes, half
-#           of them in 50 rooms, 500
-#           actions/s for 15 s, half the picks of an open tab a reload of
-#           300 ms) on gateways with a 5 s grace, then with none: flaps
+#           of them in 50 rooms, 500 actions/s for 15 s, half the picks of
+#           an open tab a reload of 300 ms) on gateways with a 5 s grace,
+#           then with none: flaps
 #           observers saw (0 with the grace, one per reload of a last tab
 #           without)
 #   nodeloss
