@@ -12,6 +12,20 @@
 #           processes and 4 source addresses: presence exact
 #   fanout  100 rooms of 20 users x 2 tabs on 2 nodes, 1,000 leaves+joins/s
 #           for 15 s: fan-out rate and member latencies (no target)
+# (all of these on gateways with --offline-grace-ms 0: every offline at
+# once, as the latency targets were set), and for issue 13
+#   reload-grace / reload-nograce
+#           the same churn of reloads (1,000 users x 1 tab on 2 nodes, half
+#           of them in 50 rooms, 500 actions/s for 15 s, half the picks of
+#           an open tab a reload of 300 ms) on gateways with a 5 s grace,
+#           then with none: flaps
+#           observers saw (0 with the grace, one per reload of a last tab
+#           without)
+#   nodeloss
+#           5,000 tabs (one per user) on 3 nodes (5 s grace, default 5 s
+#           lease), kill -9 of one, 80 % of its users back on the others
+#           within 2 s: their offlines (target 0) and kill -> offline of
+#           the others (lease + reaper tick + grace)
 # and writes the results (measured, target, met or missed by how much) as
 # a new dated section of BENCHMARKS.md.
 #
@@ -23,11 +37,12 @@
 #                 none with --quick)
 #     --no-build  use the release binaries already in target/release
 #
-# Gateways get only the flags the load needs, and the section lists them:
+# Gateways get only the flags the load needs (and the grace the run is
+# about), and the section lists them:
 # --max-watch (and --max-rooms) at least what an observer watches (joins),
 # and --rate-limit/--rate-burst raised only where the observer's setup and
 # check requests (one per 1,000 users and one per room) would exceed the
-# default burst of 50. About 4 minutes of runs (plus the release build,
+# default burst of 50. About 5 minutes of runs (plus the release build,
 # about 6 minutes from scratch on this machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +71,7 @@ load_bin=target/release/presenced-load
 
 work=$(mktemp -d)
 gateway_pids=()
+lease_flags=""
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
@@ -118,25 +134,33 @@ flags_for() {
 }
 
 # run NAME NODES SCENARIO ARGS...: fresh gateways, one load run, JSON kept.
+# The gateways get the grace the tool is told (--offline-grace-ms, 0 when
+# not given) and $lease_flags; a nodeloss run is handed the pid of its
+# --kill-target.
 run() {
   local name=$1 nodes=$2 scenario=$3
   shift 3
-  local users=0 rooms=0 room_size=0 args=("$@")
+  local users=0 rooms=0 room_size=0 grace=0 kill_target="" args=("$@")
   for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[$i]}" in
       --users) users=${args[$((i + 1))]} ;;
       --rooms) rooms=${args[$((i + 1))]} ;;
       --room-size) room_size=${args[$((i + 1))]} ;;
+      --offline-grace-ms) grace=${args[$((i + 1))]} ;;
+      --kill-target) kill_target=${args[$((i + 1))]} ;;
     esac
   done
   [ "$scenario" = fanout ] && users=$((rooms * room_size))
   local flags
-  flags=$(flags_for "$users" "$rooms")
+  flags="$(flags_for "$users" "$rooms") --offline-grace-ms $grace${lease_flags:+ $lease_flags}"
+  flags=${flags# }
   # shellcheck disable=SC2086
   start_gateways "$nodes" $flags
-  echo "== $name: presenced-load $scenario $* (gateways: ${flags:-default flags})" >&2
+  local kill=()
+  [ -n "$kill_target" ] && kill=(--kill-pid "${gateway_pids[$kill_target]}")
+  echo "== $name: presenced-load $scenario $* (gateways: $flags)" >&2
   local rc=0
-  "$load_bin" "$scenario" --targets "$targets" --redis "$redis_url" "$@" --json \
+  "$load_bin" "$scenario" --targets "$targets" --redis "$redis_url" "$@" "${kill[@]}" --json \
     >"$work/$name.json" 2>"$work/$name.err" || rc=$?
   stop_gateways
   if [ ! -s "$work/$name.json" ]; then
@@ -148,7 +172,7 @@ run() {
     echo "   FAILED: $(jq -r '.failure' "$work/$name.json")" >&2
   fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$nodes" "$scenario" "$*" "$flags" >>"$work/runs.tsv"
-  echo "   $(jq -r '"\(.scenario // "-") correct=\(if .checks then ([.checks[] | .observers_settled and .presence_mismatches == 0 and .room_mismatches == 0] | all) and .presence.missed + .presence.duplicated + .presence.out_of_order + .room.missed + .room.duplicated + .room.out_of_order == 0 else false end) connects=\(.connects // 0) errors=\(.errors // {} | tostring)"' "$work/$name.json")" >&2
+  echo "   $(jq -r '"\(.scenario // "-") correct=\(if .checks then ([.checks[] | .observers_settled and .presence_mismatches == 0 and .room_mismatches == 0] | all) and .presence.missed + .presence.duplicated + .presence.out_of_order + .room.missed + .room.duplicated + .room.out_of_order + ([.offline_checks[]] | add) == 0 else false end) connects=\(.connects // 0) errors=\(.errors // {} | tostring)\(if .reload then " flaps=\(.reload.flaps)/\(.reload.reloads_of_last_tab)" else "" end)\(if .nodeloss then " returned_offlines=\(.nodeloss.returned_offlines) kill_to_offline_p99_ms=\(.nodeloss.time_to_offline.p99_ms)" else "" end)"' "$work/$name.json")" >&2
 }
 
 started=$(date +%s)
@@ -161,6 +185,14 @@ if [ "$quick" = 1 ]; then
   run 50k 3 hold --users 1200 --tabs 2 --rate 1000 --duration 2 --procs 2 \
     --source-addrs 127.0.0.2,127.0.0.3
   run fanout 2 fanout --rooms 50 --room-size 4 --tabs 2 --rate 200 --duration 3
+  run reload-grace 2 churn --users 200 --tabs 1 --rate 200 --duration 4 --reload-ms 300 \
+    --offline-grace-ms 2000
+  run reload-nograce 2 churn --users 200 --tabs 1 --rate 200 --duration 4 --reload-ms 300 \
+    --offline-grace-ms 0
+  lease_flags="--node-lease-ms 1000"
+  run nodeloss 3 nodeloss --users 600 --tabs 1 --offline-grace-ms 2000 --kill-target 1 \
+    --return-fraction 0.8 --return-within-ms 1000
+  lease_flags=""
 else
   run hold 1 hold --users 3000 --tabs 5 --rate 2000 --duration 15
   run storm 1 storm --users 3000 --tabs 5
@@ -168,6 +200,12 @@ else
   run 50k 3 hold --users 10000 --tabs 5 --rate 2500 --duration 10 --procs 4 \
     --source-addrs 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5
   run fanout 2 fanout --rooms 100 --room-size 20 --tabs 2 --rate 1000 --duration 15
+  run reload-grace 2 churn --users 1000 --tabs 1 --rooms 50 --room-size 10 --rate 500 \
+    --duration 15 --reload-ms 300 --offline-grace-ms 5000
+  run reload-nograce 2 churn --users 1000 --tabs 1 --rooms 50 --room-size 10 --rate 500 \
+    --duration 15 --reload-ms 300 --offline-grace-ms 0
+  run nodeloss 3 nodeloss --users 5000 --tabs 1 --rate 2000 --offline-grace-ms 5000 \
+    --kill-target 1 --return-fraction 0.8 --return-within-ms 2000
 fi
 elapsed=$(($(date +%s) - started))
 

@@ -40,7 +40,14 @@ def correct(r):
         and fanout["snapshot_mismatches"] == 0
         and fanout["members_settled"]
     )
-    return events == 0 and checks and members
+    offline = sum((r.get("offline_checks") or {}).values())
+    loss = r.get("nodeloss")
+    lost_ok = loss is None or (
+        loss["returned_offlines"] == 0
+        and loss["returned_lefts"] == 0
+        and loss["gone_offlines"] == loss["gone_offlines_expected"]
+    )
+    return events == 0 and checks and members and offline == 0 and lost_ok
 
 
 def num(v, digits=0):
@@ -155,6 +162,49 @@ if f:
         )
     )
 
+def reload_row(name, grace_text):
+    run = by_name.get(name, {})
+    rel = run.get("reload")
+    if not rel:
+        return None
+    return (
+        f"`churn --reload-ms {rel['reload_ms']}` {num(run.get('users', 0))} users × {run.get('tabs', 0)} tab, 2 nodes, {grace_text}: flaps observers saw",
+        f"{num(rel['flaps'])} of {num(rel['reloads_of_last_tab'])} reloads of a last tab (room flaps {num(rel['room_flaps'])} of {num(rel['reloads_of_last_room_tab'])}); {'correct' if correct(run) else 'NOT correct'}",
+        rel,
+    )
+
+
+row = reload_row("reload-grace", "grace 5 s" if not quick else "grace 2 s")
+if row:
+    text, measured, rel = row
+    rows.append((text, measured, "0 (issue 13)", "met" if rel["flaps"] == 0 and rel["room_flaps"] == 0 else "missed"))
+row = reload_row("reload-nograce", "no grace")
+if row:
+    text, measured, rel = row
+    same = rel["flaps"] == rel["reloads_of_last_tab"] and rel["room_flaps"] == rel["reloads_of_last_room_tab"]
+    rows.append((text, measured, "= reloads of a last tab (the tool sees flaps)", "met" if same else "missed"))
+loss_run = by_name.get("nodeloss", {})
+loss = loss_run.get("nodeloss")
+if loss:
+    load = f"`nodeloss` {num(loss_run.get('users', 0))} tabs on 3 nodes, kill -9 of one ({num(loss['lost_users'])} users), {num(loss['returned_users'])} back within {loss['returns_s']:.1f} s"
+    rows.append(
+        (
+            f"{load}: `offline`s of the users who came back",
+            f"{num(loss['returned_offlines'])} (`left` {num(loss['returned_lefts'])}); {'correct' if correct(loss_run) else 'NOT correct'}",
+            "0 (issue 13)",
+            "met" if loss["returned_offlines"] == 0 and loss["returned_lefts"] == 0 else "missed",
+        )
+    )
+    d = loss["time_to_offline"]
+    rows.append(
+        (
+            f"{load}: kill → `offline` of the others, p50 / p90 / p99 / max",
+            f"{d['p50_ms'] / 1000:.2f} / {d['p90_ms'] / 1000:.2f} / {d['p99_ms'] / 1000:.2f} / {d['max_ms'] / 1000:.2f} s; {num(loss['gone_offlines'])} of {num(loss['gone_offlines_expected'])} seen, each once",
+            "lease + reaper tick + grace",
+            "measured",
+        )
+    )
+
 date = datetime.date.today().isoformat()
 title = "quick check (small sizes; not comparable to the targets)" if quick else "standard set"
 out = []
@@ -169,7 +219,7 @@ out.append(
     f"redis-server and the load tool share the cores. {os.environ['BENCH_ELAPSED']} s of runs."
 )
 out.append("")
-out.append("| target (issue 7) | measured | target | verdict |")
+out.append("| target (issue 7, issue 13) | measured | target | verdict |")
 out.append("| --- | --- | --- | --- |")
 for row in rows:
     out.append("| " + " | ".join(row) + " |")

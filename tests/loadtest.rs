@@ -316,3 +316,109 @@ async fn a_churn_whose_gateway_is_killed_fails_at_once_naming_the_observer_and_t
     })
     .await;
 }
+
+/// 40 users × 1 tab (the first 20 in 2 rooms) on two Redis nodes, churning
+/// 4 s at 40 actions a second: each user acts about once a second, and
+/// half of its actions on its open tab are reloads of 200 ms.
+fn reload_churn(targets: Vec<String>, grace_ms: u64) -> Options {
+    let mut opts = Options::new(targets, 40, 1);
+    opts.rooms = 2;
+    opts.room_size = 10;
+    opts.duration = 4.0;
+    opts.rate = Some(40.0);
+    opts.reload_ms = 200;
+    opts.offline_grace_ms = grace_ms;
+    opts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_within_the_grace_show_observers_no_flap() {
+    alone_within_scenario_timeout(async {
+        let redis = RedisServer::start().await;
+        let grace = ["--offline-grace-ms", "2000"];
+        let a = Gateway::redis(&redis, &grace).await;
+        let b = Gateway::redis(&redis, &grace).await;
+        let opts = reload_churn(vec![a.ws_url_base(), b.ws_url_base()], 2000);
+        let report = run_correct(Scenario::Churn, &opts).await;
+        assert_eq!(errors(&report), vec![], "{}", report.table());
+        let r = report.reload.expect("reload figures");
+        assert!(r.reloads_of_last_tab > 10, "{}", report.table());
+        assert!(r.reloads_of_last_room_tab > 0, "{}", report.table());
+        assert_eq!((r.flaps, r.room_flaps), (0, 0), "{}", report.table());
+        // Closes for good whose grace ran out (at the latest at the end of
+        // the churn) did send their offline, after the grace.
+        assert!(report.event_latency.offline.n > 0, "{}", report.table());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_without_a_grace_flap_once_per_reload_of_a_last_tab() {
+    alone_within_scenario_timeout(async {
+        let redis = RedisServer::start().await;
+        let a = Gateway::redis(&redis, &[]).await;
+        let b = Gateway::redis(&redis, &[]).await;
+        let opts = reload_churn(vec![a.ws_url_base(), b.ws_url_base()], 0);
+        let report = run_correct(Scenario::Churn, &opts).await;
+        assert_eq!(errors(&report), vec![], "{}", report.table());
+        let r = report.reload.expect("reload figures");
+        assert!(r.reloads_of_last_tab > 10, "{}", report.table());
+        assert_eq!(r.flaps, r.reloads_of_last_tab, "{}", report.table());
+        assert_eq!(
+            r.room_flaps,
+            r.reloads_of_last_room_tab,
+            "{}",
+            report.table()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_whose_users_come_back_elsewhere_shows_no_offline_for_them() {
+    alone_within_scenario_timeout(async {
+        let redis = RedisServer::start().await;
+        let flags = ["--node-lease-ms", "1000", "--offline-grace-ms", "1500"];
+        let a = Gateway::redis(&redis, &flags).await;
+        let b = Gateway::redis(&redis, &flags).await;
+        let c = Gateway::redis(&redis, &flags).await;
+        // 150 users, one tab each, 50 of them on b; 5 rooms of 10.
+        let mut opts = Options::new(
+            vec![a.ws_url_base(), b.ws_url_base(), c.ws_url_base()],
+            150,
+            1,
+        );
+        opts.rooms = 5;
+        opts.room_size = 10;
+        opts.offline_grace_ms = 1500;
+        opts.kill_target = Some(1);
+        opts.kill_pid = Some(b.pid());
+        opts.return_fraction = 0.6;
+        opts.return_within_ms = 800;
+        let report = run_correct(Scenario::Nodeloss, &opts).await;
+        assert_eq!(errors(&report), vec![], "{}", report.table());
+        let n = report.nodeloss.as_ref().expect("nodeloss figures");
+        assert_eq!(
+            (n.lost_users, n.returned_users),
+            (50, 30),
+            "{}",
+            report.table()
+        );
+        assert_eq!(
+            (n.returned_offlines, n.returned_lefts),
+            (0, 0),
+            "{}",
+            report.table()
+        );
+        // Every user who did not come back went offline exactly once.
+        assert_eq!(n.gone_offlines, 20, "{}", report.table());
+        assert_eq!(n.gone_offlines_expected, 20);
+        let d = &n.time_to_offline;
+        // Not before the grace; within lease + reaper + grace and slack.
+        assert!(d.p50_ms >= 1500.0, "{}", report.table());
+        assert!(d.max_ms < 1000.0 + 1500.0 + 5000.0, "{}", report.table());
+        assert_eq!(report.checks.len(), 3, "held, lost, closed");
+        assert_eq!(report.checks[1].users_online, 130, "{}", report.table());
+    })
+    .await;
+}

@@ -164,6 +164,33 @@ struct View {
     in_room: bool,
 }
 
+/// The `reason` of an `offline` or `left` (docs/protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The client closed the connection, or sent `leave`.
+    Closed,
+    /// The connection was silent past the idle timeout.
+    Timeout,
+    /// The node holding the connection died and was reaped.
+    NodeLost,
+    /// The node holding the connection was drained.
+    Shutdown,
+    /// Any other reason, or none (an `online`, a `joined`).
+    Other,
+}
+
+impl Reason {
+    fn of(frame: &Value) -> Self {
+        match frame["reason"].as_str() {
+            Some("closed") => Self::Closed,
+            Some("timeout") => Self::Timeout,
+            Some("node_lost") => Self::NodeLost,
+            Some("shutdown") => Self::Shutdown,
+            _ => Self::Other,
+        }
+    }
+}
+
 /// A received event, kept to check it and compute its latency against the
 /// truth once the run is over.
 #[derive(Debug, Clone, Copy)]
@@ -178,6 +205,10 @@ pub struct Seen {
     pub seq: u64,
     /// When the frame arrived.
     pub at: Stamp,
+    /// The `reason` of an `offline` or `left`.
+    pub reason: Reason,
+    /// The `last_seen` of an `offline` (Unix ms; 0 otherwise).
+    pub last_seen_ms: u64,
 }
 
 /// What one observer believes about the run's users and what it received,
@@ -286,6 +317,8 @@ impl ObserverLog {
                     room: false,
                     seq,
                     at,
+                    reason: Reason::of(frame),
+                    last_seen_ms: frame["last_seen"].as_u64().unwrap_or_default(),
                 });
             }
             (Some(FrameKind::Joined | FrameKind::Left), Some(i)) => {
@@ -298,6 +331,8 @@ impl ObserverLog {
                     room: true,
                     seq: 0,
                     at,
+                    reason: Reason::of(frame),
+                    last_seen_ms: 0,
                 });
             }
             (Some(FrameKind::Sync), _) => {

@@ -21,6 +21,11 @@ pub const DEFAULT_CHURN_RATE: f64 = 500.0;
 pub const DEFAULT_HOLD_RATE: f64 = 1000.0;
 /// Default joins+leaves a second for `fanout`.
 pub const DEFAULT_FANOUT_RATE: f64 = 200.0;
+/// Default fraction of a killed node's users whose tab comes back
+/// (`nodeloss`).
+pub const DEFAULT_RETURN_FRACTION: f64 = 1.0;
+/// Default spread of the returning tabs after the kill, ms (`nodeloss`).
+pub const DEFAULT_RETURN_WITHIN_MS: u64 = 2000;
 
 /// `presenced-load`: drives a presenced gateway or cluster with WebSocket
 /// tabs and checks every event the observers see.
@@ -48,6 +53,11 @@ pub enum ScenarioCommand {
     /// seconds members leave and re-join at --rate actions a second, and
     /// every member checks the joined/left it receives.
     Fanout(Options),
+    /// One tab per user over the nodes: open them all, kill -9 the
+    /// gateway --kill-target (pid --kill-pid), bring --return-fraction of
+    /// its users back on the surviving nodes within --return-within-ms,
+    /// check that they never went offline and that the others did, once.
+    Nodeloss(Options),
     /// A worker process of `--procs` (started by the tool itself; its
     /// orders come in the PRESENCED_LOAD_WORKER environment variable).
     #[command(hide = true)]
@@ -67,6 +77,7 @@ impl ScenarioCommand {
             Self::Churn(o) => (Scenario::Churn, o),
             Self::Hold(o) => (Scenario::Hold, o),
             Self::Fanout(o) => (Scenario::Fanout, o),
+            Self::Nodeloss(o) => (Scenario::Nodeloss, o),
             Self::Worker { .. } => return None,
         })
     }
@@ -84,6 +95,8 @@ pub enum Scenario {
     Hold,
     /// Room members leave and re-join at a steady rate.
     Fanout,
+    /// A node killed -9; some of its users come back on the others.
+    Nodeloss,
 }
 
 impl Scenario {
@@ -94,6 +107,7 @@ impl Scenario {
             Self::Churn => "churn",
             Self::Hold => "hold",
             Self::Fanout => "fanout",
+            Self::Nodeloss => "nodeloss",
         }
     }
 }
@@ -159,6 +173,33 @@ pub struct Options {
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The gateways' `--offline-grace-ms` (the tool cannot see it; 0 =
+    /// the gateways run without a grace). With a grace, a tab close that
+    /// ends a user's last tab (a reload, a crash: the tool sends 1001)
+    /// leaves the user online and in its room until the grace runs out,
+    /// and a tab of the user that opens within it means no event at all.
+    #[arg(long, default_value_t = 0)]
+    pub offline_grace_ms: u64,
+    /// `churn`: an open tab the churn picks is reloaded (closed with 1001,
+    /// re-opened in the same slot this many ms later) half the time, and
+    /// closed for good the other half (0 = no reloads: every pick toggles
+    /// the slot, as before). At least 50.
+    #[arg(long, default_value_t = 0)]
+    pub reload_ms: u64,
+    /// `nodeloss`: the pid of the gateway to kill with SIGKILL.
+    #[arg(long)]
+    pub kill_pid: Option<u32>,
+    /// `nodeloss`: the index in --targets of the gateway --kill-pid is.
+    #[arg(long)]
+    pub kill_target: Option<usize>,
+    /// `nodeloss`: the fraction of the killed node's users whose tab
+    /// reconnects to a surviving node; the others never return.
+    #[arg(long, default_value_t = DEFAULT_RETURN_FRACTION)]
+    pub return_fraction: f64,
+    /// `nodeloss`: the returning tabs reconnect spread evenly over this
+    /// many ms after the kill; must be under the grace by 500 ms.
+    #[arg(long, default_value_t = DEFAULT_RETURN_WITHIN_MS)]
+    pub return_within_ms: u64,
     /// The command that starts a worker (default: this executable with
     /// `worker`); tests point it at their own harness.
     #[arg(skip)]
@@ -185,6 +226,12 @@ impl Options {
             gateway_pids: Vec::new(),
             redis: None,
             json: false,
+            offline_grace_ms: 0,
+            reload_ms: 0,
+            kill_pid: None,
+            kill_target: None,
+            return_fraction: DEFAULT_RETURN_FRACTION,
+            return_within_ms: DEFAULT_RETURN_WITHIN_MS,
             worker_command: Vec::new(),
         }
     }
@@ -202,7 +249,7 @@ impl Options {
         self.rate.unwrap_or(match scenario {
             Scenario::Storm => 0.0,
             Scenario::Churn => DEFAULT_CHURN_RATE,
-            Scenario::Hold => DEFAULT_HOLD_RATE,
+            Scenario::Hold | Scenario::Nodeloss => DEFAULT_HOLD_RATE,
             Scenario::Fanout => DEFAULT_FANOUT_RATE,
         })
     }
@@ -243,6 +290,37 @@ impl Options {
             self.open_rate >= 0.0 && self.open_rate.is_finite(),
             "--open-rate must be 0 or more"
         );
+        anyhow::ensure!(
+            self.reload_ms == 0 || scenario == Scenario::Churn,
+            "--reload-ms is for churn"
+        );
+        anyhow::ensure!(
+            self.reload_ms == 0 || self.reload_ms >= crate::user::UNACKED_GAP.as_millis() as u64,
+            "--reload-ms must be 0 or at least {} (a user's open follows its close by that much)",
+            crate::user::UNACKED_GAP.as_millis()
+        );
+        if scenario == Scenario::Nodeloss {
+            let (Some(_), Some(k)) = (self.kill_pid, self.kill_target) else {
+                anyhow::bail!("nodeloss needs --kill-pid and --kill-target");
+            };
+            anyhow::ensure!(
+                self.targets.len() >= 2 && k < self.targets.len(),
+                "nodeloss needs at least 2 --targets, and --kill-target below their count"
+            );
+            anyhow::ensure!(self.tabs == 1, "nodeloss runs one tab per user (--tabs 1)");
+            anyhow::ensure!(self.procs == 1, "nodeloss runs in one process (--procs 1)");
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&self.return_fraction),
+                "--return-fraction must be within 0 ..= 1"
+            );
+            let margin = crate::user::GRACE_MARGIN.as_millis() as u64;
+            anyhow::ensure!(
+                self.return_fraction == 0.0
+                    || self.return_within_ms + margin <= self.offline_grace_ms,
+                "nodeloss: --return-within-ms + {margin} must be at most --offline-grace-ms \
+                 (whether a tab that comes back later was in time is not known to the tool)"
+            );
+        }
         for t in &self.targets {
             crate::target::Target::parse(t)?;
         }

@@ -79,6 +79,15 @@ pub struct Report {
     pub ignored_frames: BTreeMap<String, u64>,
     /// `sync` frames at observers.
     pub syncs: u64,
+    /// `--offline-grace-ms`: the gateways' grace, as the tool was told.
+    pub offline_grace_ms: u64,
+    /// What the observers' presence events said against the truth, past
+    /// their order (must be 0).
+    pub offline_checks: OfflineChecks,
+    /// `churn --reload-ms`: the reloads and the flaps observers saw.
+    pub reload: Option<ReloadReport>,
+    /// `nodeloss`: the kill, the returns and the offlines after them.
+    pub nodeloss: Option<NodelossReport>,
     /// `fanout`'s member checks and fan-out figures.
     pub fanout: Option<FanoutReport>,
     /// The comparisons with the gateway: after the actions (`held`) and
@@ -93,6 +102,112 @@ pub struct Report {
     pub gateway: GatewayReport,
     /// The cluster's Redis transactions (`--redis`).
     pub redis: Option<RedisReport>,
+}
+
+/// The observers' presence events against the truth, past their order
+/// (summed over observers; each must be 0).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct OfflineChecks {
+    /// Presence events whose `seq` is no true transition of the user's
+    /// (an `offline`/`online` of a user who came back within the grace).
+    pub unexplained: u64,
+    /// `offline`s that arrived before the grace after their close ran out.
+    pub early: u64,
+    /// `offline`s whose `last_seen` lies outside their close's interval
+    /// (Close sent → arrival less the grace, ± 5 ms of clock).
+    pub last_seen_mismatches: u64,
+    /// `offline`s whose `reason` is not the close's (`closed`; `node_lost`
+    /// for a killed node's tabs).
+    pub reason_mismatches: u64,
+}
+
+impl OfflineChecks {
+    /// Whether nothing went wrong.
+    pub fn clean(&self) -> bool {
+        self.unexplained == 0
+            && self.early == 0
+            && self.last_seen_mismatches == 0
+            && self.reason_mismatches == 0
+    }
+}
+
+/// `churn --reload-ms`: reloads, and the flaps the observers saw.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ReloadReport {
+    /// `--reload-ms`.
+    pub reload_ms: u64,
+    /// Reloads done (a tab closed with 1001 and its slot re-opened).
+    pub reloads: u64,
+    /// Of those, reloads of the user's last open tab.
+    pub reloads_of_last_tab: u64,
+    /// Reloads of the user's last tab in its room.
+    pub reloads_of_last_room_tab: u64,
+    /// Reloads for which an observer saw the user's `offline` followed by
+    /// its `online` (0 when the grace is longer than the reload; without a
+    /// grace, every reload of a last tab).
+    pub flaps: u64,
+    /// Reloads for which an observer saw `left` followed by `joined`.
+    pub room_flaps: u64,
+}
+
+/// A distribution of durations, in ms.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Distribution {
+    /// Values.
+    pub n: u64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+}
+
+impl Distribution {
+    /// The distribution of `us` (µs values), nearest-rank percentiles.
+    pub fn of(mut us: Vec<u64>) -> Self {
+        us.sort_unstable();
+        let at = |q: f64| {
+            let i = ((q * us.len() as f64).ceil() as usize).clamp(1, us.len().max(1)) - 1;
+            us.get(i).map_or(0.0, |v| *v as f64 / 1000.0)
+        };
+        Self {
+            n: us.len() as u64,
+            p50_ms: at(0.5),
+            p90_ms: at(0.9),
+            p99_ms: at(0.99),
+            max_ms: us.last().map_or(0.0, |v| *v as f64 / 1000.0),
+        }
+    }
+}
+
+/// `nodeloss`: what the observers saw of the killed node's users.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodelossReport {
+    /// `--kill-target`.
+    pub kill_target: usize,
+    /// Users whose tab was on the killed node.
+    pub lost_users: u64,
+    /// Of those, users whose tab came back on a surviving node.
+    pub returned_users: u64,
+    /// Kill → the last returning tab welcomed, in seconds.
+    pub returns_s: f64,
+    /// `offline`s (and `left`s) observers got, after the kill, of users
+    /// who came back (must be 0 with a grace longer than the returns).
+    pub returned_offlines: u64,
+    /// The same, `left`s.
+    pub returned_lefts: u64,
+    /// `offline`s observers got, after the kill, of users who did not
+    /// come back: exactly one per user and observer.
+    pub gone_offlines: u64,
+    /// What `gone_offlines` must be: users who did not come back ×
+    /// observers.
+    pub gone_offlines_expected: u64,
+    /// Kill → each `offline` of a user who did not come back at an
+    /// observer: about lease + reaper tick + grace.
+    pub time_to_offline: Distribution,
 }
 
 /// `MULTI`/`EXEC` transactions the cluster's Redis ran (`INFO
@@ -116,6 +231,12 @@ impl Report {
     pub fn correct(&self) -> bool {
         self.presence.clean()
             && self.room.clean()
+            && self.offline_checks.clean()
+            && self.nodeloss.as_ref().is_none_or(|n| {
+                n.returned_offlines == 0
+                    && n.returned_lefts == 0
+                    && n.gone_offlines == n.gone_offlines_expected
+            })
             && self
                 .fanout
                 .as_ref()
@@ -225,7 +346,63 @@ impl Report {
             ),
             ("presence events", checks(&self.presence)),
             ("room events", checks(&self.room)),
+            (
+                "offline checks",
+                format!(
+                    "grace {} ms: unexplained {}  early {}  last_seen off {}  reason off {}",
+                    self.offline_grace_ms,
+                    self.offline_checks.unexplained,
+                    self.offline_checks.early,
+                    self.offline_checks.last_seen_mismatches,
+                    self.offline_checks.reason_mismatches
+                ),
+            ),
         ]);
+        if let Some(r) = &self.reload {
+            rows.push((
+                "reloads",
+                format!(
+                    "{} after {} ms ({} of a last tab, {} of a last room tab): flaps {}  room flaps {}",
+                    r.reloads,
+                    r.reload_ms,
+                    r.reloads_of_last_tab,
+                    r.reloads_of_last_room_tab,
+                    r.flaps,
+                    r.room_flaps
+                ),
+            ));
+        }
+        if let Some(n) = &self.nodeloss {
+            let d = &n.time_to_offline;
+            rows.extend([
+                (
+                    "node loss",
+                    format!(
+                        "target {} killed: {} users on it, {} came back within {:.2} s",
+                        n.kill_target, n.lost_users, n.returned_users, n.returns_s
+                    ),
+                ),
+                (
+                    "  came back",
+                    format!(
+                        "offlines {}  lefts {} (must be 0)",
+                        n.returned_offlines, n.returned_lefts
+                    ),
+                ),
+                (
+                    "  gone",
+                    format!(
+                        "offlines {} of {}; kill -> offline p50 {:.0} ms  p90 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
+                        n.gone_offlines,
+                        n.gone_offlines_expected,
+                        d.p50_ms,
+                        d.p90_ms,
+                        d.p99_ms,
+                        d.max_ms
+                    ),
+                ),
+            ]);
+        }
         if let Some(f) = &self.fanout {
             rows.extend([
                 (

@@ -8,6 +8,11 @@
 //! checks. Once every shard reported its users' true transitions, each
 //! observer's events are checked against them (room events exactly, see
 //! [`crate::truth`]) and their latencies computed.
+//!
+//! `nodeloss` has one more step between the two checks: the shard kills a
+//! gateway and brings some of its users back elsewhere, and a `lost`
+//! check waits (longer: the lease, the reap and the grace) until every
+//! observer sees the users who did not come back offline.
 
 use std::{
     collections::BTreeMap,
@@ -26,14 +31,18 @@ use crate::{
     clock::{RunClock, Stamp},
     failure::Failure,
     layout::Layout,
+    observer::Reason,
     observer::{Comparison, Observer, ObserverError},
     options::{Options, Scenario},
-    report::{FanoutReport, GatewayReport, RedisReport, Report, TargetReport},
-    shard::{FanoutShard, Held, Order, QUIET_WINDOW, ShardFailure, ShardMsg, ShardSpec},
+    report::{
+        Distribution, FanoutReport, GatewayReport, NodelossReport, OfflineChecks, RedisReport,
+        ReloadReport, Report, TargetReport,
+    },
+    shard::{FanoutShard, Held, Lost, Order, QUIET_WINDOW, ShardFailure, ShardMsg, ShardSpec},
     stats::{EventKind, HistogramData, KindHistograms, Latency, Progress, Shared},
     step::Step,
     target::{ProcessSample, Target},
-    truth::{EventChecks, Received, TruthLog, WindowOfUser, check_window},
+    truth::{CLOCK_TOLERANCE_US, EventChecks, Received, TruthLog, WindowOfUser, check_window},
     worker::{self, ShardHandle},
     ws::STEP_TIMEOUT,
 };
@@ -48,6 +57,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const SHARD_SILENCE: Duration = Duration::from_secs(30);
 /// How often the silence of the shards is looked at while waiting.
 const SILENCE_POLL: Duration = Duration::from_secs(1);
+/// `nodeloss`: how long the `lost` check waits, past the grace, for the
+/// observers to see the users who did not come back offline: the killed
+/// node's lease must run out and a survivor's reaper must see it.
+const LOSS_SETTLE: Duration = Duration::from_secs(60);
 
 /// The shards, and the latest progress of each.
 struct Shards {
@@ -202,8 +215,12 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
             error,
         };
         // Observers sit on another node than user 0's first tab when there
-        // are several, so events cross nodes.
-        let t = (j + 1) % targets.len();
+        // are several, so events cross nodes; never on the node a
+        // `nodeloss` kills.
+        let mut t = (j + 1) % targets.len();
+        if scenario == Scenario::Nodeloss && opts.kill_target == Some(t) {
+            t = (t + 1) % targets.len();
+        }
         let mut o = Observer::connect(
             (&targets[t], t as u16),
             &layout.observer_name(j),
@@ -263,7 +280,17 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
     let held_sample = sample_all(&processes).await;
     let held = (Step::HeldCheck, "held");
     shared.set_step(Step::HeldCheck);
-    let mut checks = vec![check(held, &mut observers, &online, &in_room, &layout).await?];
+    let mut checks = vec![
+        check(
+            held,
+            &mut observers,
+            &online,
+            &in_room,
+            &layout,
+            STEP_TIMEOUT,
+        )
+        .await?,
+    ];
     // Every observer saw every transition: the store wrote them all.
     let redis_held = redis_sample(opts, Step::HeldCheck).await?;
     if scenario == Scenario::Hold {
@@ -283,6 +310,32 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
         .1;
     }
     let held_late = sample_all(&processes).await;
+    let mut lost: Vec<Lost> = Vec::new();
+    if scenario == Scenario::Nodeloss {
+        shards.order(Order::Lose);
+        shared.set_step(Step::Loss);
+        let (losts, observers_back) = with_observers(
+            observers,
+            Step::Loss,
+            shards.next_of_all(Step::Loss, SHARD_SILENCE, |m| match m {
+                ShardMsg::Lost(l) => Some(*l),
+                _ => None,
+            }),
+        )
+        .await?;
+        observers = observers_back;
+        for l in &losts {
+            for &(u, on, room) in &l.users {
+                online[u] = on;
+                in_room[u] = room;
+            }
+        }
+        shared.set_step(Step::LostCheck);
+        let within = STEP_TIMEOUT + LOSS_SETTLE + Duration::from_millis(opts.offline_grace_ms);
+        let phase = (Step::LostCheck, "lost");
+        checks.push(check(phase, &mut observers, &online, &in_room, &layout, within).await?);
+        lost = losts;
+    }
 
     let closes_from = clock.now();
     shards.order(Order::Close);
@@ -300,7 +353,17 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
     let nobody = vec![false; layout.users];
     let closed = (Step::ClosedCheck, "closed");
     shared.set_step(Step::ClosedCheck);
-    checks.push(check(closed, &mut observers, &nobody, &nobody, &layout).await?);
+    checks.push(
+        check(
+            closed,
+            &mut observers,
+            &nobody,
+            &nobody,
+            &layout,
+            STEP_TIMEOUT,
+        )
+        .await?,
+    );
     let after = sample_all(&processes).await;
     let redis_after = redis_sample(opts, Step::ClosedCheck).await?;
     drop(bar);
@@ -316,6 +379,15 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
     // storm of its own, counted apart.
     let steady_until = (scenario == Scenario::Churn).then_some(closes_from);
     let observed = check_observers(&observers, &truth, &layout, &shared, steady_until);
+    let reload = (opts.reload_ms > 0).then(|| reload_report(&observers, &truth, opts.reload_ms));
+    let nodeloss = (scenario == Scenario::Nodeloss).then(|| {
+        nodeloss_report(
+            &observers,
+            &lost,
+            opts.kill_target.unwrap_or_default(),
+            closes_from,
+        )
+    });
     let opens = span(helds.iter().map(|h| h.opens));
     // Every tab welcomed, and every observer saw every `online`.
     let all_online_s = matches!(scenario, Scenario::Storm | Scenario::Hold)
@@ -415,6 +487,10 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
         unexpected_frames: unexpected,
         ignored_frames,
         syncs,
+        offline_grace_ms: opts.offline_grace_ms,
+        offline_checks: observed.offline,
+        reload,
+        nodeloss,
         fanout,
         checks,
         errors,
@@ -455,6 +531,7 @@ struct Observed {
     /// Latencies of transitions sent at or after `steady_until`.
     close_all: KindHistograms,
     room: EventChecks,
+    offline: OfflineChecks,
 }
 
 impl Observed {
@@ -497,7 +574,9 @@ fn check_observers(
         cross_node: KindHistograms::default(),
         close_all: KindHistograms::default(),
         room: EventChecks::default(),
+        offline: OfflineChecks::default(),
     };
+    let start_unix_us = shared.clock.start_unix_ns() / 1000;
     for o in observers {
         let mut room_events: BTreeMap<usize, Vec<Received>> = BTreeMap::new();
         for s in &o.log.seen {
@@ -508,12 +587,9 @@ fn check_observers(
                     .push(Received { to: s.to, at: s.at });
                 continue;
             }
-            match truth[s.user].presence_cause(s.seq, s.to, s.at) {
-                Some(t) => {
-                    let kind = EventKind::of(false, s.to);
-                    out.record(kind, t.sent, s.at, t.target != o.target, steady_until);
-                }
-                None => shared.error_found("event_without_cause", || {
+            let Some(t) = truth[s.user].presence_cause(s.seq, s.to) else {
+                out.offline.unexplained += 1;
+                shared.error_found("event_without_cause", || {
                     let kind = if s.to { "online" } else { "offline" };
                     format!(
                         "observer {} got {kind} seq {} of user {} {} ms into the run, which no action of the user explains",
@@ -522,7 +598,34 @@ fn check_observers(
                         layout.user_name(s.user),
                         s.at / 1000
                     )
-                }),
+                });
+                continue;
+            };
+            if s.at < t.due() {
+                out.offline.early += 1;
+            }
+            if !s.to {
+                let reason = if t.lost {
+                    Reason::NodeLost
+                } else {
+                    Reason::Closed
+                };
+                out.offline.reason_mismatches += u64::from(s.reason != reason);
+                // `last_seen` is when the store wrote the close (the reap,
+                // for a killed node's tab): after the Close went out, and
+                // a grace before the event arrived.
+                let last_seen = (u128::from(s.last_seen_ms) * 1000).saturating_sub(start_unix_us);
+                let last_seen = last_seen as Stamp;
+                let within = last_seen + CLOCK_TOLERANCE_US >= t.sent
+                    && last_seen <= s.at.saturating_sub(t.grace_us) + CLOCK_TOLERANCE_US;
+                out.offline.last_seen_mismatches += u64::from(!within);
+            }
+            // A killed node's offlines are timed from the kill instead
+            // (`nodeloss`'s time to offline).
+            if !t.lost {
+                let kind = EventKind::of(false, s.to);
+                let cross = t.target != o.target;
+                out.record(kind, t.latency_from(), s.at, cross, steady_until);
             }
         }
         for (u, log) in truth.iter().enumerate() {
@@ -535,13 +638,126 @@ fn check_observers(
                 ..Default::default()
             };
             let c = check_window(&log.room, &view, &mut |t, at| {
-                let kind = EventKind::of(true, t.to);
-                out.record(kind, t.sent, at, t.target != o.target, steady_until);
+                if !t.lost {
+                    let kind = EventKind::of(true, t.to);
+                    let cross = t.target != o.target;
+                    out.record(kind, t.latency_from(), at, cross, steady_until);
+                }
             });
             out.room.add(&c.events);
         }
     }
     out
+}
+
+/// Each user's events at one observer, in arrival order: `(presence,
+/// room)`.
+fn events_by_user(o: &Observer) -> BTreeMap<usize, (Vec<Received>, Vec<Received>)> {
+    let mut by_user: BTreeMap<usize, (Vec<Received>, Vec<Received>)> = BTreeMap::new();
+    for s in &o.log.seen {
+        let e = by_user.entry(s.user).or_default();
+        let r = Received { to: s.to, at: s.at };
+        if s.room { e.1.push(r) } else { e.0.push(r) }
+    }
+    by_user
+}
+
+/// `churn --reload-ms`: counts the reloads, and those for which some
+/// observer saw the user go away and come back: an `offline` (`left`)
+/// that arrived after the reload's Close, followed by an `online`
+/// (`joined`) that arrived after its re-open, before the user's next
+/// close.
+fn reload_report(observers: &[Observer], truth: &[TruthLog], reload_ms: u64) -> ReloadReport {
+    let mut r = ReloadReport {
+        reload_ms,
+        ..Default::default()
+    };
+    let seen: Vec<_> = observers.iter().map(events_by_user).collect();
+    for (u, log) in truth.iter().enumerate() {
+        r.reloads += log.reloads.len() as u64;
+        r.reloads_of_last_tab += log.reloads.iter().filter(|x| x.last_tab).count() as u64;
+        r.reloads_of_last_room_tab += log.reloads.iter().filter(|x| x.last_in_room).count() as u64;
+        if log.reloads.is_empty() {
+            continue;
+        }
+        let mut flapped = vec![false; log.reloads.len()];
+        let mut room_flapped = vec![false; log.reloads.len()];
+        for by_user in &seen {
+            let Some((presence, room)) = by_user.get(&u) else {
+                continue;
+            };
+            for (events, flags) in [(presence, &mut flapped), (room, &mut room_flapped)] {
+                for pair in events.windows(2) {
+                    let (away, back) = (pair[0], pair[1]);
+                    if away.to || !back.to {
+                        continue;
+                    }
+                    let k = log.reloads.partition_point(|x| x.closed <= away.at);
+                    let Some(k) = k.checked_sub(1) else {
+                        continue;
+                    };
+                    let x = &log.reloads[k];
+                    if x.reopened <= back.at && x.until.is_none_or(|until| away.at < until) {
+                        flags[k] = true;
+                    }
+                }
+            }
+        }
+        r.flaps += flapped.iter().filter(|f| **f).count() as u64;
+        r.room_flaps += room_flapped.iter().filter(|f| **f).count() as u64;
+    }
+    r
+}
+
+/// `nodeloss`: what the observers got, between the kill and the final
+/// close (`until`), of the killed node's users: nothing of those who came
+/// back; one `offline` each of those who did not, timed from the kill.
+fn nodeloss_report(
+    observers: &[Observer],
+    lost: &[Lost],
+    kill_target: usize,
+    until: Stamp,
+) -> NodelossReport {
+    let mut r = NodelossReport {
+        kill_target,
+        ..Default::default()
+    };
+    let mut returned = std::collections::HashSet::new();
+    let mut gone = std::collections::HashSet::new();
+    let mut kill = Stamp::MAX;
+    for l in lost {
+        kill = kill.min(l.kill);
+        r.returns_s = r
+            .returns_s
+            .max(l.returns_done.saturating_sub(l.kill) as f64 / 1e6);
+        returned.extend(l.returned.iter().copied());
+        gone.extend(l.lost.iter().copied().filter(|u| !l.returned.contains(u)));
+    }
+    r.lost_users = (returned.len() + gone.len()) as u64;
+    r.returned_users = returned.len() as u64;
+    r.gone_offlines_expected = (gone.len() * observers.len()) as u64;
+    let mut times = Vec::new();
+    for o in observers {
+        for s in o
+            .log
+            .seen
+            .iter()
+            .filter(|s| !s.to && (kill..until).contains(&s.at))
+        {
+            if returned.contains(&s.user) {
+                if s.room {
+                    r.returned_lefts += 1;
+                } else {
+                    r.returned_offlines += 1;
+                }
+            } else if gone.contains(&s.user) && !s.room {
+                r.gone_offlines += 1;
+                times.push(s.at - kill);
+            }
+        }
+    }
+    r.time_to_offline = Distribution::of(times);
+    r
 }
 
 /// When the slowest observer saw the last `online` before the closes.
@@ -695,17 +911,19 @@ async fn with_observers<T>(
     Ok((out, back))
 }
 
-/// Waits for the observers to agree with the truth (`online`, `in_room`
-/// per user), then compares the gateway's answers with it.
+/// Waits (at most `within`) for the observers to agree with the truth
+/// (`online`, `in_room` per user), then compares the gateway's answers
+/// with it.
 async fn check(
     (step, phase): (Step, &str),
     observers: &mut [Observer],
     online: &[bool],
     in_room: &[bool],
     layout: &Layout,
+    within: Duration,
 ) -> Result<Comparison, Failure> {
     let failed = |index| move |error| Failure::Observer { index, step, error };
-    let deadline = Instant::now() + STEP_TIMEOUT;
+    let deadline = Instant::now() + within;
     let mut settled = true;
     for (j, o) in observers.iter_mut().enumerate() {
         settled &= o

@@ -8,9 +8,17 @@
 //!    then leaves/joins), and for `fanout` waits until every member tab's
 //!    view equals the truth and checks each member's events exactly; then
 //!    it reports the truth at that moment ([`ShardMsg::Held`]);
-//! 3. on [`Order::Close`] it closes every tab and reports its counts, its
-//!    histograms and every user's true transitions ([`ShardMsg::Done`]),
-//!    from which the coordinator checks the observers' events.
+//! 3. `nodeloss` only: on [`Order::Lose`] it kills the gateway, lets the
+//!    chosen users' tabs come back on the surviving nodes and reports the
+//!    truth then ([`ShardMsg::Lost`]);
+//! 4. on [`Order::Close`] it closes every tab (a sign-out, 1000) and
+//!    reports its counts, its histograms and every user's true transitions
+//!    ([`ShardMsg::Done`]), from which the coordinator checks the
+//!    observers' events.
+//!
+//! With the gateways' offline grace, the action phase ends only once every
+//! grace its closes started surely ran out, so the checks see a settled
+//! truth.
 //!
 //! Every user lives in exactly one shard, and every member of a room in
 //! the room's shard, so each truth a check needs is known where it runs.
@@ -42,7 +50,7 @@ use crate::{
     rng::Rng,
     stats::{EventKind, HistogramData, KindHistograms, Progress, Shared},
     step::Step,
-    tab::RoomIndex,
+    tab::{CloseAs, RoomIndex},
     target::Target,
     truth::{EventChecks, TruthLog, WindowOfUser, check_window},
     user::{Membership, User},
@@ -80,6 +88,8 @@ pub struct ShardSpec {
 pub enum Order {
     /// Run the action phase.
     Go,
+    /// `nodeloss`: kill the gateway, bring the returning tabs back.
+    Lose,
     /// Close every tab and report.
     Close,
 }
@@ -93,6 +103,8 @@ pub enum ShardMsg {
     Progress(Progress),
     /// The action phase is over.
     Held(Box<Held>),
+    /// `nodeloss`: the gateway was killed and the returning tabs are back.
+    Lost(Box<Lost>),
     /// Every tab closed.
     Done(Box<ShardReport>),
     /// The shard could not go on.
@@ -121,6 +133,9 @@ pub enum ShardFailure {
     /// The coordinator's orders stopped (it went away).
     #[error("lost its coordinator")]
     Orphaned,
+    /// `nodeloss`: the gateway could not be killed.
+    #[error("could not kill the gateway: {0}")]
+    Kill(String),
     /// A user's task panicked (a bug of the tool).
     #[error("lost user {user}: its task panicked: {message}")]
     UserPanicked {
@@ -145,6 +160,23 @@ pub struct Held {
     pub opens: (Stamp, Stamp),
     /// The leaves and joins of a fanout.
     pub fanout: Option<FanoutShard>,
+}
+
+/// `nodeloss`: the state once the killed node's returning users are back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lost {
+    /// `(user, online, in its room)`, as the truth has it (the users who
+    /// do not come back are offline once the reap and their grace are
+    /// over).
+    pub users: Vec<(usize, bool, bool)>,
+    /// When the kill was sent.
+    pub kill: Stamp,
+    /// The users whose tab was on the killed node.
+    pub lost: Vec<usize>,
+    /// Of those, the users whose tab came back on a surviving node.
+    pub returned: Vec<usize>,
+    /// When the last returning tab was welcomed.
+    pub returns_done: Stamp,
 }
 
 /// A shard's `fanout` results.
@@ -231,6 +263,7 @@ pub async fn run(
                 &opts.source_addrs,
                 Arc::clone(&shared),
             )
+            .with_grace(Duration::from_millis(opts.offline_grace_ms))
         })
         .collect();
 
@@ -253,8 +286,17 @@ pub async fn run(
     let rate = opts.rate_for(scenario) / procs;
     let opens_start = clock.now();
     let mut users = match scenario {
-        Scenario::Storm | Scenario::Hold => open_all(users, rate).await?,
-        Scenario::Churn => churn(users, rate, opts.duration, User::churn_step).await?,
+        Scenario::Storm | Scenario::Hold | Scenario::Nodeloss => open_all(users, rate).await?,
+        Scenario::Churn if opts.reload_ms > 0 => {
+            let after = Duration::from_millis(opts.reload_ms);
+            churn(users, rate, opts.duration, move |u| {
+                Box::pin(u.churn_step(Some(after)))
+            })
+            .await?
+        }
+        Scenario::Churn => {
+            churn(users, rate, opts.duration, |u| Box::pin(u.churn_step(None))).await?
+        }
         Scenario::Fanout => open_all(users, opts.open_rate / procs).await?,
     };
     let opens = (opens_start, clock.now());
@@ -280,11 +322,9 @@ pub async fn run(
     } else {
         None
     };
+    let mut users = let_graces_run_out(users).await?;
     let held = Held {
-        users: users
-            .iter()
-            .map(|u| (u.index, u.online(), u.in_room()))
-            .collect(),
+        users: states(&users),
         open_tabs: shared.open.load(Relaxed),
         connects_in_opens,
         opens,
@@ -292,7 +332,16 @@ pub async fn run(
     };
     let _ = out.send(ShardMsg::Held(Box::new(held)));
     shared.set_step(Step::Held);
-    if orders.recv().await != Some(Order::Close) {
+    let mut order = orders.recv().await;
+    if scenario == Scenario::Nodeloss && order == Some(Order::Lose) {
+        shared.set_step(Step::Loss);
+        let lost;
+        (users, lost) = lose_a_node(users, opts, &targets, &shared).await?;
+        let _ = out.send(ShardMsg::Lost(Box::new(lost)));
+        shared.set_step(Step::Held);
+        order = orders.recv().await;
+    }
+    if order != Some(Order::Close) {
         return Err(ShardFailure::Orphaned);
     }
     shared.set_step(Step::CloseAll);
@@ -310,6 +359,109 @@ pub async fn run(
     };
     let _ = out.send(ShardMsg::Done(Box::new(report)));
     Ok(())
+}
+
+/// `(user, online, in its room)` of every user, as the truth has it.
+fn states(users: &[User]) -> Vec<(usize, bool, bool)> {
+    users
+        .iter()
+        .map(|u| (u.index, u.online(), u.in_room()))
+        .collect()
+}
+
+/// Waits until every grace a user is in surely ran out (see
+/// [`User::let_grace_run_out`]), all users at once.
+async fn let_graces_run_out(users: Vec<User>) -> Result<Vec<User>, ShardFailure> {
+    let names = users.iter().map(|u| u.name.clone()).collect();
+    let tasks = users
+        .into_iter()
+        .map(|mut u| {
+            tokio::spawn(async move {
+                u.let_grace_run_out().await;
+                u
+            })
+        })
+        .collect();
+    join_users(names, tasks).await
+}
+
+/// `nodeloss`: kills the gateway `--kill-pid` (target `--kill-target`)
+/// with SIGKILL, then lets `--return-fraction` of its users (chosen at
+/// random) reconnect to the surviving targets, spread evenly over
+/// `--return-within-ms` after the kill; the others never come back.
+async fn lose_a_node(
+    mut users: Vec<User>,
+    opts: &Options,
+    targets: &[Target],
+    shared: &Shared,
+) -> Result<(Vec<User>, Lost), ShardFailure> {
+    let (Some(pid), Some(k)) = (opts.kill_pid, opts.kill_target) else {
+        return Err(ShardFailure::Kill("no --kill-pid / --kill-target".into()));
+    };
+    let dead = k as u16;
+    for u in &users {
+        u.expect_loss(dead);
+    }
+    let kill_at = Instant::now();
+    let kill = shared.clock.now();
+    // `kill(1)`, not a libc binding: the tool has no unsafe code.
+    let status = tokio::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .await
+        .map_err(|e| ShardFailure::Kill(format!("kill -KILL {pid}: {e}")))?;
+    if !status.success() {
+        return Err(ShardFailure::Kill(format!("kill -KILL {pid}: {status}")));
+    }
+    let lost: Vec<usize> = (0..users.len())
+        .filter(|&p| users[p].target_of(0) == dead)
+        .collect();
+    for &p in &lost {
+        users[p].lose(dead, (kill, kill_at));
+    }
+    // A random choice of the returning ones, in a random order.
+    let mut order = lost.clone();
+    let mut rng = Rng::seeded();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    order.truncate((opts.return_fraction * lost.len() as f64).round() as usize);
+    let survivors: Vec<u16> = (0..targets.len() as u16).filter(|&t| t != dead).collect();
+    let within = Duration::from_millis(opts.return_within_ms);
+    let mut back_at: Vec<Option<Instant>> = vec![None; users.len()];
+    for (j, &p) in order.iter().enumerate() {
+        let t = survivors[users[p].index % survivors.len()];
+        users[p].retarget(0, &targets[t as usize], t);
+        back_at[p] = Some(kill_at + within.mul_f64((j as f64 + 0.5) / order.len() as f64));
+    }
+    let names = users.iter().map(|u| u.name.clone()).collect();
+    let tasks = users
+        .into_iter()
+        .zip(back_at)
+        .map(|(mut u, at)| {
+            tokio::spawn(async move {
+                if let Some(at) = at {
+                    sleep_until(at.into()).await;
+                    u.open(0).await;
+                }
+                u
+            })
+        })
+        .collect();
+    let mut users = join_users(names, tasks).await?;
+    let returns_done = shared.clock.now();
+    let returned: Vec<usize> = order.iter().map(|&p| users[p].index).collect();
+    for &p in &lost {
+        users[p].stay_lost();
+    }
+    let lost = Lost {
+        users: states(&users),
+        kill,
+        lost: lost.iter().map(|&p| users[p].index).collect(),
+        returned,
+        returns_done,
+    };
+    Ok((users, lost))
 }
 
 /// A task that stops when this handle goes.
@@ -466,16 +618,18 @@ where
 
 impl User {
     /// One `churn` action: toggle a random tab slot (open it if closed,
-    /// close it if open).
-    pub fn churn_step(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(async move {
-            let slot = Rng::seeded().below(self.slots() as u64) as usize;
-            if self.is_open(slot) {
-                self.close(slot).await;
-            } else {
-                self.open(slot).await;
-            }
-        })
+    /// close it with 1001 if open). With `reload`, an open slot is
+    /// reloaded instead (closed, re-opened that much later) half the time.
+    pub async fn churn_step(&mut self, reload: Option<Duration>) {
+        let mut rng = Rng::seeded();
+        let slot = rng.below(self.slots() as u64) as usize;
+        if !self.is_open(slot) {
+            self.open(slot).await;
+        } else if let Some(after) = reload.filter(|_| rng.below(2) == 0) {
+            self.reload(slot, after).await;
+        } else {
+            self.close(slot, CloseAs::Away).await;
+        }
     }
 }
 

@@ -23,6 +23,11 @@ pub enum Step {
     Held,
     /// The check after the action phase (`held`).
     HeldCheck,
+    /// `nodeloss`: the kill and the returning tabs.
+    Loss,
+    /// `nodeloss`: the check once the killed node's users are back or
+    /// offline (`lost`).
+    LostCheck,
     /// Closing every tab.
     CloseAll,
     /// The check after every tab closed (`closed`).
@@ -37,9 +42,12 @@ impl fmt::Display for Step {
             Self::Actions(Scenario::Hold) => "the opens",
             Self::Actions(Scenario::Churn) => "the churn",
             Self::Actions(Scenario::Fanout) => "the fanout",
+            Self::Actions(Scenario::Nodeloss) => "the opens",
             Self::Hold => "the hold",
             Self::Held => "the check and hold of the open tabs",
             Self::HeldCheck => "the held check",
+            Self::Loss => "the node loss",
+            Self::LostCheck => "the lost check",
             Self::CloseAll => "the close of every tab",
             Self::ClosedCheck => "the closed check",
         })

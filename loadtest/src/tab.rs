@@ -28,7 +28,10 @@ use tokio::{
     task::JoinHandle,
     time::{timeout, timeout_at},
 };
-use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
+use tokio_tungstenite::tungstenite::{
+    Message,
+    protocol::{CloseFrame, frame::coding::CloseCode},
+};
 
 use crate::{
     clock::Stamp,
@@ -164,6 +167,26 @@ impl ReceiverLog {
     }
 }
 
+/// How the tool closes a tab, which decides whether the gateway's offline
+/// grace applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseAs {
+    /// A page unloaded or reloaded, a tab crashed: Close 1001 (going
+    /// away), as a browser sends it; the user's presence gets the grace.
+    Away,
+    /// A deliberate sign-out: Close 1000; presence ends at once.
+    SignOut,
+}
+
+impl CloseAs {
+    fn code(self) -> CloseCode {
+        match self {
+            Self::Away => CloseCode::Away,
+            Self::SignOut => CloseCode::Normal,
+        }
+    }
+}
+
 /// An open, welcomed tab.
 #[derive(Debug)]
 pub struct Tab {
@@ -172,6 +195,9 @@ pub struct Tab {
     /// Set before the Close is sent, so the reader can tell a read error
     /// during the closing handshake from one on a live tab.
     closing: Arc<AtomicBool>,
+    /// Set before the tab's gateway is killed (`nodeloss`): the socket's
+    /// end is then expected, not an error.
+    lost: Arc<AtomicBool>,
     replies: mpsc::UnboundedReceiver<(Stamp, Value)>,
     next_ref: u64,
     /// Whether this tab is in its user's room (its last `join` succeeded,
@@ -218,6 +244,8 @@ impl Tab {
         let reader_shared = Arc::clone(shared);
         let closing = Arc::new(AtomicBool::new(false));
         let reader_closing = Arc::clone(&closing);
+        let lost = Arc::new(AtomicBool::new(false));
+        let reader_lost = Arc::clone(&lost);
         let log = log.map(|l| Arc::new(Mutex::new(l)));
         let reader_log = log.clone();
         let reader_who = Arc::clone(&who);
@@ -239,6 +267,7 @@ impl Tab {
                         });
                     }
                     Ok(_) => {}
+                    Err(_) if reader_lost.load(Relaxed) => break,
                     Err(e) => {
                         if reader_closing.load(Relaxed) {
                             shared.error(&format!("after_close_{}", read_error_kind(&e)), || {
@@ -258,6 +287,7 @@ impl Tab {
             sink,
             reader,
             closing,
+            lost,
             replies,
             next_ref: 0,
             joined: false,
@@ -347,8 +377,20 @@ impl Tab {
         self.reader.is_finished()
     }
 
-    /// Sends a Close and waits for the gateway's close reply.
-    pub async fn close(mut self, shared: &Shared) {
+    /// Marks the tab's socket as about to break (its gateway is killed):
+    /// its end is not counted as an error.
+    pub fn expect_loss(&self) {
+        self.lost.store(true, Relaxed);
+    }
+
+    /// Drops a tab whose gateway was killed: not a close of the tool's.
+    pub fn lose(self, shared: &Shared) {
+        shared.open.fetch_sub(1, Relaxed);
+    }
+
+    /// Sends a Close (1001 or 1000, `how`) and waits for the gateway's
+    /// close reply.
+    pub async fn close(mut self, how: CloseAs, shared: &Shared) {
         shared.closes.fetch_add(1, Relaxed);
         shared.open.fetch_sub(1, Relaxed);
         let who = Arc::clone(&self.who);
@@ -359,7 +401,11 @@ impl Tab {
             return;
         }
         self.closing.store(true, Relaxed);
-        if let Err(e) = send(&mut self.sink, Message::Close(None)).await {
+        let frame = CloseFrame {
+            code: how.code(),
+            reason: "".into(),
+        };
+        if let Err(e) = send(&mut self.sink, Message::Close(Some(frame))).await {
             shared.error("close_send", || {
                 format!("{who} could not send its Close: {e}")
             });

@@ -24,6 +24,13 @@
 //!
 //! A receiver's own user is special: its snapshot already lists it, and if
 //! its join made the user join, that `joined` still follows the reply.
+//!
+//! With the gateways' offline grace, an `offline` or `left` that a close
+//! caused is due only once the grace after the close ran out
+//! ([`Transition::grace_us`]): an event of it that arrives earlier does
+//! not match it. A close whose user came back within the grace is no
+//! transition at all, so any event of it is one nothing explains. The
+//! user's reloads are kept ([`Reload`]) to count the flaps observers saw.
 
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +74,56 @@ pub struct Transition {
     pub done: Option<Stamp>,
     /// Index of the target the acting tab was connected to.
     pub target: u16,
+    /// An `offline`/`left` after a close with the grace on: the grace, in
+    /// µs; its event is due no earlier than `sent` + this (0 otherwise).
+    #[serde(default)]
+    pub grace_us: u64,
+    /// `nodeloss`: the tab's node was killed (`sent` is the kill); its
+    /// event says `node_lost` and comes after the reap and the grace.
+    #[serde(default)]
+    pub lost: bool,
+}
+
+/// How far the gateway's clock (its `last_seen`, its grace deadlines) may
+/// be off the tool's, in µs: the same machine's wall clock, read in
+/// milliseconds.
+pub const CLOCK_TOLERANCE_US: u64 = 5_000;
+
+impl Transition {
+    /// The earliest moment an event of this transition may arrive: its
+    /// action, or the end of the grace after it (less the clocks'
+    /// tolerance).
+    pub fn due(&self) -> Stamp {
+        if self.grace_us == 0 {
+            self.sent
+        } else {
+            (self.sent + self.grace_us).saturating_sub(CLOCK_TOLERANCE_US)
+        }
+    }
+
+    /// When the latency of its event starts: its action, or the end of
+    /// the grace after it.
+    pub fn latency_from(&self) -> Stamp {
+        self.sent + self.grace_us
+    }
+}
+
+/// One reload of a user's tab (`churn --reload-ms`): the Close sent, and
+/// the re-open of the same slot started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reload {
+    /// Close sent.
+    pub closed: Stamp,
+    /// Re-open (connect) started.
+    pub reopened: Stamp,
+    /// Whether the closed tab was the user's last open one (so without a
+    /// grace its user went offline and came back: a flap).
+    pub last_tab: bool,
+    /// Whether it was the user's last tab in its room.
+    pub last_in_room: bool,
+    /// When the user's next close after the re-open was sent (`None`: no
+    /// close followed): a flap of this reload arrives before it.
+    pub until: Option<Stamp>,
 }
 
 /// The true transitions of one user, in order.
@@ -76,21 +133,20 @@ pub struct TruthLog {
     pub presence: Vec<Transition>,
     /// Each time the joined-tab count left or reached 0.
     pub room: Vec<Transition>,
+    /// Reloads (`churn --reload-ms`), in order.
+    #[serde(default)]
+    pub reloads: Vec<Reload>,
 }
 
 impl TruthLog {
-    /// The transition a presence event with `seq` reports: the `seq`-th one
-    /// (names are fresh in every run, so `seq` counts from 1); else the
-    /// latest one to `to` begun at or before `at`.
-    pub fn presence_cause(&self, seq: u64, to: bool, at: Stamp) -> Option<&Transition> {
-        let by_seq = (seq as usize)
+    /// The transition a presence event with `seq` reports: the `seq`-th
+    /// one, if it goes `to` (names are fresh in every run, so `seq` counts
+    /// from 1). `None`: nothing the user did explains the event.
+    pub fn presence_cause(&self, seq: u64, to: bool) -> Option<&Transition> {
+        (seq as usize)
             .checked_sub(1)
             .and_then(|i| self.presence.get(i))
-            .filter(|t| t.to == to && t.sent <= at);
-        by_seq.or_else(|| {
-            let end = self.presence.partition_point(|t| t.sent <= at);
-            self.presence[..end].iter().rev().find(|t| t.to == to)
-        })
+            .filter(|t| t.to == to)
     }
 }
 
@@ -211,7 +267,11 @@ fn match_events(
     let mut skipped: Vec<usize> = Vec::new();
     let mut p = a;
     for e in events {
-        let begun = |i: usize| truth.get(i).is_some_and(|t| t.to == e.to && t.sent <= e.at);
+        let begun = |i: usize| {
+            truth
+                .get(i)
+                .is_some_and(|t| t.to == e.to && t.due() <= e.at)
+        };
         if begun(p) {
             matched.push((p, e.at));
             p += 1;
@@ -245,6 +305,8 @@ mod tests {
                 sent: s,
                 done: Some(s + 1_000),
                 target: 0,
+                grace_us: 0,
+                lost: false,
             })
             .collect()
     }
@@ -459,11 +521,30 @@ mod tests {
     fn a_presence_cause_is_found_by_seq() {
         let log = TruthLog {
             presence: truth(&T),
-            room: Vec::new(),
+            ..Default::default()
         };
-        assert_eq!(log.presence_cause(3, true, 35_000).unwrap().sent, 30_000);
-        // A seq that does not fit falls back to time.
-        assert_eq!(log.presence_cause(9, false, 35_000).unwrap().sent, 20_000);
-        assert!(log.presence_cause(1, true, 5_000).is_none());
+        assert_eq!(log.presence_cause(3, true).unwrap().sent, 30_000);
+        // A seq past the truth, or of the other kind, is explained by
+        // nothing (a flap within the grace is no transition).
+        assert!(log.presence_cause(9, false).is_none());
+        assert!(log.presence_cause(2, true).is_none());
+        assert!(log.presence_cause(0, true).is_none());
+    }
+
+    #[test]
+    fn a_left_is_due_only_once_the_grace_after_its_close_ran_out() {
+        let mut t = truth(&T[..2]);
+        // The `left` of a close at 20 ms with a grace of 1 s.
+        t[1].done = None;
+        t[1].grace_us = 1_000_000;
+        let w = |e| WindowOfUser {
+            events: e,
+            ..Default::default()
+        };
+        let in_time = events(&[(true, 11_000), (false, 1_021_000)]);
+        assert_eq!(counts(check(&t, &w(&in_time))), (0, 0, 0));
+        // Before the grace ran out: not that transition, which stays owed.
+        let early = events(&[(true, 11_000), (false, 500_000)]);
+        assert_eq!(counts(check(&t, &w(&early))), (1, 1, 0));
     }
 }

@@ -3,7 +3,7 @@
 //! The coordinator starts each worker by re-executing its own binary as
 //! `presenced-load worker --shard K` with the [`ShardSpec`] as JSON in the
 //! `PRESENCED_LOAD_WORKER` environment variable. Orders go down the
-//! worker's stdin as lines (`go`, `close`); the worker's messages come up
+//! worker's stdin as lines (`go`, `lose`, `close`); the worker's messages come up
 //! its stdout as one JSON line each, behind [`LINE_PREFIX`], so anything
 //! else a harness prints there (a test harness's own lines) is ignored. The
 //! worker's stderr is the coordinator's. A worker that exits before
@@ -103,6 +103,7 @@ pub fn start_process(spec: &ShardSpec, command: &[String]) -> Result<ShardHandle
         while let Some(order) = order_rx.recv().await {
             let line: &[u8] = match order {
                 Order::Go => b"go\n",
+                Order::Lose => b"lose\n",
                 Order::Close => b"close\n",
             };
             if stdin.write_all(line).await.is_err() || stdin.flush().await.is_err() {
@@ -159,6 +160,7 @@ async fn serve(spec: &str) -> Result<(), ShardFailure> {
         while let Ok(Some(line)) = lines.next_line().await {
             let order = match line.trim() {
                 "go" => Order::Go,
+                "lose" => Order::Lose,
                 "close" => Order::Close,
                 _ => continue,
             };

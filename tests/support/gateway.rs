@@ -130,6 +130,11 @@ impl Gateway {
         format!("ws://{}/ws?user={user}", self.addr)
     }
 
+    /// The gateway's process id (for a tool that kills it itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the gateway was already waited for")
+    }
+
     /// `ws://…/ws` without a user: a load tool target.
     pub fn ws_url_base(&self) -> String {
         format!("ws://{}/ws", self.addr)
