@@ -534,6 +534,8 @@ pub enum ReplyBody {
         count: u64,
         /// This page's members.
         users: Vec<UserId>,
+        /// The same members with their metadata and room state.
+        members: Vec<Member>,
         /// Where the next page starts; `null` after the last.
         next_cursor: Option<String>,
     },

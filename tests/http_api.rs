@@ -101,7 +101,7 @@ async fn pages_cover_every_user_once(backend: Backend) {
     let empty = ok(get(&d, "/v1/rooms/nobody-here").await);
     assert_eq!(
         empty,
-        json!({"room": "nobody-here", "count": 0, "users": [], "next_cursor": null})
+        json!({"room": "nobody-here", "count": 0, "users": [], "members": [], "next_cursor": null})
     );
 }
 

@@ -92,6 +92,18 @@ async fn an_update_reaches_the_other_members_only(backend: Backend) {
             {"user": "carol"},
         ])
     );
+    // So do room pages, over WebSocket and HTTP, with the same order.
+    let want_members = json!([
+        {"user": "alice", "state": {"cursor": [3, 4], "typing": true}},
+        {"user": "bob", "state": {"page": 2}},
+    ]);
+    let page = carol
+        .ask_ok(json!({"type": "room", "room": ROOM, "limit": 2}))
+        .await;
+    assert_eq!(page["members"], want_members, "{page}");
+    let http = support::http::get(gateway.addr, "/v1/rooms/doc%3A1?limit=2").await;
+    assert_eq!(http.status, 200);
+    assert_eq!(http.json()["members"], want_members);
     // The latest update of any tab is the user's state.
     update(&mut tab2, ROOM, json!({"cursor": [5, 6]})).await;
     carol.expect_event(updated(ROOM, "alice")).await;

@@ -193,6 +193,7 @@ async fn room_members(
         count: u64,
         #[serde(flatten)]
         page: UsersPage,
+        members: Vec<crate::protocol::Member>,
     }
     let (limit, cursor) = page_params(req, state.config.max_page)?;
     let (page, count) = state.store.room_page(room.clone(), cursor, limit).await?;
@@ -203,6 +204,7 @@ async fn room_members(
             users: page.users,
             next_cursor: page.next,
         },
+        members: page.members,
     }))
 }
 

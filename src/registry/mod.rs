@@ -548,6 +548,7 @@ impl PresenceRegistry {
                         room,
                         count,
                         users: page.users,
+                        members: page.members,
                         next_cursor: page.next,
                     })
                 });

@@ -500,6 +500,7 @@ fn page<'a>(
     Ok(Page {
         next: more.then(|| all.last().map(|u| u.to_string())).flatten(),
         users: all.into_iter().cloned().collect(),
+        members: Vec::new(),
     })
 }
 
@@ -527,8 +528,10 @@ impl Store for MemoryStore {
         let state = self.state.lock().unwrap();
         let members = state.rooms.get(&room);
         let count = members.map_or(0, |m| m.len() as u64);
-        let result =
-            page(members.into_iter().flat_map(|m| m.keys()), cursor, limit).map(|p| (p, count));
+        let result = page(members.into_iter().flat_map(|m| m.keys()), cursor, limit).map(|p| {
+            let members = snapshot(p.users.iter(), &state.meta, state.states.get(&room));
+            (Page { members, ..p }, count)
+        });
         futures_util::future::ready(result).boxed()
     }
 

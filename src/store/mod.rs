@@ -300,6 +300,9 @@ pub struct UserPresence {
 pub struct Page {
     /// The users on this page.
     pub users: Vec<UserId>,
+    /// A room's page: the same users with their metadata and room state,
+    /// in the same order (empty for other scans).
+    pub members: Vec<Member>,
     /// Where the next page starts; `None` when this was the last page.
     /// Opaque to clients.
     pub next: Option<String>,
@@ -343,7 +346,8 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     fn apply(&self, ops: Vec<StoreOp>) -> BoxFuture<'static, Result<Applied, StoreError>>;
 
     /// One page of `room`'s members from `cursor` (`None`: the start), about
-    /// `limit` long, and the room's member count.
+    /// `limit` long, with their metadata and room state, and the room's
+    /// member count.
     fn room_page(
         &self,
         room: RoomName,

@@ -37,6 +37,10 @@ impl Keys {
         format!("{}:room:{room}", self.prefix)
     }
 
+    pub(super) fn room_state(&self, room: &RoomName) -> String {
+        format!("{}:room_state:{room}", self.prefix)
+    }
+
     /// `seq`, `last_seen`, `meta` of `user`.
     pub(super) fn user(&self, user: &UserId) -> String {
         format!("{}:user:{user}", self.prefix)

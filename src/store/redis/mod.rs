@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     ids::{Meta, NodeId, RoomName, UserId},
-    protocol::Reason,
+    protocol::{Member, Reason},
 };
 
 const BATCH_LUA: &str = concat!(
@@ -176,6 +176,7 @@ fn scan_page(next: u64, fields: Vec<(UserId, i64)>) -> Page {
     Page {
         users: fields.into_iter().map(|(user, _)| user).collect(),
         next: (next != 0).then(|| next.to_string()),
+        members: Vec::new(),
     }
 }
 
@@ -246,7 +247,38 @@ impl Store for RedisStore {
                 .arg(&key)
                 .query_async(&mut conn)
                 .await?;
-            Ok((scan_page(next, fields), count))
+            let mut page = scan_page(next, fields);
+            if !page.users.is_empty() {
+                // Their metadata and room state: one more round trip.
+                let mut pipe = redis::pipe();
+                pipe.cmd("HMGET")
+                    .arg(this.keys.room_state(&room))
+                    .arg(page.users.iter().map(UserId::as_str).collect::<Vec<_>>());
+                for user in &page.users {
+                    pipe.cmd("HGET").arg(this.keys.user(user)).arg("meta");
+                }
+                let mut texts: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+                let metas = texts.split_off(1);
+                let states: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(
+                    texts.pop().unwrap_or(redis::Value::Nil),
+                )
+                .map_err(|e| StoreError::Protocol(format!("room states: {e}")))?;
+                page.members = page
+                    .users
+                    .iter()
+                    .zip(metas)
+                    .zip(states)
+                    .map(|((user, meta), state)| Member {
+                        user: user.clone(),
+                        meta: <Option<String> as redis::FromRedisValue>::from_redis_value(meta)
+                            .ok()
+                            .flatten()
+                            .and_then(Meta::from_stored),
+                        state: state.and_then(Meta::from_stored),
+                    })
+                    .collect();
+            }
+            Ok((page, count))
         }
         .boxed()
     }
