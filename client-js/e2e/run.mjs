@@ -258,6 +258,22 @@ async function reloadIsInvisible(browser) {
   await context.close();
 }
 
+async function roomStateIsLive(browser) {
+  step("room state: what one page types in a room shows live on the other");
+  const context = await browser.newContext();
+  const observer = await openAs(context, "observer", { rooms: ["notes"] });
+  const tess = await openAs(context, "tess", { rooms: ["notes"] });
+  await until(observer, "the notes room shows tess", roomIs, ["notes", ["observer", "tess"]]);
+  await tess.fill('[data-note="notes"]', "drawing the cover", { timeout: EVENT_TIMEOUT_MS });
+  await until(observer, "observer sees what tess is doing", () =>
+    document.querySelector('[data-room="notes"] [data-doing="tess"]')?.textContent === "drawing the cover");
+  // A late joiner gets it from the snapshot.
+  const uma = await openAs(context, "uma", { rooms: ["notes"] });
+  await until(uma, "uma's snapshot shows what tess is doing", () =>
+    document.querySelector('[data-room="notes"] [data-doing="tess"]')?.textContent === "drawing the cover");
+  await context.close();
+}
+
 async function gatewayRestart(browser, port) {
   step("a room, a kill -9 and a restart on the same port");
   const context = await browser.newContext({ viewport: { width: 1000, height: 470 } });
@@ -342,6 +358,7 @@ async function main() {
   await importFromAnotherOrigin(browser, port);
   await manyTabsOneUser(browser);
   await reloadIsInvisible(browser);
+  await roomStateIsLive(browser);
   await gatewayRestart(browser, port);
 }
 
