@@ -177,6 +177,13 @@ impl Subscriber {
         count < max
     }
 
+    /// Whether it is in `room`, or will be once its requests in flight are
+    /// answered as asked.
+    pub fn will_be_in(&self, room: &RoomName) -> bool {
+        let in_flight = self.in_flight();
+        expected(&self.rooms, &in_flight.joining, &in_flight.leaving).any(|held| held == room)
+    }
+
     /// How many users it will watch once its requests in flight are
     /// answered, and how many of `users` would be new.
     pub fn watch_counts(&self, users: &[UserId]) -> (usize, usize) {

@@ -413,6 +413,18 @@ impl Conn {
         state: Meta,
         ctx: &mut Context<Self>,
     ) {
+        // Refused here, so a client cannot grow `states` with rooms it is
+        // not in (the registry checks again: a leave may be racing).
+        let member = self
+            .hub
+            .borrow()
+            .subscriber(&self.id)
+            .is_some_and(|record| record.will_be_in(&room));
+        if !member {
+            let message = format!("not in room {room}: join it before updating its state");
+            self.refuse(reference.as_ref(), ErrorCode::NotJoined, &message, ctx);
+            return;
+        }
         let now = Instant::now();
         let every = self.settings.state_every;
         let turn = self.states.entry(room.clone()).or_insert(StateTurn {
