@@ -1,5 +1,7 @@
 // Browser end-to-end test: the real gateway, a real Chromium, the demo page
-// the gateway serves at / (which imports the client from /client.js).
+// the gateway serves at / (which imports the client from /client.js), and a
+// React page using the hooks of react.js (e2e/react-page.jsx, bundled with
+// esbuild at test time and served by a small HTTP server of this script).
 //
 //   node e2e/run.mjs                  from client-js/, after `npm ci`
 //   node e2e/run.mjs --update-docs    also copies the screenshot to ../docs/demo.png
@@ -11,6 +13,7 @@
 
 import { spawn } from "node:child_process";
 import { copyFileSync, createWriteStream, existsSync, mkdirSync } from "node:fs";
+import { createServer as createHttpServer } from "node:http";
 import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -47,10 +50,12 @@ if (!existsSync(CHROMIUM)) {
   process.exit(2);
 }
 let chromium;
+let esbuild;
 try {
   ({ chromium } = await import("playwright-core"));
+  esbuild = await import("esbuild");
 } catch (error) {
-  console.error(`e2e: cannot load playwright-core (${error.message}): cd client-js && npm ci`);
+  console.error(`e2e: cannot load playwright-core or esbuild (${error.message}): cd client-js && npm ci`);
   process.exit(2);
 }
 
@@ -340,6 +345,81 @@ async function importFromAnotherOrigin(browser, port) {
   await context.close();
 }
 
+/**
+ * Bundles e2e/react-page.jsx (react, react-dom, the client and its hooks)
+ * and serves it on a port of its own; resolves with its base URL.
+ */
+async function serveReactPage() {
+  const built = await esbuild.build({
+    entryPoints: [join(here, "react-page.jsx")],
+    bundle: true,
+    write: false,
+    format: "esm",
+    jsx: "automatic",
+    define: { "process.env.NODE_ENV": '"development"' },
+    logLevel: "silent",
+  });
+  const script = built.outputFiles[0].contents;
+  const html = '<!doctype html><meta charset="utf-8"><title>presenced react</title><link rel="icon" href="data:,">'
+    + '<div id="root"></div><script type="module" src="/page.js"></script>';
+  const server = createHttpServer((req, res) => {
+    const path = new URL(req.url, "http://x").pathname;
+    if (path === "/") res.writeHead(200, { "content-type": "text/html" }).end(html);
+    else if (path === "/page.js") res.writeHead(200, { "content-type": "text/javascript" }).end(script);
+    else res.writeHead(404).end();
+  });
+  await new Promise((resolveListen, reject) => {
+    server.on("error", reject);
+    server.listen(0, "127.0.0.1", resolveListen);
+  });
+  cleanups.push(() => new Promise((resolveClose) => server.close(resolveClose)));
+  return `http://127.0.0.1:${server.address().port}`;
+}
+
+const memberState = ([user, state]) =>
+  document.querySelector(`li[data-user="${user}"]`)?.dataset.state === state;
+const members = (users) =>
+  JSON.stringify([...document.querySelectorAll("li[data-user]")].map((li) => li.dataset.user)) === JSON.stringify(users);
+const onlineIs = (online) => document.querySelector("#online")?.dataset.online === online;
+
+async function reactHooks(browser, port) {
+  step("a React page: usePresence, useMyState, useOnline");
+  const pageBase = await serveReactPage();
+  const context = await browser.newContext();
+  const openReact = async (user, watch) => {
+    const page = await context.newPage();
+    page.on("pageerror", (error) => console.error(`  [react ${user}] page error: ${error.message}`));
+    page.on("console", (message) => {
+      if (message.type() === "error") console.error(`  [react ${user}] console: ${message.text()}`);
+    });
+    const query = new URLSearchParams({ gw: `127.0.0.1:${port}`, user, room: "react:1" });
+    if (watch) query.set("watch", watch);
+    await page.goto(`${pageBase}/?${query}`, { timeout: EVENT_TIMEOUT_MS });
+    await waitForState(page, "open");
+    return page;
+  };
+  const rachel = await openReact("rachel", "ron");
+  await until(rachel, "rachel lists herself in react:1", members, ["rachel"]);
+  await until(rachel, "ron shown offline", onlineIs, "false");
+
+  const ron = await openReact("ron");
+  await until(rachel, "rachel lists ron", members, ["rachel", "ron"]);
+  await until(rachel, "ron shown online", onlineIs, "true");
+
+  await ron.click("#bump", { timeout: EVENT_TIMEOUT_MS });
+  await ron.click("#bump", { timeout: EVENT_TIMEOUT_MS });
+  await until(ron, "ron's own state shows at once", () => document.querySelector("#mine")?.textContent === '{"count":2}');
+  await until(rachel, "rachel sees ron's live state", memberState, ["ron", '{"count":2}']);
+
+  // Unmounting ron's only usePresence/useMyState leaves the room; his
+  // connection stays, so he is still online. (Users and room of their own:
+  // the closed pages stay online for the gateway's grace.)
+  await ron.click("#toggle", { timeout: EVENT_TIMEOUT_MS });
+  await until(rachel, "ron gone from rachel's list", members, ["rachel"]);
+  if (!(await rachel.evaluate(onlineIs, "true"))) fail("ron shown offline after leaving a room");
+  await context.close();
+}
+
 async function main() {
   const port = await freePort();
   base = `http://127.0.0.1:${port}`;
@@ -356,6 +436,7 @@ async function main() {
   });
   cleanups.push(() => browser.close());
   await importFromAnotherOrigin(browser, port);
+  await reactHooks(browser, port);
   await manyTabsOneUser(browser);
   await reloadIsInvisible(browser);
   await roomStateIsLive(browser);
