@@ -1,7 +1,8 @@
 //! The JavaScript client's own suites, run from `cargo test` so the one test
 //! command covers them: `npm test` in `client-js/` (unit and integration
 //! tests against this build's gateway) and the browser end-to-end test
-//! `client-js/e2e/run.mjs` (headless Chromium on the demo page).
+//! `client-js/e2e/run.mjs` (headless Chromium on the demo page, and on a
+//! React page using the client's hooks, bundled when the test runs).
 //!
 //! Both get `PRESENCED_BIN`, the binary cargo just built. A missing
 //! prerequisite fails the test with what to install: a test that skips
