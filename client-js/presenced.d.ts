@@ -210,6 +210,10 @@ export class PresenceClient {
   query(users: string[]): Promise<UserState[]>;
   room(name: string): RoomView;
   isOnline(user: string): boolean | undefined;
+  /** Whether the application is in `room` (joined and not left). */
+  isJoined(room: string): boolean;
+  /** Whether the application watches `user` (watched and not unwatched). */
+  isWatching(user: string): boolean;
   /** Replace the connection's token (same user); rejects with the gateway's code ("invalid_token", "forbidden", ...). */
   refresh(token: string): Promise<TokenEvent>;
   /** Every user's online/offline through the "online"/"offline" events (token claim `feed: true`); remembered across reconnects. */

@@ -507,6 +507,16 @@ export class PresenceClient {
     return this._watched.get(user)?.online;
   }
 
+  /** Whether the application is in `room` (joined, not left; re-joined after reconnects). */
+  isJoined(room) {
+    return this._rooms.get(room)?._desired === true;
+  }
+
+  /** Whether the application watches `user` (watched, not unwatched). */
+  isWatching(user) {
+    return this._watched.has(user);
+  }
+
   /**
    * Replace the connection's token with `token` (same user) before it
    * expires; resolves with its expiry (Unix seconds) and emits "token". With

@@ -73,11 +73,8 @@ function holdsOf(client) {
   return h;
 }
 
-// The core keeps no public list of what the application joined or watches;
-// this module ships in the same package, versioned with it, so it reads the
-// client's own records.
-const appJoined = (client, room) => client._rooms?.get(room)?._desired === true;
-const appWatches = (client, user) => client._watched?.has(user) === true;
+const appJoined = (client, room) => client.isJoined(room);
+const appWatches = (client, user) => client.isWatching(user);
 
 /**
  * A hold on one name of `kind` ("rooms" or "users"); the returned function
