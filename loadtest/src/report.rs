@@ -780,3 +780,54 @@ fn close_all_row(kind: &str) -> &'static str {
         _ => "close-all left",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursors() -> CursorsReport {
+        CursorsReport {
+            rooms: 1,
+            room_size: 2,
+            rate_per_member: 30.0,
+            moves_s: 1.0,
+            updates: UpdateTally {
+                sent: 30,
+                written: 10,
+                superseded: 20,
+                ..Default::default()
+            },
+            deliveries: 10,
+            deliveries_per_s: 10.0,
+            observer_deliveries: 10,
+            latency: Latency::default(),
+            member: StateChecks::default(),
+            unconverged: 0,
+            members_settled: true,
+            observer: StateChecks::default(),
+            observer_unconverged: 0,
+            closed_by_server: 0,
+            gateway_cpu_s: None,
+            cpu_us_per_delivery: None,
+            redis_commands: None,
+            redis_commands_per_s: None,
+        }
+    }
+
+    #[test]
+    fn a_cursors_run_is_clean_only_with_every_last_state_and_nothing_refused() {
+        assert!(cursors().clean());
+        let spoiled: [fn(&mut CursorsReport); 5] = [
+            |c| c.unconverged = 1,
+            |c| c.observer_unconverged = 1,
+            |c| c.updates.refused = 1,
+            |c| c.closed_by_server = 1,
+            |c| c.member.to_sender = 1,
+        ];
+        for spoil in spoiled {
+            let mut c = cursors();
+            spoil(&mut c);
+            assert!(!c.clean(), "{c:?}");
+        }
+    }
+}
