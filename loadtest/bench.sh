@@ -26,16 +26,23 @@
 #           lease), kill -9 of one, 80 % of its users back on the others
 #           within 2 s: their offlines (target 0) and kill -> offline of
 #           the others (lease + reaper tick + grace)
+# and for issue 14
+#   cursors 50 rooms of 10 members (one tab each) on 2 nodes, every member
+#           sending 30 room-state updates/s for 15 s (the gateway writes
+#           10/s per member, --state-rate): updated deliveries/s, p99
+#           latency, gateway CPU per delivery, Redis commands/s
 # and writes the results (measured, target, met or missed by how much) as
 # a new dated section of BENCHMARKS.md.
 #
-#   loadtest/bench.sh [--quick] [--out FILE] [--no-build]
+#   loadtest/bench.sh [--quick] [--out FILE] [--no-build] [--only NAME]
 #     --quick     small sizes (under a minute, at most 2,400 tabs): checks
 #                 that the whole chain works; prints the section instead of
 #                 writing it unless --out is given
 #     --out FILE  where to append the section (default: BENCHMARKS.md, or
 #                 none with --quick)
 #     --no-build  use the release binaries already in target/release
+#     --only NAME run only the run NAME of the set (e.g. cursors); the
+#                 section then has that run's rows only
 #
 # Gateways get only the flags the load needs (and the grace the run is
 # about), and the section lists them:
@@ -51,12 +58,14 @@ command="loadtest/bench.sh${*:+ $*}"
 quick=0
 out=""
 build=1
+only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
     --out) out="$2"; shift ;;
     --no-build) build=0 ;;
-    *) echo "usage: loadtest/bench.sh [--quick] [--out FILE] [--no-build]" >&2; exit 2 ;;
+    --only) only="$2"; shift ;;
+    *) echo "usage: loadtest/bench.sh [--quick] [--out FILE] [--no-build] [--only NAME]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -140,6 +149,7 @@ flags_for() {
 run() {
   local name=$1 nodes=$2 scenario=$3
   shift 3
+  [ -n "$only" ] && [ "$name" != "$only" ] && return 0
   local users=0 rooms=0 room_size=0 grace=0 kill_target="" args=("$@")
   for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[$i]}" in
@@ -150,9 +160,13 @@ run() {
       --kill-target) kill_target=${args[$((i + 1))]} ;;
     esac
   done
-  [ "$scenario" = fanout ] && users=$((rooms * room_size))
+  case "$scenario" in fanout | cursors) users=$((rooms * room_size)) ;; esac
   local flags
   flags="$(flags_for "$users" "$rooms") --offline-grace-ms $grace${lease_flags:+ $lease_flags}"
+  # cursors: the observer is in every room and gets every `updated` of the
+  # run (5,000/s at full size, a member 90/s), in bursts when the members'
+  # paced writes line up: its outbox must hold a burst.
+  [ "$scenario" = cursors ] && flags="$flags --outbox-messages 16384 --outbox-bytes 16777216"
   flags=${flags# }
   # shellcheck disable=SC2086
   start_gateways "$nodes" $flags
@@ -172,7 +186,7 @@ run() {
     echo "   FAILED: $(jq -r '.failure' "$work/$name.json")" >&2
   fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$nodes" "$scenario" "$*" "$flags" >>"$work/runs.tsv"
-  echo "   $(jq -r '"\(.scenario // "-") correct=\(if .checks then ([.checks[] | .observers_settled and .presence_mismatches == 0 and .room_mismatches == 0] | all) and .presence.missed + .presence.duplicated + .presence.out_of_order + .room.missed + .room.duplicated + .room.out_of_order + ([.offline_checks[]] | add) == 0 else false end) connects=\(.connects // 0) errors=\(.errors // {} | tostring)\(if .reload then " flaps=\(.reload.flaps)/\(.reload.reloads_of_last_tab)" else "" end)\(if .nodeloss then " returned_offlines=\(.nodeloss.returned_offlines) kill_to_offline_p99_ms=\(.nodeloss.time_to_offline.p99_ms)" else "" end)"' "$work/$name.json")" >&2
+  echo "   $(jq -r '"\(.scenario // "-") correct=\(if .checks then ([.checks[] | .observers_settled and .presence_mismatches == 0 and .room_mismatches == 0] | all) and .presence.missed + .presence.duplicated + .presence.out_of_order + .room.missed + .room.duplicated + .room.out_of_order + ([.offline_checks[]] | add) == 0 else false end) connects=\(.connects // 0) errors=\(.errors // {} | tostring)\(if .reload then " flaps=\(.reload.flaps)/\(.reload.reloads_of_last_tab)" else "" end)\(if .nodeloss then " returned_offlines=\(.nodeloss.returned_offlines) kill_to_offline_p99_ms=\(.nodeloss.time_to_offline.p99_ms)" else "" end)\(if .cursors then " deliveries_per_s=\(.cursors.deliveries_per_s | floor) unconverged=\(.cursors.unconverged) refused=\(.cursors.updates.refused)" else "" end)"' "$work/$name.json")" >&2
 }
 
 started=$(date +%s)
@@ -193,6 +207,7 @@ if [ "$quick" = 1 ]; then
   run nodeloss 3 nodeloss --users 600 --tabs 1 --offline-grace-ms 2000 --kill-target 1 \
     --return-fraction 0.8 --return-within-ms 1000
   lease_flags=""
+  run cursors 2 cursors --rooms 10 --room-size 5 --rate 30 --duration 3
 else
   run hold 1 hold --users 3000 --tabs 5 --rate 2000 --duration 15
   run storm 1 storm --users 3000 --tabs 5
@@ -206,6 +221,7 @@ else
     --duration 15 --reload-ms 300 --offline-grace-ms 0
   run nodeloss 3 nodeloss --users 5000 --tabs 1 --rate 2000 --offline-grace-ms 5000 \
     --kill-target 1 --return-fraction 0.8 --return-within-ms 2000
+  run cursors 2 cursors --rooms 50 --room-size 10 --rate 30 --duration 15
 fi
 elapsed=$(($(date +%s) - started))
 

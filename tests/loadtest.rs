@@ -2,7 +2,10 @@
 //! correct (no missed, duplicated or out-of-order event at the observers,
 //! and the gateway's answers equal to the tool's truth), on one in-memory
 //! node and on a two-node Redis cluster; so must a storm, a fanout (every
-//! member tab checked too) and a churn run in two worker processes. This
+//! member tab checked too), a churn run in two worker processes, and
+//! `cursors` (room states: every member ends with every other member's
+//! last state) on one memory node and across two Redis nodes, while a
+//! gateway that refuses the updates makes a `cursors` run incorrect. This
 //! keeps `presenced-load` honest as the gateway changes, and the gateway
 //! honest under the tool. A run the gateway cuts short (its observer
 //! closed as a slow consumer, or the gateway killed) must end with one
@@ -131,6 +134,98 @@ async fn fanout_across_two_redis_nodes_is_correct_at_every_member() {
         );
         assert!(f.member_latency_left.n > 0 && f.member_latency_joined.n > 0);
         assert!(report.event_latency_cross_node.left.n > 0);
+    })
+    .await;
+}
+
+/// 3 rooms of 5 members, each sending 30 updates a second for 2 s: the
+/// gateway writes 10 a second per member (`--state-rate`), the rest are
+/// superseded.
+fn small_cursors(targets: Vec<String>) -> Options {
+    let mut opts = Options::new(targets, 0, 1);
+    opts.rooms = 3;
+    opts.room_size = 5;
+    opts.rate = Some(30.0);
+    opts.duration = 2.0;
+    opts
+}
+
+/// Checks a correct `cursors` run's figures against what the gateway
+/// promises: every update answered, some written and some superseded,
+/// each written state delivered to the 4 other members and the observer.
+fn assert_cursor_figures(report: &Report) {
+    let table = report.table();
+    assert_eq!(errors(report), vec![], "{table}");
+    let c = report.cursors.as_ref().expect("cursors figures");
+    let u = &c.updates;
+    // 60 sends in 2 s per member, the first at a random point of the
+    // first 1/30 s.
+    assert!(u.sent >= 15 * 59 && u.sent <= 15 * 60, "{table}");
+    assert_eq!(u.written + u.superseded, u.sent, "{table}");
+    assert!(u.written >= 15 * 15 && u.superseded > u.written, "{table}");
+    assert_eq!(c.deliveries, u.written * 4, "{table}");
+    assert_eq!(c.observer_deliveries, u.written, "{table}");
+    assert_eq!(c.latency.n, c.deliveries, "{table}");
+    assert!(c.gateway_cpu_s.is_some(), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_on_one_memory_node_are_correct() {
+    alone_within_scenario_timeout(async {
+        let gateway = Gateway::memory(&[]).await;
+        let opts = small_cursors(vec![gateway.ws_url_base()]);
+        let report = run_correct(Scenario::Cursors, &opts).await;
+        assert_cursor_figures(&report);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_across_two_redis_nodes_are_correct() {
+    alone_within_scenario_timeout(async {
+        let redis = RedisServer::start().await;
+        let a = Gateway::redis(&redis, &[]).await;
+        let b = Gateway::redis(&redis, &[]).await;
+        let mut opts = small_cursors(vec![a.ws_url_base(), b.ws_url_base()]);
+        opts.redis = Some(redis.url());
+        let report = run_correct(Scenario::Cursors, &opts).await;
+        assert_cursor_figures(&report);
+        let c = report.cursors.as_ref().expect("cursors figures");
+        assert!(
+            c.redis_commands_per_s.is_some_and(|n| n > 0.0),
+            "{}",
+            report.table()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_against_a_gateway_that_refuses_the_updates_are_incorrect() {
+    alone_within_scenario_timeout(async {
+        // 30 updates a second against a limit of 5: most are refused
+        // rate_limited (or the tab closed with 4029), so the last states
+        // cannot all arrive.
+        let gateway = Gateway::memory(&["--max-update-rate", "5"]).await;
+        let opts = small_cursors(vec![gateway.ws_url_base()]);
+        let report = presenced_load::run(Scenario::Cursors, &opts, false)
+            .await
+            .expect("the run completes: refusals are counted, not fatal");
+        assert!(!report.correct(), "{}", report.table());
+        let c = report.cursors.as_ref().expect("cursors figures");
+        assert!(
+            c.updates.refused > 0 || c.closed_by_server > 0,
+            "{}",
+            report.table()
+        );
+        assert!(
+            report
+                .errors
+                .keys()
+                .any(|k| k == "tab_error_rate_limited" || k.starts_with("closed_by_server")),
+            "{}",
+            report.table()
+        );
     })
     .await;
 }

@@ -35,6 +35,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod cursor;
 pub mod failure;
 pub mod layout;
 pub mod observer;

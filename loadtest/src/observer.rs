@@ -10,7 +10,9 @@
 //! A reader task stamps each frame on arrival, so a busy checker does not
 //! bias the latencies. The checking itself is [`ObserverLog`], which needs
 //! no socket; it ignores frame types it does not check, so a new event in
-//! the protocol does not break a run.
+//! the protocol does not break a run. Room states (`updated`, and the
+//! `state` of each member in a join snapshot) are kept per user in a
+//! [`StateLog`], checked as a member's are (`cursors`).
 //!
 //! Nothing an observer does ends in a panic: every way it can fail is an
 //! [`ObserverError`] that the coordinator reports with the step it was in.
@@ -38,6 +40,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     clock::Stamp,
+    cursor::StateLog,
     stats::Shared,
     target::Target,
     truth::EventChecks,
@@ -216,8 +219,8 @@ pub struct Seen {
 /// without one.
 ///
 /// It is strict about the frames it checks (`online`, `offline`, `joined`,
-/// `left`, `sync`, and replies and errors only as answers to its own
-/// requests) and ignores, counting them by type, frames of any other type:
+/// `left`, `updated`, `sync`, and replies and errors only as answers to
+/// its own requests) and ignores, counting them by type, frames of any other type:
 /// a new event in the protocol changes nothing here until the tool checks
 /// it.
 #[derive(Debug)]
@@ -234,6 +237,8 @@ pub struct ObserverLog {
     pub ignored: BTreeMap<String, u64>,
     /// `sync` frames (the node resubscribed; views were replaced).
     pub syncs: u64,
+    /// Every user's room state as this observer knows it, by user index.
+    pub states: StateLog,
     /// Every event received, in order.
     pub seen: Vec<Seen>,
     shared: Arc<Shared>,
@@ -250,6 +255,7 @@ impl ObserverLog {
             unexpected: 0,
             ignored: BTreeMap::new(),
             syncs: 0,
+            states: StateLog::new(users),
             seen: Vec::new(),
             shared,
         }
@@ -276,6 +282,7 @@ impl ObserverLog {
         for m in members.as_array().into_iter().flatten() {
             if let Some(i) = m["user"].as_str().and_then(|u| self.user_index(u)) {
                 self.views[i].in_room = true;
+                self.states.snapshot(i, &m["state"]);
             }
         }
     }
@@ -334,6 +341,10 @@ impl ObserverLog {
                     reason: Reason::of(frame),
                     last_seen_ms: 0,
                 });
+            }
+            (Some(FrameKind::Updated), Some(i)) => {
+                self.shared.events.fetch_add(1, Relaxed);
+                self.states.updated(i, &frame["state"], at, false);
             }
             (Some(FrameKind::Sync), _) => {
                 self.syncs += 1;
@@ -418,6 +429,9 @@ pub struct Comparison {
     pub presence_mismatches: u64,
     /// Room members missing or extra in the gateway's `room` pages.
     pub room_mismatches: u64,
+    /// `cursors`: room members whose state in the gateway's `room` pages
+    /// is not the last one they sent (0 for other scenarios).
+    pub state_mismatches: u64,
     /// Users online, as the truth has it.
     pub users_online: u64,
 }
@@ -694,7 +708,16 @@ impl Observer {
 
     /// Every member of `room` that is a user of the run, page by page.
     pub async fn room_members(&mut self, room: &str) -> Result<HashSet<usize>, ObserverError> {
-        let mut members = HashSet::new();
+        Ok(self.room_page_states(room).await?.into_keys().collect())
+    }
+
+    /// Every member of `room` that is a user of the run, with the `n` of
+    /// the state its page lists (0: none), page by page.
+    pub async fn room_page_states(
+        &mut self,
+        room: &str,
+    ) -> Result<BTreeMap<usize, u64>, ObserverError> {
+        let mut members = BTreeMap::new();
         let mut cursor = Value::Null;
         loop {
             let reply = self
@@ -702,7 +725,13 @@ impl Observer {
                 .await?;
             for u in reply["users"].as_array().into_iter().flatten() {
                 if let Some(i) = u.as_str().and_then(|n| self.log.user_index(n)) {
-                    members.insert(i);
+                    members.insert(i, 0);
+                }
+            }
+            for m in reply["members"].as_array().into_iter().flatten() {
+                if let Some(i) = m["user"].as_str().and_then(|n| self.log.user_index(n)) {
+                    let n = crate::cursor::n_of(&m["state"]).unwrap_or_default();
+                    members.insert(i, n);
                 }
             }
             cursor = reply["next_cursor"].clone();
@@ -725,7 +754,6 @@ mod tests {
     fn frames_of_types_it_does_not_check_are_ignored_not_unexpected() {
         let mut l = log();
         for frame in [
-            json!({"type": "updated", "room": "ltr0", "user": "ltu0", "meta": {"x": 1}}),
             json!({"type": "status", "user": "ltu1", "status": "away"}),
             json!({"type": "occupancy", "room": "ltr0", "count": 2}),
             json!({"type": "batch", "events": [{"type": "online", "user": "ltu2", "seq": 1}]}),
@@ -737,15 +765,7 @@ mod tests {
         assert!(l.presence.clean());
         assert!(l.seen.is_empty());
         let ignored: Vec<_> = l.ignored.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        assert_eq!(
-            ignored,
-            [
-                ("batch", 1),
-                ("occupancy", 1),
-                ("status", 2),
-                ("updated", 1)
-            ]
-        );
+        assert_eq!(ignored, [("batch", 1), ("occupancy", 1), ("status", 2)]);
     }
 
     #[test]
@@ -786,5 +806,28 @@ mod tests {
             4,
             "three presence events kept, one room event"
         );
+    }
+
+    #[test]
+    fn updated_frames_are_read_as_room_states() {
+        let mut l = log();
+        l.apply_snapshot(&json!([{"user": "ltu1", "state": crate::cursor::state(2)}]));
+        l.handle(1, &json!({"type": "updated", "room": "ltr0", "user": "ltu0", "state": crate::cursor::state(1)}));
+        l.handle(2, &json!({"type": "updated", "room": "ltr0", "user": "ltu1", "state": crate::cursor::state(3)}));
+        // Behind the snapshot: out of order.
+        l.handle(3, &json!({"type": "updated", "room": "ltr0", "user": "ltu1", "state": crate::cursor::state(1)}));
+        // Another run's user is unexpected, not ignored.
+        l.handle(
+            4,
+            &json!({"type": "updated", "room": "x", "user": "other", "state": {}}),
+        );
+        assert!(l.ignored.is_empty());
+        assert_eq!(l.unexpected, 1);
+        assert_eq!((l.states.latest(0), l.states.latest(1)), (1, 3));
+        assert_eq!(
+            (l.states.checks.delivered, l.states.checks.out_of_order),
+            (2, 1)
+        );
+        assert_eq!(l.states.unconverged(&[1, 3, 0], None), 0);
     }
 }

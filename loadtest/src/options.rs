@@ -21,6 +21,8 @@ pub const DEFAULT_CHURN_RATE: f64 = 500.0;
 pub const DEFAULT_HOLD_RATE: f64 = 1000.0;
 /// Default joins+leaves a second for `fanout`.
 pub const DEFAULT_FANOUT_RATE: f64 = 200.0;
+/// Default `update` frames a second per member for `cursors`.
+pub const DEFAULT_CURSOR_RATE: f64 = 30.0;
 /// Default fraction of a killed node's users whose tab comes back
 /// (`nodeloss`).
 pub const DEFAULT_RETURN_FRACTION: f64 = 1.0;
@@ -58,6 +60,11 @@ pub enum ScenarioCommand {
     /// its users back on the surviving nodes within --return-within-ms,
     /// check that they never went offline and that the others did, once.
     Nodeloss(Options),
+    /// Rooms of --room-size users, one tab each: for --duration seconds
+    /// every member sends `update` frames (a moving cursor) at --rate a
+    /// second, and every member checks that it ends with every other
+    /// member's last state, in order, never its own.
+    Cursors(Options),
     /// A worker process of `--procs` (started by the tool itself; its
     /// orders come in the PRESENCED_LOAD_WORKER environment variable).
     #[command(hide = true)]
@@ -78,6 +85,7 @@ impl ScenarioCommand {
             Self::Hold(o) => (Scenario::Hold, o),
             Self::Fanout(o) => (Scenario::Fanout, o),
             Self::Nodeloss(o) => (Scenario::Nodeloss, o),
+            Self::Cursors(o) => (Scenario::Cursors, o),
             Self::Worker { .. } => return None,
         })
     }
@@ -97,6 +105,8 @@ pub enum Scenario {
     Fanout,
     /// A node killed -9; some of its users come back on the others.
     Nodeloss,
+    /// Room members send room states (`update`) at a steady rate.
+    Cursors,
 }
 
 impl Scenario {
@@ -108,6 +118,7 @@ impl Scenario {
             Self::Hold => "hold",
             Self::Fanout => "fanout",
             Self::Nodeloss => "nodeloss",
+            Self::Cursors => "cursors",
         }
     }
 }
@@ -135,11 +146,14 @@ pub struct Options {
     #[arg(long, default_value_t = DEFAULT_ROOM_SIZE)]
     pub room_size: usize,
     /// Actions a second: tab opens+closes for churn, opens for storm and
-    /// hold, leaves+joins for fanout (0 = as fast as possible). Default:
-    /// 500 for churn, 1000 for hold, 200 for fanout, unpaced for storm.
+    /// hold, leaves+joins for fanout (0 = as fast as possible); for
+    /// cursors, `update` frames a second per member. Default: 500 for
+    /// churn, 1000 for hold, 200 for fanout, 30 for cursors, unpaced for
+    /// storm.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Tab opens a second before a `fanout`'s actions (0 = unpaced).
+    /// Tab opens a second before a `fanout`'s or `cursors`' actions (0 =
+    /// unpaced).
     #[arg(long, default_value_t = DEFAULT_HOLD_RATE)]
     pub open_rate: f64,
     /// Seconds of churn or fanout, or of holding in `hold`.
@@ -236,10 +250,11 @@ impl Options {
         }
     }
 
-    /// The users of a run of `scenario`: rooms × room-size for `fanout`.
+    /// The users of a run of `scenario`: rooms × room-size for `fanout`
+    /// and `cursors`.
     pub fn users_for(&self, scenario: Scenario) -> usize {
         match scenario {
-            Scenario::Fanout => self.rooms * self.room_size,
+            Scenario::Fanout | Scenario::Cursors => self.rooms * self.room_size,
             _ => self.users,
         }
     }
@@ -251,6 +266,7 @@ impl Options {
             Scenario::Churn => DEFAULT_CHURN_RATE,
             Scenario::Hold | Scenario::Nodeloss => DEFAULT_HOLD_RATE,
             Scenario::Fanout => DEFAULT_FANOUT_RATE,
+            Scenario::Cursors => DEFAULT_CURSOR_RATE,
         })
     }
 
@@ -258,14 +274,24 @@ impl Options {
     pub fn validate(&self, scenario: Scenario) -> anyhow::Result<()> {
         anyhow::ensure!(!self.targets.is_empty(), "--targets needs at least one URL");
         anyhow::ensure!(self.procs > 0, "--procs must be at least 1");
-        if scenario == Scenario::Fanout {
+        if matches!(scenario, Scenario::Fanout | Scenario::Cursors) {
+            let name = scenario.name();
             anyhow::ensure!(
                 self.rooms > 0 && self.room_size > 0,
-                "fanout needs --rooms and --room-size of at least 1"
+                "{name} needs --rooms and --room-size of at least 1"
             );
             anyhow::ensure!(
                 self.rooms.is_multiple_of(self.procs),
-                "fanout: --rooms must be a multiple of --procs (a room's members live in one worker)"
+                "{name}: --rooms must be a multiple of --procs (a room's members live in one worker)"
+            );
+        }
+        if scenario == Scenario::Cursors {
+            // One tab per member: an `updated` at a member's tab is then
+            // never its own, which the check relies on.
+            anyhow::ensure!(self.tabs == 1, "cursors runs one tab per member (--tabs 1)");
+            anyhow::ensure!(
+                self.rate_for(scenario) > 0.0,
+                "cursors needs a --rate above 0 (updates a second per member)"
             );
         }
         anyhow::ensure!(self.users_for(scenario) > 0, "--users must be at least 1");

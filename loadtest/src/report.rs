@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use serde::Serialize;
 
 use crate::{
+    cursor::{StateChecks, UpdateTally},
     observer::Comparison,
     options::Scenario,
     stats::{KindLatencies, Latency},
@@ -90,6 +91,8 @@ pub struct Report {
     pub nodeloss: Option<NodelossReport>,
     /// `fanout`'s member checks and fan-out figures.
     pub fanout: Option<FanoutReport>,
+    /// `cursors`' state checks and delivery figures.
+    pub cursors: Option<CursorsReport>,
     /// The comparisons with the gateway: after the actions (`held`) and
     /// after closing every tab (`closed`).
     pub checks: Vec<Comparison>,
@@ -241,8 +244,12 @@ impl Report {
                 .fanout
                 .as_ref()
                 .is_none_or(|f| f.member.clean() && f.snapshot_mismatches == 0 && f.members_settled)
+            && self.cursors.as_ref().is_none_or(CursorsReport::clean)
             && self.checks.iter().all(|c| {
-                c.observers_settled && c.presence_mismatches == 0 && c.room_mismatches == 0
+                c.observers_settled
+                    && c.presence_mismatches == 0
+                    && c.room_mismatches == 0
+                    && c.state_mismatches == 0
             })
     }
 
@@ -432,18 +439,22 @@ impl Report {
                 ),
             ]);
         }
+        if let Some(c) = &self.cursors {
+            rows.extend(c.rows(&lat));
+        }
         for (k, v) in rows {
             let _ = writeln!(s, "  {k:<24} {v}");
         }
         for c in &self.checks {
             let _ = writeln!(
                 s,
-                "  {:<24} observers settled {}  online {}  gateway mismatches: presence {} room {}",
+                "  {:<24} observers settled {}  online {}  gateway mismatches: presence {} room {} state {}",
                 format!("check ({})", c.phase),
                 c.observers_settled,
                 c.users_online,
                 c.presence_mismatches,
-                c.room_mismatches
+                c.room_mismatches,
+                c.state_mismatches
             );
         }
         let errors = if self.errors.is_empty() {
@@ -561,6 +572,137 @@ pub struct FanoutReport {
     pub member_latency_left: Latency,
 }
 
+/// `cursors`' results, summed over processes.
+#[derive(Debug, Clone, Serialize)]
+pub struct CursorsReport {
+    /// Rooms.
+    pub rooms: usize,
+    /// Members per room (one tab each).
+    pub room_size: usize,
+    /// `update` frames a second per member (`--rate`).
+    pub rate_per_member: f64,
+    /// Seconds from the first `update` sent to the last.
+    pub moves_s: f64,
+    /// The `update` frames sent and what their replies said: `written`,
+    /// `superseded`, `refused` (an error frame), `unanswered`.
+    pub updates: UpdateTally,
+    /// `updated` frames members received (each a newer state of another
+    /// member).
+    pub deliveries: u64,
+    /// Of those, the ones that arrived during the moves, per second of
+    /// them.
+    pub deliveries_per_s: f64,
+    /// `updated` frames the observers received (each in every room).
+    pub observer_deliveries: u64,
+    /// `update` sent → its `updated` at each member (matched by `n`).
+    pub latency: Latency,
+    /// What the members' `updated` frames showed: duplicated, out of
+    /// order, to the sender, unreadable (each must be 0).
+    pub member: StateChecks,
+    /// (member, other member) pairs where the member does not end with
+    /// the other's last state (must be 0).
+    pub unconverged: u64,
+    /// Whether every member held every last state within the step
+    /// timeout.
+    pub members_settled: bool,
+    /// The same checks at the observers, summed.
+    pub observer: StateChecks,
+    /// (observer, member) pairs where the observer does not end with the
+    /// member's last state (must be 0).
+    pub observer_unconverged: u64,
+    /// Tabs the gateway closed (`closed_by_server_*`, e.g. 4029 rate
+    /// limited, 4008 slow consumer; must be 0).
+    pub closed_by_server: u64,
+    /// Σ gateway CPU seconds (from `/proc`) from before the opens to the
+    /// end of the members' checks.
+    pub gateway_cpu_s: Option<f64>,
+    /// That, in µs, per `updated` delivered (to members and observers).
+    pub cpu_us_per_delivery: Option<f64>,
+    /// Redis commands (`total_commands_processed`) over the same span,
+    /// with `--redis`.
+    pub redis_commands: Option<u64>,
+    /// Those per second of the moves.
+    pub redis_commands_per_s: Option<f64>,
+}
+
+impl CursorsReport {
+    /// Whether every state check passed and no tab or update was refused.
+    pub fn clean(&self) -> bool {
+        self.updates.refused == 0
+            && self.updates.unanswered == 0
+            && self.member.clean()
+            && self.observer.clean()
+            && self.unconverged == 0
+            && self.observer_unconverged == 0
+            && self.members_settled
+            && self.closed_by_server == 0
+    }
+
+    fn rows(&self, lat: &dyn Fn(&Latency) -> String) -> Vec<(&'static str, String)> {
+        let u = &self.updates;
+        let checks = |c: &StateChecks| {
+            format!(
+                "duplicated {}  out of order {}  to sender {}  unreadable {}",
+                c.duplicated, c.out_of_order, c.to_sender, c.unreadable
+            )
+        };
+        let opt =
+            |v: Option<f64>, unit: &str| v.map_or("n/a".to_owned(), |v| format!("{v:.1}{unit}"));
+        vec![
+            (
+                "cursor updates",
+                format!(
+                    "{} rooms of {} at {}/s each for {:.1} s: sent {}  written {}  superseded {}  refused {}  unanswered {}",
+                    self.rooms,
+                    self.room_size,
+                    self.rate_per_member,
+                    self.moves_s,
+                    u.sent,
+                    u.written,
+                    u.superseded,
+                    u.refused,
+                    u.unanswered
+                ),
+            ),
+            (
+                "updated delivered",
+                format!(
+                    "{} to members ({:.0}/s during the moves), {} to observers",
+                    self.deliveries, self.deliveries_per_s, self.observer_deliveries
+                ),
+            ),
+            ("updated latency", lat(&self.latency)),
+            (
+                "member states",
+                format!(
+                    "{}  unconverged {}  settled {}",
+                    checks(&self.member),
+                    self.unconverged,
+                    self.members_settled
+                ),
+            ),
+            (
+                "observer states",
+                format!(
+                    "{}  unconverged {}",
+                    checks(&self.observer),
+                    self.observer_unconverged
+                ),
+            ),
+            (
+                "cursor cost",
+                format!(
+                    "closed by gateway {}; gateway CPU {} ({} per delivery); redis {} commands/s",
+                    self.closed_by_server,
+                    opt(self.gateway_cpu_s, " s"),
+                    opt(self.cpu_us_per_delivery, " µs"),
+                    opt(self.redis_commands_per_s, "")
+                ),
+            ),
+        ]
+    }
+}
+
 /// One gateway process's samples.
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetReport {
@@ -636,5 +778,56 @@ fn close_all_row(kind: &str) -> &'static str {
         "offline" => "close-all offline",
         "joined" => "close-all joined",
         _ => "close-all left",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursors() -> CursorsReport {
+        CursorsReport {
+            rooms: 1,
+            room_size: 2,
+            rate_per_member: 30.0,
+            moves_s: 1.0,
+            updates: UpdateTally {
+                sent: 30,
+                written: 10,
+                superseded: 20,
+                ..Default::default()
+            },
+            deliveries: 10,
+            deliveries_per_s: 10.0,
+            observer_deliveries: 10,
+            latency: Latency::default(),
+            member: StateChecks::default(),
+            unconverged: 0,
+            members_settled: true,
+            observer: StateChecks::default(),
+            observer_unconverged: 0,
+            closed_by_server: 0,
+            gateway_cpu_s: None,
+            cpu_us_per_delivery: None,
+            redis_commands: None,
+            redis_commands_per_s: None,
+        }
+    }
+
+    #[test]
+    fn a_cursors_run_is_clean_only_with_every_last_state_and_nothing_refused() {
+        assert!(cursors().clean());
+        let spoiled: [fn(&mut CursorsReport); 5] = [
+            |c| c.unconverged = 1,
+            |c| c.observer_unconverged = 1,
+            |c| c.updates.refused = 1,
+            |c| c.closed_by_server = 1,
+            |c| c.member.to_sender = 1,
+        ];
+        for spoil in spoiled {
+            let mut c = cursors();
+            spoil(&mut c);
+            assert!(!c.clean(), "{c:?}");
+        }
     }
 }

@@ -35,10 +35,13 @@ use crate::{
     observer::{Comparison, Observer, ObserverError},
     options::{Options, Scenario},
     report::{
-        Distribution, FanoutReport, GatewayReport, NodelossReport, OfflineChecks, RedisReport,
-        ReloadReport, Report, TargetReport,
+        CursorsReport, Distribution, FanoutReport, GatewayReport, NodelossReport, OfflineChecks,
+        RedisReport, ReloadReport, Report, TargetReport,
     },
-    shard::{FanoutShard, Held, Lost, Order, QUIET_WINDOW, ShardFailure, ShardMsg, ShardSpec},
+    shard::{
+        CursorShard, FanoutShard, Held, Lost, Order, QUIET_WINDOW, ShardFailure, ShardMsg,
+        ShardSpec,
+    },
     stats::{EventKind, HistogramData, KindHistograms, Latency, Progress, Shared},
     step::Step,
     target::{ProcessSample, Target},
@@ -251,6 +254,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
     let bar = progress.then(|| spinner(scenario, &shared, &shards.progress));
     let before = sample_all(&processes).await;
     let redis_before = redis_sample(opts, Step::Setup).await?;
+    let commands_before = redis_commands(scenario, opts, Step::Setup).await?;
     let started = clock.now();
     let started_at = Instant::now();
 
@@ -278,14 +282,22 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
     }
 
     let held_sample = sample_all(&processes).await;
+    let commands_held = redis_commands(scenario, opts, Step::HeldCheck).await?;
+    // `cursors`: each member's last state sent, by user.
+    let mut finals = vec![0; layout.users];
+    for c in helds.iter().filter_map(|h| h.cursors.as_ref()) {
+        for &(u, n) in &c.finals {
+            finals[u] = n;
+        }
+    }
     let held = (Step::HeldCheck, "held");
     shared.set_step(Step::HeldCheck);
     let mut checks = vec![
         check(
             held,
             &mut observers,
-            &online,
-            &in_room,
+            (&online, &in_room),
+            (scenario == Scenario::Cursors).then_some(&finals[..]),
             &layout,
             STEP_TIMEOUT,
         )
@@ -333,7 +345,8 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
         shared.set_step(Step::LostCheck);
         let within = STEP_TIMEOUT + LOSS_SETTLE + Duration::from_millis(opts.offline_grace_ms);
         let phase = (Step::LostCheck, "lost");
-        checks.push(check(phase, &mut observers, &online, &in_room, &layout, within).await?);
+        let truth = (&online[..], &in_room[..]);
+        checks.push(check(phase, &mut observers, truth, None, &layout, within).await?);
         lost = losts;
     }
 
@@ -357,8 +370,8 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
         check(
             closed,
             &mut observers,
-            &nobody,
-            &nobody,
+            (&nobody, &nobody),
+            None,
             &layout,
             STEP_TIMEOUT,
         )
@@ -442,6 +455,24 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
     let fanout = (scenario == Scenario::Fanout)
         .then(|| fanout_report(&helds, &observers, opts.rooms))
         .flatten();
+    let cursors = (scenario == Scenario::Cursors).then(|| {
+        let sum = |samples: &[Option<ProcessSample>]| -> Option<f64> {
+            samples
+                .iter()
+                .map(|p| p.and_then(|p| p.proc_cpu_seconds))
+                .sum()
+        };
+        let spent = CursorSpend {
+            gateway_cpu_s: sum(&held_sample).zip(sum(&before)).map(|(h, b)| h - b),
+            redis_commands: commands_held.zip(commands_before).map(|(h, b)| h - b),
+            closed_by_server: errors
+                .iter()
+                .filter(|(k, _)| k.starts_with("closed_by_server"))
+                .map(|(_, v)| v)
+                .sum(),
+        };
+        cursors_report(&helds, &observers, &finals, opts, spent)
+    });
     let users = layout.users;
     let redis = match (redis_before, redis_held, redis_after) {
         (Some(before), Some(held), Some(after)) => Some(RedisReport {
@@ -492,6 +523,7 @@ pub async fn run(scenario: Scenario, opts: &Options, progress: bool) -> Result<R
         reload,
         nodeloss,
         fanout,
+        cursors,
         checks,
         errors,
         first_errors,
@@ -512,6 +544,25 @@ async fn redis_sample(opts: &Options, step: Step) -> Result<Option<u64>, Failure
                 step,
                 reason,
             }),
+    }
+}
+
+/// `cursors`: Redis's command count (`--redis`), for commands a second.
+async fn redis_commands(
+    scenario: Scenario,
+    opts: &Options,
+    step: Step,
+) -> Result<Option<u64>, Failure> {
+    match &opts.redis {
+        Some(url) if scenario == Scenario::Cursors => crate::target::redis_commands(url)
+            .await
+            .map(Some)
+            .map_err(|reason| Failure::Redis {
+                url: url.clone(),
+                step,
+                reason,
+            }),
+        _ => Ok(None),
     }
 }
 
@@ -818,6 +869,70 @@ fn fanout_report(helds: &[Held], observers: &[Observer], rooms: usize) -> Option
     })
 }
 
+/// What `cursors` cost outside the tool, from before the opens to the end
+/// of the members' checks.
+struct CursorSpend {
+    gateway_cpu_s: Option<f64>,
+    redis_commands: Option<u64>,
+    closed_by_server: u64,
+}
+
+/// Sums the shards' `cursors` results and checks each observer's states
+/// against every member's last one (`finals`, by user).
+fn cursors_report(
+    helds: &[Held],
+    observers: &[Observer],
+    finals: &[u64],
+    opts: &Options,
+    spent: CursorSpend,
+) -> CursorsReport {
+    let parts: Vec<&CursorShard> = helds.iter().filter_map(|h| h.cursors.as_ref()).collect();
+    let moves = span(parts.iter().map(|c| c.moves));
+    let moves_s = secs(moves);
+    let mut updates = crate::cursor::UpdateTally::default();
+    let mut member = crate::cursor::StateChecks::default();
+    let mut observer = crate::cursor::StateChecks::default();
+    for c in &parts {
+        updates.add(&c.updates);
+        member.add(&c.member);
+    }
+    let mut observer_unconverged = 0;
+    for o in observers {
+        observer.add(&o.log.states.checks);
+        observer_unconverged += o.log.states.unconverged(finals, None);
+    }
+    let deliveries = member.delivered;
+    let all_deliveries = deliveries + observer.delivered;
+    CursorsReport {
+        rooms: opts.rooms,
+        room_size: opts.room_size,
+        rate_per_member: opts.rate_for(Scenario::Cursors),
+        moves_s,
+        updates,
+        deliveries,
+        deliveries_per_s: parts.iter().map(|c| c.delivered_in_moves).sum::<u64>() as f64
+            / moves_s.max(1e-9),
+        observer_deliveries: observer.delivered,
+        latency: Latency::of(&HistogramData::merge(parts.iter().map(|c| &c.latency))),
+        member,
+        unconverged: parts.iter().map(|c| c.unconverged).sum(),
+        members_settled: parts.iter().all(|c| c.settled),
+        observer,
+        observer_unconverged,
+        closed_by_server: spent.closed_by_server,
+        gateway_cpu_s: spent.gateway_cpu_s,
+        cpu_us_per_delivery: spent
+            .gateway_cpu_s
+            .filter(|_| all_deliveries > 0)
+            .map(|s| s * 1e6 / all_deliveries as f64),
+        redis_commands: spent.redis_commands,
+        redis_commands_per_s: spent
+            .redis_commands
+            .filter(|_| moves_s > 0.0)
+            .map(|n| n as f64 / moves_s),
+    }
+}
+
 /// The progress line; cleared when it goes, also when a run fails, so the
 /// failure line does not share the terminal line with it.
 struct ProgressLine(ProgressBar);
@@ -913,12 +1028,13 @@ async fn with_observers<T>(
 
 /// Waits (at most `within`) for the observers to agree with the truth
 /// (`online`, `in_room` per user), then compares the gateway's answers
-/// with it.
+/// with it (and, given each user's last state sent, `states`, the states
+/// in its room pages).
 async fn check(
     (step, phase): (Step, &str),
     observers: &mut [Observer],
-    online: &[bool],
-    in_room: &[bool],
+    (online, in_room): (&[bool], &[bool]),
+    states: Option<&[u64]>,
     layout: &Layout,
     within: Duration,
 ) -> Result<Comparison, Failure> {
@@ -939,18 +1055,22 @@ async fn check(
     for o in observers.iter_mut() {
         o.log.count_final_misses(&gateway, in_room);
     }
-    let mut room_mismatches = 0;
+    let (mut room_mismatches, mut state_mismatches) = (0, 0);
     for r in 0..layout.rooms {
-        let gateway = observers[0]
-            .room_members(&layout.room_name(r))
+        let pages = observers[0]
+            .room_page_states(&layout.room_name(r))
             .await
             .map_err(failed(0))?;
+        let gateway: std::collections::HashSet<usize> = pages.keys().copied().collect();
         let truth: std::collections::HashSet<usize> = layout
             .members(r)
             .into_iter()
             .filter(|&i| in_room[i])
             .collect();
         room_mismatches += truth.symmetric_difference(&gateway).count() as u64;
+        if let Some(states) = states {
+            state_mismatches += pages.iter().filter(|&(&u, &n)| states[u] != n).count() as u64;
+        }
     }
     Ok(Comparison {
         phase: phase.to_owned(),
@@ -961,6 +1081,7 @@ async fn check(
             .filter(|((g, _), t)| g != *t)
             .count() as u64,
         room_mismatches,
+        state_mismatches,
         users_online: online.iter().filter(|o| **o).count() as u64,
     })
 }

@@ -5,9 +5,12 @@
 //!
 //! 1. the shard builds its users and says [`ShardMsg::Ready`];
 //! 2. on [`Order::Go`] it runs the action phase (opens, churn, or opens
-//!    then leaves/joins), and for `fanout` waits until every member tab's
-//!    view equals the truth and checks each member's events exactly; then
-//!    it reports the truth at that moment ([`ShardMsg::Held`]);
+//!    then leaves/joins, or opens then cursor moves), and for `fanout`
+//!    waits until every member tab's view equals the truth and checks each
+//!    member's events exactly (for `cursors`, until every member holds
+//!    every other member's last state, and checks each member's `updated`
+//!    frames); then it reports the truth at that moment
+//!    ([`ShardMsg::Held`]);
 //! 3. `nodeloss` only: on [`Order::Lose`] it kills the gateway, lets the
 //!    chosen users' tabs come back on the surviving nodes and reports the
 //!    truth then ([`ShardMsg::Lost`]);
@@ -45,6 +48,7 @@ use tokio::{
 
 use crate::{
     clock::{RunClock, Stamp},
+    cursor::{StateChecks, UpdateTally},
     layout::Layout,
     options::{Options, Scenario},
     rng::Rng,
@@ -160,6 +164,8 @@ pub struct Held {
     pub opens: (Stamp, Stamp),
     /// The leaves and joins of a fanout.
     pub fanout: Option<FanoutShard>,
+    /// The cursor moves of `cursors`.
+    pub cursors: Option<CursorShard>,
 }
 
 /// `nodeloss`: the state once the killed node's returning users are back.
@@ -202,6 +208,28 @@ pub struct FanoutShard {
     pub settled: bool,
     /// Latency histograms per kind (joined, left) at the members.
     pub latency: [HistogramData; 4],
+}
+
+/// A shard's `cursors` results.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CursorShard {
+    /// The first `update` sent and the last.
+    pub moves: (Stamp, Stamp),
+    /// What the replies to the `update`s said.
+    pub updates: UpdateTally,
+    /// `(user, n of its last state sent)` (0: it sent none).
+    pub finals: Vec<(usize, u64)>,
+    /// What the members' `updated` frames showed.
+    pub member: StateChecks,
+    /// Of the deliveries, those that arrived during the moves.
+    pub delivered_in_moves: u64,
+    /// (member, other member) pairs where the member does not hold the
+    /// other's last state (must be 0).
+    pub unconverged: u64,
+    /// Whether every member held every last state in time.
+    pub settled: bool,
+    /// `update` sent → its `updated` at each member (matched by `n`).
+    pub latency: HistogramData,
 }
 
 /// What a shard measured, at the end.
@@ -251,7 +279,7 @@ pub async fn run(
         .map(|i| {
             let membership = layout.room_of(i).map(|r| Membership {
                 room: Arc::clone(&rooms[&r]),
-                receivers: scenario == Scenario::Fanout,
+                receivers: matches!(scenario, Scenario::Fanout | Scenario::Cursors),
                 user_prefix: Arc::clone(&prefix),
             });
             User::new(
@@ -297,7 +325,7 @@ pub async fn run(
         Scenario::Churn => {
             churn(users, rate, opts.duration, |u| Box::pin(u.churn_step(None))).await?
         }
-        Scenario::Fanout => open_all(users, opts.open_rate / procs).await?,
+        Scenario::Fanout | Scenario::Cursors => open_all(users, opts.open_rate / procs).await?,
     };
     let opens = (opens_start, clock.now());
     let connects_in_opens = shared.connects.load(Relaxed);
@@ -322,6 +350,13 @@ pub async fn run(
     } else {
         None
     };
+    let cursors = if scenario == Scenario::Cursors {
+        let c;
+        (users, c) = move_cursors(users, opts.rate_for(scenario), opts.duration, &clock).await?;
+        Some(c)
+    } else {
+        None
+    };
     let mut users = let_graces_run_out(users).await?;
     let held = Held {
         users: states(&users),
@@ -329,6 +364,7 @@ pub async fn run(
         connects_in_opens,
         opens,
         fanout,
+        cursors,
     };
     let _ = out.send(ShardMsg::Held(Box::new(held)));
     shared.set_step(Step::Held);
@@ -499,12 +535,12 @@ impl Pacer {
     }
 }
 
-/// The users back from their tasks (`names` in the same order, for the
+/// What the users' tasks returned (`names` in the same order, for the
 /// failure if one panicked).
-async fn join_users(
+async fn join_users<T>(
     names: Vec<String>,
-    tasks: Vec<JoinHandle<User>>,
-) -> Result<Vec<User>, ShardFailure> {
+    tasks: Vec<JoinHandle<T>>,
+) -> Result<Vec<T>, ShardFailure> {
     let mut users = Vec::with_capacity(tasks.len());
     for (name, t) in names.into_iter().zip(tasks) {
         // Every step of a user is bounded (STEP_TIMEOUT), so its task ends.
@@ -711,4 +747,110 @@ fn count_member_events(users: &[User], start: Stamp, end: Stamp) -> u64 {
         }
     }
     n
+}
+
+/// `cursors`: every user sends `update`s of its room at `rate` a second
+/// for `seconds` (each starting at a random point of the first period, so
+/// the sends spread), then waits for their replies; then every member's
+/// states are checked against each sender's last one ([`check_cursors`]).
+async fn move_cursors(
+    users: Vec<User>,
+    rate: f64,
+    seconds: f64,
+    clock: &RunClock,
+) -> Result<(Vec<User>, CursorShard), ShardFailure> {
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(seconds);
+    let first = clock.now();
+    let names = users.iter().map(|u| u.name.clone()).collect();
+    let tasks = users
+        .into_iter()
+        .map(|mut u| {
+            tokio::spawn(async move {
+                let offset = Duration::from_secs_f64(Rng::seeded().unit() / rate);
+                let sent = u.move_cursor(rate, start + offset, end).await;
+                let tally = u.cursor_replies().await;
+                (u, sent, tally)
+            })
+        })
+        .collect();
+    let moved = join_users(names, tasks).await?;
+    let mut users = Vec::with_capacity(moved.len());
+    let mut sends = BTreeMap::new();
+    let mut updates = UpdateTally::default();
+    let mut last = first;
+    for (u, sent, tally) in moved {
+        updates.add(&tally);
+        last = last.max(sent.last().copied().unwrap_or(first));
+        sends.insert(u.index, sent);
+        users.push(u);
+    }
+    let mut c = check_cursors(&users, &sends, (first, last)).await;
+    c.updates = updates;
+    Ok((users, c))
+}
+
+/// Waits until every member tab holds every other member's last state
+/// (or the step timeout passes), listens a little longer for late
+/// repeats, then sums the members' checks and times each delivery from
+/// the send of the state it carries (`sends[user][n - 1]`).
+async fn check_cursors(
+    users: &[User],
+    sends: &BTreeMap<usize, Vec<Stamp>>,
+    moves: (Stamp, Stamp),
+) -> CursorShard {
+    let finals: BTreeMap<usize, u64> = sends.iter().map(|(&u, s)| (u, s.len() as u64)).collect();
+    let unconverged = || -> u64 {
+        users
+            .iter()
+            .flat_map(User::open_logs)
+            .map(|log| {
+                let l = log.lock().unwrap_or_else(|e| e.into_inner());
+                let room_finals: Vec<u64> = l
+                    .room
+                    .users
+                    .iter()
+                    .map(|u| finals.get(u).copied().unwrap_or_default())
+                    .collect();
+                l.states.unconverged(&room_finals, l.own)
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let settled = loop {
+        if unconverged() == 0 {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        sleep(SETTLE_POLL).await;
+    };
+    sleep(QUIET_WINDOW).await;
+
+    let mut latency = crate::stats::new_histogram();
+    let mut c = CursorShard {
+        moves,
+        finals: finals.iter().map(|(&u, &n)| (u, n)).collect(),
+        unconverged: unconverged(),
+        settled,
+        ..Default::default()
+    };
+    for log in users.iter().flat_map(User::open_logs) {
+        let l = log.lock().unwrap_or_else(|e| e.into_inner());
+        c.member.add(&l.states.checks);
+        for d in &l.states.deliveries {
+            if (moves.0..=moves.1).contains(&d.at) {
+                c.delivered_in_moves += 1;
+            }
+            let sent = sends
+                .get(&l.room.users[d.sender])
+                .and_then(|s| s.get(d.n as usize - 1));
+            if let Some(&sent) = sent {
+                crate::stats::Latency::record_us(&mut latency, d.at.saturating_sub(sent));
+            }
+        }
+    }
+    c.latency = HistogramData::of(&latency);
+    c
 }

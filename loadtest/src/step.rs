@@ -14,7 +14,8 @@ pub enum Step {
     /// starting the shards.
     Setup,
     /// The scenario's action phase: the storm, the opens of a hold, the
-    /// churn, or the opens, leaves and joins of a fanout.
+    /// churn, the opens, leaves and joins of a fanout, or the opens and
+    /// updates of `cursors`.
     Actions(Scenario),
     /// `hold`: the tabs held open.
     Hold,
@@ -43,6 +44,7 @@ impl fmt::Display for Step {
             Self::Actions(Scenario::Churn) => "the churn",
             Self::Actions(Scenario::Fanout) => "the fanout",
             Self::Actions(Scenario::Nodeloss) => "the opens",
+            Self::Actions(Scenario::Cursors) => "the cursor moves",
             Self::Hold => "the hold",
             Self::Held => "the check and hold of the open tabs",
             Self::HeldCheck => "the held check",

@@ -10,9 +10,15 @@
 //! in arrival order, and closes the window at the `leave` reply. Doing that
 //! in the reader, in frame order, is what makes the window exact: the
 //! first event after the reply cannot slip in before the window exists.
+//!
+//! In `cursors` a receiver also keeps its room's states ([`StateLog`]:
+//! the join snapshot's, then each `updated`), and the tab sends `update`
+//! frames without waiting for each reply (the gateway holds one back up
+//! to 1/`--state-rate` s); their replies are tallied as they come
+//! ([`UpdateTally`]) and waited for once the sends are over.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{
         Arc, Mutex,
@@ -35,6 +41,7 @@ use tokio_tungstenite::tungstenite::{
 
 use crate::{
     clock::Stamp,
+    cursor::{StateLog, UpdateTally},
     stats::Shared,
     truth::Received,
     ws::{
@@ -98,12 +105,19 @@ pub struct ReceiverLog {
     pub windows: Vec<Window>,
     /// Events received.
     pub events: u64,
+    /// The position of the tab's own user in the room.
+    pub own: Option<usize>,
+    /// The members' states, as this tab knows them (`cursors`).
+    pub states: StateLog,
 }
 
 impl ReceiverLog {
-    /// An empty log of a tab that will receive `room`'s events.
-    pub fn new(room: Arc<RoomIndex>, user_prefix: Arc<str>) -> Self {
+    /// An empty log of a tab of user `own` that will receive `room`'s
+    /// events.
+    pub fn new(room: Arc<RoomIndex>, user_prefix: Arc<str>, own: usize) -> Self {
         Self {
+            own: room.position.get(&own).copied(),
+            states: StateLog::new(room.users.len()),
             room,
             user_prefix,
             pending: None,
@@ -131,6 +145,7 @@ impl ReceiverLog {
             for m in frame["members"].as_array().into_iter().flatten() {
                 if let Some(p) = m["user"].as_str().and_then(|u| self.member(u)) {
                     snapshot[p] = true;
+                    self.states.snapshot(p, &m["state"]);
                 }
             }
             self.windows.push(Window {
@@ -167,6 +182,20 @@ impl ReceiverLog {
     }
 }
 
+impl ReceiverLog {
+    /// Records an `updated` of the tab's room.
+    fn updated(&mut self, at: Stamp, frame: &Value) {
+        if frame["room"].as_str() != Some(self.room.name.as_str()) {
+            return;
+        }
+        let Some(p) = frame["user"].as_str().and_then(|u| self.member(u)) else {
+            return;
+        };
+        let own = Some(p) == self.own;
+        self.states.updated(p, &frame["state"], at, own);
+    }
+}
+
 /// How the tool closes a tab, which decides whether the gateway's offline
 /// grace applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,6 +229,10 @@ pub struct Tab {
     lost: Arc<AtomicBool>,
     replies: mpsc::UnboundedReceiver<(Stamp, Value)>,
     next_ref: u64,
+    /// `update`s sent whose reply has not come yet, by `ref`.
+    pending_updates: HashSet<u64>,
+    /// What the replies to this tab's `update`s said.
+    updates: UpdateTally,
     /// Whether this tab is in its user's room (its last `join` succeeded,
     /// no `leave` since).
     pub joined: bool,
@@ -290,6 +323,8 @@ impl Tab {
             lost,
             replies,
             next_ref: 0,
+            pending_updates: HashSet::new(),
+            updates: UpdateTally::default(),
             joined: false,
             target,
             who,
@@ -372,6 +407,71 @@ impl Tab {
         done
     }
 
+    /// Sends `{"type":"update","room":room,"state":state}` and returns
+    /// whether it went out, without waiting for its reply (replies are
+    /// tallied as they come, and [`Tab::update_replies`] waits for the
+    /// rest).
+    pub async fn update(&mut self, room: &str, state: &Value, shared: &Shared) -> bool {
+        self.take_update_replies();
+        self.next_ref += 1;
+        let r = self.next_ref;
+        let frame = json!({"type": "update", "room": room, "state": state, "ref": r});
+        if let Err(e) = send_json(&mut self.sink, &frame).await {
+            let who = &self.who;
+            shared.error("update_send", || {
+                format!("{who} could not send its \"update\": {e}")
+            });
+            return false;
+        }
+        self.pending_updates.insert(r);
+        self.updates.sent += 1;
+        true
+    }
+
+    /// Tallies `reply` if it answers one of this tab's `update`s.
+    fn answer_update(&mut self, reply: &Value) {
+        if let Some(r) = reply["ref"].as_u64()
+            && self.pending_updates.remove(&r)
+        {
+            self.updates.answer(reply);
+        }
+    }
+
+    /// Tallies the update replies that came so far.
+    fn take_update_replies(&mut self) {
+        while let Ok((_, reply)) = self.replies.try_recv() {
+            self.answer_update(&reply);
+        }
+    }
+
+    /// Waits (at most [`STEP_TIMEOUT`]) for the reply to every `update`
+    /// sent; returns what they said (the rest counted `unanswered`).
+    pub async fn update_replies(&mut self, shared: &Shared) -> UpdateTally {
+        self.take_update_replies();
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while !self.pending_updates.is_empty() {
+            match timeout_at(deadline.into(), self.replies.recv()).await {
+                Ok(Some((_, reply))) => self.answer_update(&reply),
+                gone => {
+                    let (who, n) = (&self.who, self.pending_updates.len());
+                    let kind = if gone.is_err() {
+                        "update_reply_timeout"
+                    } else {
+                        "update_tab_gone"
+                    };
+                    shared.error(kind, || {
+                        format!(
+                            "{who} got no reply to {n} of its \"update\"s within {STEP_TIMEOUT:?}"
+                        )
+                    });
+                    self.updates.unanswered += n as u64;
+                    self.pending_updates.clear();
+                }
+            }
+        }
+        self.updates
+    }
+
     /// Whether the gateway ended this tab before the tool closed it.
     pub fn ended_by_server(&self) -> bool {
         self.reader.is_finished()
@@ -451,6 +551,12 @@ fn read_frame(
             if let Some(mut l) = lock() {
                 shared.events.fetch_add(1, Relaxed);
                 l.event(kind == Some(FrameKind::Joined), at, &frame);
+            }
+        }
+        Some(FrameKind::Updated) => {
+            if let Some(mut l) = lock() {
+                shared.events.fetch_add(1, Relaxed);
+                l.updated(at, &frame);
             }
         }
         // A tab checks only its own replies and, as a receiver, its room's

@@ -187,6 +187,26 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `EXEC` calls (`MULTI`/`EXEC` transactions) a Redis server has run,
 /// from `INFO commandstats`; `url` is `redis://[user:pass@]HOST:PORT[/db]`.
 pub async fn redis_transactions(url: &str) -> Result<u64, String> {
+    let page = redis_info(url, "commandstats").await?;
+    Ok(page
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_exec:calls="))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or(0))
+}
+
+/// The commands a Redis server has processed (`total_commands_processed`
+/// of `INFO stats`: what its clients sent, a script's `EVALSHA` one).
+pub async fn redis_commands(url: &str) -> Result<u64, String> {
+    let page = redis_info(url, "stats").await?;
+    page.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "INFO stats has no total_commands_processed".to_owned())
+}
+
+/// One `INFO` section's text.
+async fn redis_info(url: &str, section: &str) -> Result<String, String> {
     let rest = url
         .strip_prefix("redis://")
         .ok_or_else(|| format!("{url:?}: not a redis:// URL"))?;
@@ -196,7 +216,7 @@ pub async fn redis_transactions(url: &str) -> Result<u64, String> {
         let mut s = TcpStream::connect(host)
             .await
             .map_err(|e| format!("redis {host}: {e}"))?;
-        s.write_all(b"INFO commandstats\r\n")
+        s.write_all(format!("INFO {section}\r\n").as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
@@ -222,11 +242,7 @@ pub async fn redis_transactions(url: &str) -> Result<u64, String> {
     })
     .await
     .map_err(|_| "redis INFO timeout".to_owned())??;
-    Ok(page
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_exec:calls="))
-        .and_then(|v| v.split(',').next()?.parse().ok())
-        .unwrap_or(0))
+    Ok(page)
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ use tokio::time::sleep_until;
 
 use crate::{
     clock::Stamp,
+    cursor::{UpdateTally, state},
     stats::Shared,
     tab::{CloseAs, ReceiverLog, RoomIndex, Tab},
     target::Target,
@@ -78,7 +79,8 @@ struct Grace {
 pub struct Membership {
     /// The room and its members.
     pub room: Arc<RoomIndex>,
-    /// Whether every tab records its room's events (`fanout`).
+    /// Whether every tab records its room's events (`fanout`,
+    /// `cursors`).
     pub receivers: bool,
     /// The run's user-name prefix, for receivers.
     pub user_prefix: Arc<str>,
@@ -279,11 +281,10 @@ impl User {
         let started = self.shared.clock.now();
         let was_online = self.open_count() > 0 || cancelled.is_some_and(|g| g.presence);
         let (url, target, who) = self.urls[i].clone();
-        let log = self
-            .membership
-            .as_ref()
-            .filter(|m| m.receivers)
-            .map(|m| ReceiverLog::new(Arc::clone(&m.room), Arc::clone(&m.user_prefix)));
+        let log =
+            self.membership.as_ref().filter(|m| m.receivers).map(|m| {
+                ReceiverLog::new(Arc::clone(&m.room), Arc::clone(&m.user_prefix), self.index)
+            });
         let Some(tab) = Tab::open((&url, target), self.sources[i], who, &self.shared, log).await
         else {
             // Nothing came up: the grace goes on.
@@ -512,6 +513,42 @@ impl User {
             }
         } else if let Some(&i) = open.iter().find(|&&i| !joined.contains(&i)) {
             self.join(i).await;
+        }
+    }
+
+    /// `cursors`: from tab 0, sends an `update` of the user's room every
+    /// `1 / rate` s (the first at `start`) until `end`, the `n`th with
+    /// [`state`]`(n)`; returns when each went out, by `n` − 1. Sends do not
+    /// wait for replies; a send that fails ends the moves.
+    pub async fn move_cursor(&mut self, rate: f64, start: Instant, end: Instant) -> Vec<Stamp> {
+        let mut sent = Vec::new();
+        let (Some(m), Some(tab)) = (&self.membership, self.tabs[0].as_mut()) else {
+            return sent;
+        };
+        let period = Duration::from_secs_f64(1.0 / rate);
+        loop {
+            let at = start + period.mul_f64(sent.len() as f64);
+            if at >= end {
+                return sent;
+            }
+            sleep_until(at.into()).await;
+            let stamp = self.shared.clock.now();
+            if !tab
+                .update(&m.room.name, &state(sent.len() as u64 + 1), &self.shared)
+                .await
+            {
+                return sent;
+            }
+            sent.push(stamp);
+        }
+    }
+
+    /// `cursors`: waits for the replies to tab 0's `update`s; what they
+    /// said.
+    pub async fn cursor_replies(&mut self) -> UpdateTally {
+        match self.tabs[0].as_mut() {
+            Some(tab) => tab.update_replies(&self.shared).await,
+            None => UpdateTally::default(),
         }
     }
 }

@@ -180,8 +180,8 @@ pub async fn open_ws(url: &str, source: Option<IpAddr>) -> Result<Ws, ConnectErr
 
 /// The kinds of server frame the tool reads, by `type`. Every other type
 /// is [`FrameKind::Unchecked`]: tabs and observers ignore it, so a new
-/// frame in the protocol (`updated`, `status`, …) needs no change here
-/// unless the tool is to check it.
+/// frame in the protocol (`status`, …) needs no change here unless the
+/// tool is to check it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameKind {
     /// `welcome`, first on every socket.
@@ -198,6 +198,8 @@ pub enum FrameKind {
     Joined,
     /// `left` room event.
     Left,
+    /// `updated` room state event (`cursors` checks it).
+    Updated,
     /// `sync`: the state to take after a node resubscribed.
     Sync,
     /// A type the tool does not check.
@@ -216,6 +218,7 @@ impl FrameKind {
             "offline" => Self::Offline,
             "joined" => Self::Joined,
             "left" => Self::Left,
+            "updated" => Self::Updated,
             "sync" => Self::Sync,
             _ => Self::Unchecked,
         })
