@@ -1,8 +1,19 @@
 //! Command-line options: one struct shared by every scenario, so a storm
 //! and a churn against the same cluster differ only in the subcommand.
 
+use std::time::Duration;
+
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
+
+/// Least time between a user's connect and its next close, or close and
+/// next connect (the users keep it; a `--reload-ms` must not be shorter).
+pub const UNACKED_GAP: Duration = Duration::from_millis(50);
+
+/// How far from a grace's end an open must start to be surely in time
+/// (before it), or surely late (after it and the gateway's check of the
+/// deadlines): covers the connect's and the close's way to the store.
+pub const GRACE_MARGIN: Duration = Duration::from_millis(500);
 
 /// Default users per run.
 pub const DEFAULT_USERS: usize = 100;
@@ -321,9 +332,9 @@ impl Options {
             "--reload-ms is for churn"
         );
         anyhow::ensure!(
-            self.reload_ms == 0 || self.reload_ms >= crate::user::UNACKED_GAP.as_millis() as u64,
+            self.reload_ms == 0 || self.reload_ms >= UNACKED_GAP.as_millis() as u64,
             "--reload-ms must be 0 or at least {} (a user's open follows its close by that much)",
-            crate::user::UNACKED_GAP.as_millis()
+            UNACKED_GAP.as_millis()
         );
         if scenario == Scenario::Nodeloss {
             let (Some(_), Some(k)) = (self.kill_pid, self.kill_target) else {
@@ -339,7 +350,7 @@ impl Options {
                 (0.0..=1.0).contains(&self.return_fraction),
                 "--return-fraction must be within 0 ..= 1"
             );
-            let margin = crate::user::GRACE_MARGIN.as_millis() as u64;
+            let margin = GRACE_MARGIN.as_millis() as u64;
             anyhow::ensure!(
                 self.return_fraction == 0.0
                     || self.return_within_ms + margin <= self.offline_grace_ms,

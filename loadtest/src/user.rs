@@ -40,20 +40,12 @@ use tokio::time::sleep_until;
 use crate::{
     clock::Stamp,
     cursor::{UpdateTally, state},
+    options::{GRACE_MARGIN, UNACKED_GAP},
     stats::Shared,
     tab::{CloseAs, ReceiverLog, RoomIndex, Tab},
     target::Target,
     truth::{Reload, Transition, TruthLog},
 };
-
-/// Least time between a user's connect and its next close, or close and
-/// next connect.
-pub const UNACKED_GAP: Duration = Duration::from_millis(50);
-
-/// How far from a grace's end an open must start to be surely in time
-/// (before it), or surely late (after it and the gateway's check of the
-/// deadlines): covers the connect's and the close's way to the store.
-pub const GRACE_MARGIN: Duration = Duration::from_millis(500);
 
 /// A grace the user is in: its last tab (or last tab in its room) closed
 /// with 1001, or its node was killed.
