@@ -38,6 +38,17 @@ async fn enter(client: &mut Client, user: &str, room: &str, first: bool) {
     }
 }
 
+/// bob, then alice, in ROOM on `gateway`, each having heard its own
+/// `joined` and bob alice's.
+async fn bob_then_alice(gateway: &Gateway) -> (Client, Client) {
+    let mut bob = Client::connect(&gateway.ws_url("bob")).await;
+    enter(&mut bob, "bob", ROOM, true).await;
+    let mut alice = Client::connect(&gateway.ws_url("alice")).await;
+    enter(&mut alice, "alice", ROOM, true).await;
+    bob.expect_event(joined(ROOM, "alice")).await;
+    (bob, alice)
+}
+
 /// A join's members as sent: `[{"user":..,"meta":..,"state":..}]`.
 async fn members(client: &mut Client, room: &str) -> Value {
     let reply = client.ask_ok(json!({"type": "join", "room": room})).await;
@@ -133,10 +144,7 @@ on_both_stores!(the_state_goes_with_the_member =>
 async fn the_state_goes_with_the_member(backend: Backend) {
     let deployment = backend.start(&[]).await;
     let gateway = &deployment.gateway;
-    let mut bob = Client::connect(&gateway.ws_url("bob")).await;
-    enter(&mut bob, "bob", ROOM, true).await;
-    let mut alice = Client::connect(&gateway.ws_url("alice")).await;
-    enter(&mut alice, "alice", ROOM, true).await;
+    let (mut bob, mut alice) = bob_then_alice(gateway).await;
     update(&mut alice, ROOM, json!({"typing": true})).await;
     bob.expect_event(updated(ROOM, "alice")).await;
 
@@ -170,11 +178,7 @@ on_both_stores!(updates_are_paced_and_the_latest_wins =>
 async fn updates_are_paced_and_the_latest_wins(backend: Backend) {
     let deployment = backend.start(&[]).await;
     let gateway = &deployment.gateway;
-    let mut bob = Client::connect(&gateway.ws_url("bob")).await;
-    enter(&mut bob, "bob", ROOM, true).await;
-    let mut alice = Client::connect(&gateway.ws_url("alice")).await;
-    enter(&mut alice, "alice", ROOM, true).await;
-    bob.expect_event(joined(ROOM, "alice")).await;
+    let (mut bob, mut alice) = bob_then_alice(gateway).await;
 
     let started = Instant::now();
     for i in 0..200 {
@@ -256,11 +260,7 @@ on_both_stores!(bad_updates_are_refused_and_change_nothing =>
 async fn bad_updates_are_refused_and_change_nothing(backend: Backend) {
     let deployment = backend.start(&["--max-state-bytes", "32"]).await;
     let gateway = &deployment.gateway;
-    let mut bob = Client::connect(&gateway.ws_url("bob")).await;
-    enter(&mut bob, "bob", ROOM, true).await;
-    let mut alice = Client::connect(&gateway.ws_url("alice")).await;
-    enter(&mut alice, "alice", ROOM, true).await;
-    bob.expect_event(joined(ROOM, "alice")).await;
+    let (mut bob, mut alice) = bob_then_alice(gateway).await;
     update(&mut alice, ROOM, json!({"ok": 1})).await;
     bob.expect_event(updated(ROOM, "alice")).await;
 
@@ -343,11 +343,7 @@ on_both_stores!(a_member_in_the_grace_keeps_their_state =>
 async fn a_member_in_the_grace_keeps_their_state(backend: Backend) {
     let deployment = backend.start(&["--offline-grace-ms", "60000"]).await;
     let gateway = &deployment.gateway;
-    let mut bob = Client::connect(&gateway.ws_url("bob")).await;
-    enter(&mut bob, "bob", ROOM, true).await;
-    let mut alice = Client::connect(&gateway.ws_url("alice")).await;
-    enter(&mut alice, "alice", ROOM, true).await;
-    bob.expect_event(joined(ROOM, "alice")).await;
+    let (mut bob, mut alice) = bob_then_alice(gateway).await;
     update(&mut alice, ROOM, json!({"page": 7})).await;
     bob.expect_event(updated(ROOM, "alice")).await;
 

@@ -620,15 +620,7 @@ impl PresenceRegistry {
             .get(&conn)
             .is_some_and(|local| local.rooms.contains(&room));
         if !in_room {
-            let message = format!("not in room {room}");
-            let refusal = render::refusal(
-                conn,
-                reference.as_ref(),
-                change,
-                ErrorCode::NotJoined,
-                &message,
-            );
-            self.answer_in_order(refusal);
+            self.refuse_not_joined(conn, reference, change, &format!("not in room {room}"));
             return;
         }
         if !self.admit(conn, &reference, &change) {
@@ -647,6 +639,25 @@ impl PresenceRegistry {
         });
     }
 
+    /// A `leave` or `update` of a room the connection is not in: refused
+    /// in its place among the connection's answers.
+    fn refuse_not_joined(
+        &mut self,
+        conn: ConnId,
+        reference: Option<Value>,
+        change: SubChange,
+        message: &str,
+    ) {
+        let refusal = render::refusal(
+            conn,
+            reference.as_ref(),
+            change,
+            ErrorCode::NotJoined,
+            message,
+        );
+        self.answer_in_order(refusal);
+    }
+
     /// `update` of a room the connection is in (its Conn paced it).
     fn update(
         &mut self,
@@ -661,14 +672,7 @@ impl PresenceRegistry {
         };
         if !local.rooms.contains(&room) {
             let message = format!("not in room {room}: join it before updating its state");
-            let refusal = render::refusal(
-                conn,
-                reference.as_ref(),
-                change,
-                ErrorCode::NotJoined,
-                &message,
-            );
-            self.answer_in_order(refusal);
+            self.refuse_not_joined(conn, reference, change, &message);
             return;
         }
         let op = StoreOp::Update(room.clone(), local.user.clone(), conn, state);
