@@ -105,13 +105,15 @@ async fn an_update_reaches_the_other_members_only(backend: Backend) {
     eve.expect_silence().await;
 
     // A late joiner's snapshot holds each member's latest state.
-    let mut carol = Client::connect(&gateway.ws_url("carol")).await;
+    // carol has metadata: pages show it beside the states.
+    let carol_url = format!("{}&meta=%7B%22desk%22%3A1%7D", gateway.ws_url("carol"));
+    let mut carol = Client::connect(&carol_url).await;
     assert_eq!(
         members(&mut carol, ROOM).await,
         json!([
             {"user": "alice", "state": {"cursor": [3, 4], "typing": true}},
             {"user": "bob", "state": {"page": 2}},
-            {"user": "carol"},
+            {"user": "carol", "meta": {"desk": 1}},
         ])
     );
     // So do room pages, over WebSocket and HTTP, their `members` in the
@@ -120,7 +122,7 @@ async fn an_update_reaches_the_other_members_only(backend: Backend) {
     let want_members = json!([
         {"user": "alice", "state": {"cursor": [3, 4], "typing": true}},
         {"user": "bob", "state": {"page": 2}},
-        {"user": "carol"},
+        {"user": "carol", "meta": {"desk": 1}},
     ]);
     let page = carol
         .ask_ok(json!({"type": "room", "room": ROOM, "limit": 3}))

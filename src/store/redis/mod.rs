@@ -249,20 +249,18 @@ impl Store for RedisStore {
                 .await?;
             let mut page = scan_page(next, fields);
             if !page.users.is_empty() {
-                // Their metadata and room state: one more round trip.
+                // Their room states and metadata: one more round trip, every
+                // command an HMGET so the replies have one type.
                 let mut pipe = redis::pipe();
                 pipe.cmd("HMGET")
                     .arg(this.keys.room_state(&room))
                     .arg(page.users.iter().map(UserId::as_str).collect::<Vec<_>>());
                 for user in &page.users {
-                    pipe.cmd("HGET").arg(this.keys.user(user)).arg("meta");
+                    pipe.cmd("HMGET").arg(this.keys.user(user)).arg("meta");
                 }
-                let mut texts: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-                let metas = texts.split_off(1);
-                let states: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(
-                    texts.pop().unwrap_or(redis::Value::Nil),
-                )
-                .map_err(|e| StoreError::Protocol(format!("room states: {e}")))?;
+                let mut replies: Vec<Vec<Option<String>>> = pipe.query_async(&mut conn).await?;
+                let metas = replies.split_off(1);
+                let states = replies.pop().unwrap_or_default();
                 page.members = page
                     .users
                     .iter()
@@ -270,9 +268,10 @@ impl Store for RedisStore {
                     .zip(states)
                     .map(|((user, meta), state)| Member {
                         user: user.clone(),
-                        meta: <Option<String> as redis::FromRedisValue>::from_redis_value(meta)
-                            .ok()
+                        meta: meta
+                            .into_iter()
                             .flatten()
+                            .next()
                             .and_then(Meta::from_stored),
                         state: state.and_then(Meta::from_stored),
                     })
